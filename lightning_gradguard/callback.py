@@ -1,0 +1,216 @@
+"""The Lightning Trainer adapter: translates Trainer hooks into engine calls and writes what the engine found."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any, Callable, Optional, TypeVar, Union
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_gradguard.config import GuardConfig
+from lightning_gradguard.engine import GradGuardEngine, StepCheck
+from lightning_gradguard.errors import GradGuardError
+from lightning_gradguard.metrics import step_metrics
+from lightning_gradguard.report import GradReport
+from lightning_gradguard.sinks import log_to_loggers, print_summary, write_report
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _feature(name: str) -> Callable[[F], F]:
+    """Run a hook body as feature ``name``: a failure inside the guard is reported once and turns the feature off.
+
+    The guard must never lose a training run through its own fault; only :class:`GradGuardError` (what strict
+    mode was asked to catch) propagates.
+    """
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(self: GradGuard, *args: Any, **kwargs: Any) -> Any:
+            if name in self._disabled:
+                return None
+            try:
+                return fn(self, *args, **kwargs)
+            except GradGuardError:
+                raise
+            except Exception as err:  # noqa: BLE001 - isolating the user's run from the guard's own bugs
+                self._disabled.add(name)
+                if name == "check":
+                    self._disabled.add("log")  # logging reads what checking computed
+                rank_zero_warn(
+                    f"GradGuard: internal error in {name!r} ({type(err).__name__}: {err}); {name!r} is turned off "
+                    "for the rest of this run, training continues. Please report this at the project's issue "
+                    "tracker."
+                )
+                return None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+class GradGuard(Callback):
+    r"""Names every trainable parameter that receives no gradient, and logs per-parameter gradient norms.
+
+    At every optimizer step (``on_before_optimizer_step``, before the weights change) it checks the parameters of
+    the optimizer about to step; after every backward pass (``on_after_backward``) it records which parameters
+    that micro-batch gave a gradient, so that with ``accumulate_grad_batches=k`` it can tell "no gradient in all
+    k micro-batches" from "in some". Logging goes through every logger in ``trainer.loggers`` at Lightning's step
+    numbering, with one device-to-host copy per logging step; at the end of fit it prints a summary and writes
+    ``gradguard.json`` to the log directory.
+
+    Args:
+        strict: raise :class:`~lightning_gradguard.GradGuardError` at the first step where a checked parameter has
+            no gradient, before the optimizer changes any weight. Otherwise warn once per parameter.
+        allow_none: ``fnmatch`` patterns of parameter names never reported (optional heads, MoE experts).
+        log_every_n_steps: logging cadence in optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
+        norm_type: the p of the per-parameter p-norm: a positive float or ``"inf"``.
+        nonfinite_check: ``"auto"``, ``"every_step"`` or ``"log_steps"``: when gradient values are read to count
+            NaN/Inf (see :class:`~lightning_gradguard.config.GuardConfig`).
+        log_granularity: ``"auto"``, ``"param"`` or ``"module"``.
+        log_module_depth: module depth for per-module aggregates; ``None`` picks one automatically.
+        max_logged_series: the most norm series one logging step writes under ``"auto"``.
+        summary: print the report at the end of fit (rank zero).
+
+    Raises:
+        TypeError: an argument has the wrong type (or an unknown keyword was passed).
+        ValueError: an argument is out of range, e.g. ``norm_type <= 0`` or ``log_every_n_steps=0``.
+
+    Example::
+
+        from lightning import Trainer
+        from lightning_gradguard import GradGuard
+
+        guard = GradGuard(allow_none=["heads.optional.*"])
+        trainer = Trainer(callbacks=[guard], accumulate_grad_batches=4)
+        trainer.fit(model, datamodule)
+        print(guard.report().missing)
+
+    """
+
+    def __init__(
+        self,
+        strict: bool = False,
+        allow_none: Union[str, Iterable[str]] = (),
+        log_every_n_steps: Optional[int] = None,
+        norm_type: Union[float, str] = 2.0,
+        nonfinite_check: str = "auto",
+        log_granularity: str = "auto",
+        log_module_depth: Optional[int] = None,
+        max_logged_series: int = 256,
+        summary: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = GuardConfig.create(
+            strict=strict,
+            allow_none=allow_none,
+            log_every_n_steps=log_every_n_steps,
+            norm_type=norm_type,
+            nonfinite_check=nonfinite_check,
+            log_granularity=log_granularity,
+            log_module_depth=log_module_depth,
+            max_logged_series=max_logged_series,
+        )
+        if not isinstance(summary, bool):
+            raise TypeError(f"`summary` must be True or False, got {summary!r}")
+        self.summary = summary
+        self.engine = GradGuardEngine(self.config, warn=lambda message: rank_zero_warn(message))
+        self._disabled: set[str] = set()
+        self._pending_logs: list[StepCheck] = []
+        self._log_step: Optional[int] = None
+        self._measure_every_step = self.config.nonfinite_check == "every_step"
+        self.report_path: Optional[str] = None
+
+    # ------------------------------------------------------------------ public
+    def report(self) -> GradReport:
+        """The :class:`~lightning_gradguard.report.GradReport` for the run so far."""
+        return self.engine.report()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(allow_none=self.config.allow_none, strict=self.config.strict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ Trainer hooks
+    @_feature("check")
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after the strategy has wrapped the model: the parameter objects are now the ones optimizers hold
+        self.engine.bind(pl_module.named_parameters(), module=pl_module)
+        if self.config.nonfinite_check == "auto":
+            self._measure_every_step = any(p.device.type != "cpu" for p in self.engine.registry.params)
+
+    @_feature("check")
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.engine.start_micro_batch()
+
+    @_feature("check")
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        self.engine.before_backward(loss)
+
+    @_feature("check")
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.engine.after_backward()
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # strategies that accumulate internally (DeepSpeed) call this hook on every micro-batch
+        if getattr(trainer.strategy, "handles_gradient_accumulation", False) and trainer.fit_loop._should_accumulate():
+            return
+        self._check(trainer, pl_module, optimizer)
+
+    @_feature("check")
+    def _check(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        log = "log" not in self._disabled and self._should_log(trainer)
+        check = self.engine.check_step(
+            optimizer,
+            step=trainer.global_step,
+            accumulate=trainer.accumulate_grad_batches,
+            measure=log or self._measure_every_step,
+        )
+        if log:
+            self._pending_logs.append(check)
+            self._log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
+
+    @_feature("log")
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._flush_logs(trainer)
+
+    def _flush_logs(self, trainer: Trainer) -> None:
+        if not self._pending_logs:
+            return
+        checks, self._pending_logs = self._pending_logs, []
+        metrics = step_metrics(self.engine, checks)
+        if trainer.loggers:
+            log_to_loggers(trainer.loggers, metrics, step=self._log_step or 0)
+
+    @_feature("report")
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._pending_logs = []
+        report = self.engine.report()  # every rank reads its device counters: a local, not collective, copy
+        if not trainer.is_global_zero:
+            return
+        if self.summary:
+            print_summary(report)
+        if trainer.loggers:
+            self.report_path = write_report(report, trainer.log_dir)
+
+    # ------------------------------------------------------------------ helpers
+    def _should_log(self, trainer: Trainer) -> bool:
+        if not trainer.loggers:
+            return False
+        every = self.config.log_every_n_steps or trainer.log_every_n_steps
+        if not every:
+            return False
+        stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
+        return (stepped + 1) % every == 0 or trainer.should_stop

@@ -1,0 +1,39 @@
+"""Why a parameter has no gradient: the cause vocabulary, with a fix hint for each.
+
+The engine assigns ``cleared`` and ``no_backward`` from its own bookkeeping; ``unused``, ``no_grad`` and
+``detached`` come from the diagnosis instruments (:mod:`lightning_gradguard.diagnosis`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+UNUSED = "unused"
+NO_GRAD = "no_grad"
+DETACHED = "detached"
+CLEARED = "cleared"
+NO_BACKWARD = "no_backward"
+
+CAUSES = (UNUSED, NO_GRAD, DETACHED, CLEARED, NO_BACKWARD)
+
+HINTS: dict[str, str] = {
+    UNUSED: "call the module in forward (or remove it), or add its name to allow_none if it is optional",
+    NO_GRAD: "run that code outside torch.no_grad()/torch.inference_mode(); for reentrant checkpointing pass "
+    "use_reentrant=False",
+    DETACHED: "keep the tensor in the graph: drop the .detach()/.data/.item() round trip on the way to the loss",
+    CLEARED: "call zero_grad() before backward or after optimizer.step(), never between backward and step",
+    NO_BACKWARD: "make training_step return the loss (or call manual_backward) before stepping the optimizer",
+}
+
+DESCRIPTIONS: dict[str, str] = {
+    UNUSED: "took no part in the forward pass",
+    NO_GRAD: "was used while autograd was off",
+    DETACHED: "was used, but its path to the loss was cut",
+    CLEARED: "received a gradient in backward that was cleared before the optimizer step",
+    NO_BACKWARD: "no backward pass ran before the optimizer step",
+}
+
+
+def hint_for(cause: Optional[str]) -> str:
+    """The fix hint for a cause, or an empty string when the cause is unknown."""
+    return HINTS.get(cause or "", "")

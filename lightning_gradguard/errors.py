@@ -1,0 +1,29 @@
+"""The exception strict mode raises."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from lightning_gradguard.report import GradReport
+
+
+class GradGuardError(RuntimeError):
+    """Raised in strict mode at the first optimizer step where a checked parameter has no gradient.
+
+    It is raised before the optimizer changes any weight.
+
+    Attributes:
+        params: names of every parameter that had no gradient at that step.
+        step: the global step (the optimizer step about to run, counted from 0).
+        report: the :class:`~lightning_gradguard.report.GradReport` as it stood when the error was raised.
+
+    """
+
+    def __init__(
+        self, message: str, params: list[str], step: int, report: Optional[GradReport] = None
+    ) -> None:
+        super().__init__(message)
+        self.params = list(params)
+        self.step = step
+        self.report = report

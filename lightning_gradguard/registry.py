@@ -1,0 +1,89 @@
+"""Stable indices and names for the parameters the guard watches.
+
+Every counter in the guard is a vector indexed by a parameter's registry index, so that per-step bookkeeping
+is a handful of tensor operations rather than a Python loop over dictionaries.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+# Prefixes that wrappers add to parameter names and that users never wrote themselves.
+_WRAPPER_PREFIXES = ("_orig_mod.", "_forward_module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """The user's own name for a parameter: without ``torch.compile``/FSDP/checkpoint wrapper components."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+class ParamRegistry:
+    """Gives each distinct parameter (by identity; tied weights are one) an index and a name."""
+
+    def __init__(self, allow_none: Sequence[str] = ()) -> None:
+        self._allow_none = tuple(allow_none)
+        self.names: list[str] = []
+        self.params: list[Tensor] = []
+        self.allowed: list[bool] = []
+        self._index: dict[int, int] = {}
+        self._by_name: dict[str, int] = {}
+        self._checked_cache: dict[tuple, tuple[list[int], list[Tensor]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def bind(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
+        """Register parameters under their names; a parameter seen before keeps its first name (tied weights)."""
+        for name, param in named_parameters:
+            self.add(param, clean_name(name))
+
+    def add(self, param: Tensor, name: str) -> int:
+        key = id(param)
+        if key in self._index:
+            return self._index[key]
+        if name in self._by_name:  # two distinct tensors under one name (a re-created module): keep both
+            name = f"{name}#{len(self.params)}"
+        index = len(self.params)
+        self._index[key] = index
+        self._by_name[name] = index
+        self.names.append(name)
+        self.params.append(param)
+        self.allowed.append(any(fnmatch.fnmatchcase(name, pattern) for pattern in self._allow_none))
+        self._checked_cache.clear()
+        return index
+
+    def index_of(self, name: str) -> int:
+        return self._by_name[name]
+
+    def optimizer_params(self, optimizer: torch.optim.Optimizer) -> tuple[list[int], list[Tensor]]:
+        """Indices and tensors of the optimizer's parameters, minus ``allow_none``; cached per param-group layout.
+
+        Parameters the optimizer holds but no module registered get a synthetic name, so they are still checked.
+        """
+        groups = optimizer.param_groups
+        key = (id(optimizer), tuple((id(g["params"]), len(g["params"])) for g in groups))
+        cached = self._checked_cache.get(key)
+        if cached is not None:
+            return cached
+        indices: list[int] = []
+        tensors: list[Tensor] = []
+        seen: set[int] = set()
+        for group_index, group in enumerate(groups):
+            for position, param in enumerate(group["params"]):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                index = self._index.get(id(param))
+                if index is None:
+                    index = self.add(param, f"<{type(optimizer).__name__}.param_groups[{group_index}][{position}]>")
+                if not self.allowed[index]:
+                    indices.append(index)
+                    tensors.append(param)
+        self._checked_cache[key] = (indices, tensors)
+        return indices, tensors
