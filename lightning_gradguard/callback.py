@@ -144,6 +144,7 @@ class GradGuard(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after the strategy has wrapped the model: the parameter objects are now the ones optimizers hold
         self.engine.bind(pl_module.named_parameters(), module=pl_module)
+        self.engine.start_run()  # a guard reused for a second fit: windows restart, counts carry on
         if self.config.nonfinite_check == "auto":
             self._measure_every_step = any(p.device.type != "cpu" for p in self.engine.registry.params)
 

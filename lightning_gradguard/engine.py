@@ -87,6 +87,7 @@ class GradGuardEngine:
         self._tracking = False  # True once a before/after backward bracket was seen
         self._in_backward = False
         self._last_step: dict[int, tuple[int, int]] = {}  # optimizer id -> (micro-batch, backward) at its last step
+        self._run_start = (0, 0)  # (micro-batch, backward) where the current run began: an optimizer's first window
         size = len(self.registry)
         self._counts = {name: torch.zeros(size, dtype=torch.int64) for name in _COUNTERS}
         self._arrived = torch.zeros(size, dtype=torch.int64)  # micro-batches with an arrival since last check
@@ -96,6 +97,20 @@ class GradGuardEngine:
         self._warned: set[int] = set()
         self._index_cache: dict[Any, Tensor] = {}
         self._pending_state: Optional[dict[str, Any]] = None
+
+    def start_run(self) -> None:
+        """Begin a new training run (a new ``fit``): windows restart, the counts carry on.
+
+        Optimizers are new objects in a new run, so without this their first window would span every micro-batch
+        since the previous run, and an arrival recorded there would be counted again.
+        """
+        self._micro_batch = 0
+        self._in_backward = False
+        self._last_step = {}
+        self._run_start = (0, self.backwards)
+        self._arrived.zero_()
+        self._arrived_in.fill_(-1)
+        self.arrivals.reset()
 
     def bind(self, named_parameters: Iterable[tuple[str, Tensor]], module: Optional[torch.nn.Module] = None) -> None:
         """Register the model's parameters by name (call once the model is built, before the first step).
@@ -176,7 +191,7 @@ class GradGuardEngine:
         indices, params = self.registry.optimizer_params(optimizer)
         self._grow()
         key = id(optimizer)
-        last_mb, last_bw = self._last_step.get(key, (0, 0))
+        last_mb, last_bw = self._last_step.get(key, self._run_start)
         window = max(self._micro_batch - last_mb, 1 if self.backwards > last_bw else 0)
         backwards = self.backwards - last_bw
         self._last_step[key] = (self._micro_batch, self.backwards)
@@ -200,6 +215,9 @@ class GradGuardEngine:
         if self._tracking:
             arrived = self._arrived[idx]
             self._arrived[idx] = 0
+            # a new window starts now, even inside the same micro-batch (several steps per training_step, as a
+            # WGAN critic does): the next backward's arrival counts for it
+            self._arrived_in[idx] = -1
         else:  # no backward brackets: a gradient present at the step is all that can be known
             arrived = torch.full((len(checked),), window, dtype=torch.int64)
             if none_pos:
@@ -344,6 +362,11 @@ class GradGuardEngine:
         if not len(self.registry):  # not bound yet: apply at bind()
             self._pending_state = dict(state)
             return
+        # the checkpoint's counts replace whatever this engine counted before (a guard reused for a resumed fit)
+        for counter in self._counts.values():
+            counter.zero_()
+        self.causes = {}
+        self._nonfinite = {}
         self.steps = int(state.get("steps", 0))
         self.backwards = int(state.get("backwards", 0))
         known = {name: i for i, name in enumerate(self.registry.names)}
@@ -360,6 +383,7 @@ class GradGuardEngine:
         if restored.any():
             self._nonfinite = {torch.device("cpu"): restored}
         self._warned = {known[n] for n in state.get("warned", []) if n in known}
+        self._run_start = (self._micro_batch, self.backwards)  # restored backward passes belong to no window here
 
     # ------------------------------------------------------------------ helpers
     def _as_index(self, indices: list[int], device: Optional[torch.device] = None) -> Tensor:

@@ -39,9 +39,22 @@ class ParamRegistry:
         return len(self.params)
 
     def bind(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
-        """Register parameters under their names; a parameter seen before keeps its first name (tied weights)."""
-        for name, param in named_parameters:
-            self.add(param, clean_name(name))
+        """Register parameters under their names; a parameter seen before keeps its first name (tied weights).
+
+        A name already bound to another tensor that this call does not also bind (a new model instance, a re-created
+        module) moves to the new tensor: its counts continue under the name.
+        """
+        named = [(clean_name(name), param) for name, param in named_parameters]
+        ids = {id(param) for _, param in named}
+        for name, param in named:
+            index = self._by_name.get(name)
+            if index is not None and id(param) not in self._index and id(self.params[index]) not in ids:
+                del self._index[id(self.params[index])]
+                self.params[index] = param
+                self._index[id(param)] = index
+                self._checked_cache.clear()
+                continue
+            self.add(param, name)
 
     def add(self, param: Tensor, name: str) -> int:
         key = id(param)

@@ -1,0 +1,353 @@
+"""What GradGuard counts, checked with exact numbers on real Trainer runs.
+
+Each test plants a known gradient pattern (a layer never called, a branch that runs on chosen batch indices, a
+``zero_grad`` in the wrong place, a ``training_step`` that returns None) and asserts the exact per-parameter
+counts a user would read in ``guard.report()``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from models import (
+    ClearedManualModel,
+    FrozenBackboneModel,
+    HealthyMLP,
+    IntermittentBranchMLP,
+    ManualGAN,
+    NaNBranchMLP,
+    PaddingEmbeddingModel,
+    SkipBatchesMLP,
+    TiedEmbeddingLM,
+    TruncatedBPTTRNN,
+    UnusedLayerMLP,
+    gradguard_warnings,
+    regression_loader,
+    sequence_loader,
+    token_loader,
+)
+
+from lightning_gradguard import GradGuard
+
+TRUNK = ("trunk.weight", "trunk.bias", "head.weight", "head.bias")
+
+
+def counts(report, name):
+    """(steps, none_steps, micro_batches, none_micro_batches) of one parameter."""
+    p = report.params[name]
+    return p.steps, p.none_steps, p.micro_batches, p.none_micro_batches
+
+
+class WindowRecorder(Callback):
+    """Placed after GradGuard: records, at every optimizer step, how many micro-batches GradGuard counted for it."""
+
+    def __init__(self, guard: GradGuard, name: str) -> None:
+        self.guard, self.name = guard, name
+        self.windows: list[int] = []
+        self.accumulate: list[int] = []
+        self._seen = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        total = self.guard.report().params[self.name].micro_batches
+        self.windows.append(total - self._seen)
+        self._seen = total
+        self.accumulate.append(trainer.accumulate_grad_batches)
+
+
+# ------------------------------------------------------------ never
+def test_unused_layer_is_flagged_at_every_step_with_exact_counts(make_trainer):
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard], max_epochs=2)
+    with pytest.warns(UserWarning, match="GradGuard"):
+        trainer.fit(UnusedLayerMLP(), regression_loader(5))
+
+    report = guard.report()
+    assert report.steps == 10
+    assert report.micro_batches == 10
+    assert report.missing == ["unused.weight", "unused.bias"]
+    assert report.intermittent == []
+    for name in ("unused.weight", "unused.bias"):
+        assert counts(report, name) == (10, 10, 10, 10)
+    for name in ("l1.weight", "l1.bias", "l2.weight", "l2.bias"):
+        assert counts(report, name) == (10, 0, 10, 0)
+        assert report.params[name].cause is None
+    assert report.to_dict()["params"]["unused.bias"]["none_steps"] == 10
+
+
+# ------------------------------------------------------------ healthy models
+HEALTHY = {
+    "mlp": (HealthyMLP, lambda: regression_loader(6)),
+    "tied_embedding": (TiedEmbeddingLM, lambda: token_loader(6)),
+    "frozen_with_LightningModule.freeze": (lambda: FrozenBackboneModel("freeze"), lambda: regression_loader(6)),
+    "frozen_with_requires_grad_": (lambda: FrozenBackboneModel("requires_grad_"), lambda: regression_loader(6)),
+    "frozen_not_in_optimizer": (lambda: FrozenBackboneModel(optimize="trainable"), lambda: regression_loader(6)),
+    "padding_embedding": (PaddingEmbeddingModel, lambda: token_loader(6)),
+    "truncated_bptt_detached_hidden": (TruncatedBPTTRNN, lambda: sequence_loader(6)),
+    "gan_manual_toggle": (lambda: ManualGAN(toggle=True), lambda: regression_loader(6)),
+    "gan_manual_no_toggle": (lambda: ManualGAN(toggle=False), lambda: regression_loader(6)),
+    "gan_manual_3_critic_steps": (lambda: ManualGAN(critic_steps=3), lambda: regression_loader(6)),
+}
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+@pytest.mark.parametrize("case", sorted(HEALTHY))
+def test_healthy_models_report_nothing(make_trainer, case, accumulate):
+    build_model, build_data = HEALTHY[case]
+    model = build_model()
+    if not model.automatic_optimization and accumulate != 1:
+        pytest.skip("Lightning forbids accumulate_grad_batches with manual optimization")
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard], max_epochs=2, accumulate_grad_batches=accumulate)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(model, build_data())
+
+    report = guard.report()
+    assert gradguard_warnings(record) == []
+    assert report.missing == []
+    assert report.intermittent == []
+    assert report.nonfinite == []
+    assert report.findings == []
+    assert report.ok
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(report.params) == trainable  # frozen parameters are never checked, tied weights are one
+    assert report.steps == trainer.global_step
+    for p in report.params.values():
+        assert p.none_steps == p.none_micro_batches == 0
+        assert p.cause is None and p.detail is None
+
+
+def test_tied_weights_are_one_parameter_under_their_first_name(make_trainer):
+    guard = GradGuard(summary=False)
+    make_trainer(callbacks=[guard]).fit(TiedEmbeddingLM(), token_loader(3))
+    assert sorted(guard.report().params) == ["embed.weight", "mix.bias", "mix.weight"]
+
+
+def test_frozen_backbone_is_absent_from_the_report(make_trainer):
+    guard = GradGuard(summary=False)
+    make_trainer(callbacks=[guard]).fit(FrozenBackboneModel("freeze"), regression_loader(3))
+    assert sorted(guard.report().params) == ["head.bias", "head.weight"]
+
+
+# ------------------------------------------------------------ sometimes
+def test_accumulation_separates_never_from_sometimes(make_trainer):
+    # 8 batches, k=4: windows [0..3] and [4..7]; the branch runs on batch 0 only (in window 1), `unused` never
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard], accumulate_grad_batches=4)
+    with pytest.warns(UserWarning, match="GradGuard"):
+        trainer.fit(IntermittentBranchMLP(branch_batches={0, 5}, with_unused=True), regression_loader(8))
+
+    report = guard.report()
+    assert report.steps == 2
+    assert report.micro_batches == 8
+    for name in TRUNK:
+        assert counts(report, name) == (2, 0, 8, 0)
+    # the branch has a gradient at both steps (batch 0 feeds step 0, batch 5 feeds step 1) but missed 6 micro-batches
+    assert counts(report, "branch.weight") == (2, 0, 8, 6)
+    assert counts(report, "unused.weight") == (2, 2, 8, 8)
+    assert report.missing == ["unused.weight", "unused.bias"]
+    assert report.intermittent == ["branch.weight", "branch.bias"]
+
+
+def test_branch_missing_a_whole_window_counts_a_none_step(make_trainer):
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard], accumulate_grad_batches=4, max_epochs=2)
+    with pytest.warns(UserWarning, match="GradGuard"):
+        trainer.fit(IntermittentBranchMLP(branch_batches={1, 2}), regression_loader(8))
+
+    report = guard.report()
+    # per epoch: window [0..3] has the branch twice, window [4..7] never
+    assert counts(report, "branch.weight") == (4, 2, 16, 12)
+    assert counts(report, "branch.bias") == (4, 2, 16, 12)
+    assert report.missing == ["branch.weight", "branch.bias"]
+    assert report.intermittent == []
+
+
+def test_partial_final_window_counts_its_real_length(make_trainer):
+    # 10 batches, k=4: windows of 4, 4 and 2 micro-batches per epoch; the branch runs on batch 8 only
+    guard = GradGuard(summary=False)
+    recorder = WindowRecorder(guard, "trunk.weight")
+    trainer = make_trainer(callbacks=[guard, recorder], accumulate_grad_batches=4, max_epochs=2)
+    with pytest.warns(UserWarning, match="GradGuard"):
+        trainer.fit(IntermittentBranchMLP(branch_batches={8}, with_unused=True), regression_loader(10))
+
+    report = guard.report()
+    assert recorder.windows == [4, 4, 2, 4, 4, 2]
+    assert report.steps == 6
+    assert report.micro_batches == 20
+    for name in TRUNK:
+        assert counts(report, name) == (6, 0, 20, 0)
+    assert counts(report, "unused.weight") == (6, 6, 20, 20)
+    # the branch: None at the two full windows of each epoch, present (1 of 2 micro-batches) in the partial one
+    assert counts(report, "branch.weight") == (6, 4, 20, 18)
+
+
+def test_accumulation_scheduler_counts_the_real_window_lengths(make_trainer):
+    # k = 1 in epoch 0, 2 in epoch 1, 4 in epoch 2; 8 batches per epoch; the branch runs on every 4th batch
+    guard = GradGuard(summary=False)
+    recorder = WindowRecorder(guard, "trunk.weight")
+    scheduler = GradientAccumulationScheduler(scheduling={0: 1, 1: 2, 2: 4})
+    trainer = make_trainer(callbacks=[guard, recorder, scheduler], max_epochs=3)
+    with pytest.warns(UserWarning, match="GradGuard"):
+        trainer.fit(IntermittentBranchMLP(branch_every=4, with_unused=True), regression_loader(8))
+
+    report = guard.report()
+    assert recorder.windows == [1] * 8 + [2] * 4 + [4] * 2
+    assert recorder.accumulate == [1] * 8 + [2] * 4 + [4] * 2
+    assert report.steps == 14
+    assert report.micro_batches == 24
+    for name in TRUNK:
+        assert counts(report, name) == (14, 0, 24, 0)
+    assert counts(report, "unused.weight") == (14, 14, 24, 24)
+    # branch on batches 0 and 4 of each epoch: None at 6 of 8 steps (k=1), 2 of 4 (k=2), 0 of 2 (k=4)
+    assert counts(report, "branch.weight") == (14, 8, 24, 18)
+
+
+# ------------------------------------------------------------ several optimizers
+@pytest.mark.parametrize("toggle", [True, False])
+@pytest.mark.parametrize("owner", ["generator", "discriminator"])
+def test_two_optimizers_report_only_the_parameters_of_the_optimizer_that_steps(make_trainer, owner, toggle):
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard])
+    with pytest.warns(UserWarning, match="GradGuard") as record:
+        trainer.fit(ManualGAN(toggle=toggle, critic_steps=2, unused_in=owner), regression_loader(4))
+
+    report = guard.report()
+    own_steps = {"generator": 4, "discriminator": 8}  # two critic steps per batch
+    assert report.steps == 12
+    assert trainer.global_step == 12
+    assert report.missing == [f"{owner}.unused.weight", f"{owner}.unused.bias"]
+    assert report.intermittent == []
+    # checked only when its own optimizer steps, never at the other optimizer's steps
+    for name, p in report.params.items():
+        net = name.split(".")[0]
+        assert p.steps == own_steps[net], name
+        assert p.none_steps == (own_steps[net] if "unused" in name else 0), name
+    messages = gradguard_warnings(record)
+    assert len(messages) == 1
+    other = "discriminator" if owner == "generator" else "generator"
+    assert f"{owner}.unused.weight" in messages[0] and other not in messages[0]
+
+
+# ------------------------------------------------------------ causes
+def test_zero_grad_between_manual_backward_and_step_is_cleared(make_trainer):
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard])
+    with pytest.warns(UserWarning, match=r"\[cleared\]"):
+        trainer.fit(ClearedManualModel(clear_batches={2, 5}), regression_loader(8))
+
+    report = guard.report()
+    names = ["l1.weight", "l1.bias", "l2.weight", "l2.bias"]
+    assert report.missing == names
+    for name in names:
+        # every backward delivered a gradient (no None micro-batch); it was gone at 2 of the 8 steps
+        assert counts(report, name) == (8, 2, 8, 0)
+        assert report.params[name].cause == "cleared"
+        assert "zero_grad()" in report.params[name].detail
+
+
+def test_step_without_manual_backward_is_no_backward(make_trainer):
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard])
+    with pytest.warns(UserWarning, match=r"\[no_backward\]"):
+        trainer.fit(ClearedManualModel(step_without_backward={3}), regression_loader(8))
+
+    report = guard.report()
+    assert report.micro_batches == 7
+    for name in ("l1.weight", "l1.bias", "l2.weight", "l2.bias"):
+        assert counts(report, name) == (8, 1, 8, 1)
+        assert report.params[name].cause == "no_backward"
+
+
+def test_training_step_returning_none_is_no_backward(make_trainer):
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard])
+    with pytest.warns(UserWarning, match=r"\[no_backward\]") as record:
+        trainer.fit(SkipBatchesMLP(skip_batches={2, 5}), regression_loader(8))
+
+    report = guard.report()
+    assert report.steps == 8
+    assert report.micro_batches == 6  # backward passes
+    assert len(report.missing) == 6
+    for name, p in report.params.items():
+        assert counts(report, name) == (8, 2, 8, 2)
+        assert p.cause == "no_backward"
+        assert "training_step returned None" in p.detail
+    assert "global step 2" in gradguard_warnings(record)[0]
+
+
+def test_training_step_returning_none_inside_a_window_is_only_intermittent(make_trainer):
+    # k=2: batch 3 returns None, but batch 2 already gave every parameter its gradient for that step
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard], accumulate_grad_batches=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(SkipBatchesMLP(skip_batches={3}), regression_loader(8))
+
+    report = guard.report()
+    assert gradguard_warnings(record) == []
+    assert report.missing == []
+    assert len(report.intermittent) == 6
+    for name in report.params:
+        assert counts(report, name) == (4, 0, 8, 1)
+
+
+def test_nan_gradients_are_counted_per_parameter(make_trainer):
+    guard = GradGuard(summary=False, nonfinite_check="every_step")
+    trainer = make_trainer(callbacks=[guard])
+    trainer.fit(NaNBranchMLP(nan_batches={1, 4, 6}), regression_loader(8))
+
+    report = guard.report()
+    assert report.nonfinite == ["bad.weight", "bad.bias"]
+    assert report.params["bad.weight"].nonfinite_steps == 3
+    assert report.params["bad.bias"].nonfinite_steps == 3
+    assert report.params["good.weight"].nonfinite_steps == 0
+    assert report.missing == []
+    assert not report.ok
+
+
+def test_guard_reused_for_a_second_fit_keeps_windows_exact(make_trainer):
+    guard = GradGuard(summary=False)
+    model = IntermittentBranchMLP(branch_batches={0}, with_unused=True)
+    with pytest.warns(UserWarning, match="GradGuard"):
+        make_trainer(callbacks=[guard], accumulate_grad_batches=2).fit(model, regression_loader(4))
+    make_trainer(callbacks=[guard], accumulate_grad_batches=2).fit(model, regression_loader(4))
+
+    report = guard.report()
+    assert report.steps == 4
+    assert report.micro_batches == 8
+    assert counts(report, "trunk.weight") == (4, 0, 8, 0)
+    assert counts(report, "unused.weight") == (4, 4, 8, 8)
+    assert counts(report, "branch.weight") == (4, 2, 8, 6)
+
+
+def test_parameters_added_to_the_optimizer_later_are_checked(make_trainer):
+    """A parameter the optimizer holds but no module registered is still checked, under a synthetic name."""
+
+    class ExtraParamModel(HealthyMLP):
+        def configure_optimizers(self):
+            self.stray = [torch.nn.Parameter(torch.zeros(3))]  # a plain list: not registered
+            return torch.optim.SGD([*self.parameters(), *self.stray], lr=0.1)
+
+    guard = GradGuard(summary=False)
+    with pytest.warns(UserWarning, match="GradGuard"):
+        make_trainer(callbacks=[guard]).fit(ExtraParamModel(), regression_loader(3))
+    report = guard.report()
+    assert report.missing == ["<SGD.param_groups[0][6]>"]
+    assert counts(report, "<SGD.param_groups[0][6]>") == (3, 3, 3, 3)
+
+
+def test_guard_reused_with_a_new_model_instance_keeps_the_names(make_trainer):
+    """k-fold style: one guard, a fresh model per fit; counts continue under the same parameter names."""
+    guard = GradGuard(summary=False)
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="GradGuard") if not guard.report().steps else warnings.catch_warnings():
+            make_trainer(callbacks=[guard]).fit(UnusedLayerMLP(), regression_loader(3))
+    report = guard.report()
+    assert sorted(report.params) == sorted(name for name, _ in UnusedLayerMLP().named_parameters())
+    assert counts(report, "unused.weight") == (6, 6, 6, 6)
+    assert counts(report, "l1.weight") == (6, 0, 6, 0)
