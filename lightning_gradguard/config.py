@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
@@ -100,7 +101,7 @@ def _norm_type(value: Union[float, int, str]) -> float:
         if value.lower() in ("inf", "infinity"):
             return math.inf
         raise ValueError(f"`norm_type` must be a positive float or 'inf', got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # Real: numpy scalars too
         raise TypeError(f"`norm_type` must be a positive float or 'inf', got {value!r}")
     if math.isnan(value) or value <= 0:
         raise ValueError(f"`norm_type` must be a positive float or 'inf', got {value!r}")
@@ -108,21 +109,21 @@ def _norm_type(value: Union[float, int, str]) -> float:
 
 
 def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # Integral: numpy integers too
         raise TypeError(f"`{name}` must be a positive int, got {value!r}")
     if value <= 0:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def _optional_positive_int(name: str, value: Optional[int]) -> Optional[int]:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be a positive int or None, got {value!r}")
     if value <= 0:
         raise ValueError(f"`{name}` must be a positive int or None, got {value!r}")
-    return value
+    return int(value)
 
 
 def _choice(name: str, value: str, accepted: tuple[str, ...]) -> str:

@@ -27,3 +27,6 @@ class GradGuardError(RuntimeError):
         self.params = list(params)
         self.step = step
         self.report = report
+
+    def __reduce__(self):  # picklable (multiprocessing, Ray, spawn launchers) with all its attributes
+        return (type(self), (str(self), self.params, self.step, self.report))

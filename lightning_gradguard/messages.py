@@ -37,7 +37,7 @@ def missing_message(engine: GradGuardEngine, result: StepCheck, only: Optional[S
             cause, detail = engine.causes.get(index, (None, None))
             text = f"    {engine.registry.names[index]}"
             if cause:
-                text += f"  [{cause}] {detail or DESCRIPTIONS[cause]}"
+                text += f"  [{cause}] {detail or DESCRIPTIONS.get(cause, '')}"
                 hint = hint_for(cause)
                 if hint:
                     text += f"\n      fix: {hint}"

@@ -215,3 +215,22 @@ def test_accepted_allow_none_forms():
     assert GradGuard(allow_none=["a", "b"]).config.allow_none == ("a", "b")
     assert GradGuard(allow_none=(p for p in ["x.*"])).config.allow_none == ("x.*",)
     assert GradGuard(log_every_n_steps=None).config.log_every_n_steps is None
+
+
+def test_numpy_scalars_are_accepted_where_numbers_are():
+    np = pytest.importorskip("numpy")
+    guard = GradGuard(norm_type=np.float32(1.0), log_every_n_steps=np.int64(5))
+    assert guard.config.norm_type == 1.0 and guard.config.log_every_n_steps == 5
+
+
+def test_strict_error_survives_pickling(make_trainer):
+    """Launchers and multiprocessing pickle exceptions; the attributes must survive the trip."""
+    import pickle
+
+    with pytest.raises(GradGuardError) as info:
+        make_trainer(callbacks=[GradGuard(strict=True, summary=False)]).fit(UnusedLayerMLP(), regression_loader(2))
+    copy_ = pickle.loads(pickle.dumps(info.value))
+    assert str(copy_) == str(info.value)
+    assert copy_.params == ["unused.weight", "unused.bias"]
+    assert copy_.step == 0
+    assert copy_.report.to_dict() == info.value.report.to_dict()
