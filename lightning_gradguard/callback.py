@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, TypeVar, Union
@@ -138,6 +139,18 @@ class GradGuard(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.load_state_dict(state_dict)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The state key includes allow_none and strict, so resuming with `strict=True` turned on (to stop at the
+        # bad step) would silently restart every count. When the checkpoint holds exactly one GradGuard state and
+        # none under this key, continue from it. (Lightning calls load_state_dict after this hook; it finds
+        # nothing under our key and does not overwrite.)
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        ours = [key for key in states if isinstance(key, str) and key.startswith(f"{type(self).__qualname__}{{")]
+        if len(ours) == 1:
+            self.engine.load_state_dict(copy.deepcopy(states[ours[0]]))
 
     # ------------------------------------------------------------------ Trainer hooks
     @_feature("check")

@@ -99,3 +99,28 @@ def test_no_backward_right_after_resume_is_detected(make_trainer, tmp_path):
     assert report.steps == 8
     assert report.params["l1.weight"].none_steps == 1
     assert report.params["l1.weight"].cause == "no_backward"
+
+
+def test_resume_with_strict_turned_on_continues_the_counts(make_trainer, tmp_path):
+    """A common move: resume the run with strict=True to stop at the bad step; the history must not restart."""
+    from models import UnusedLayerMLP
+
+    from lightning_gradguard import GradGuardError
+
+    checkpoints = str(tmp_path / "ckpt")
+    first = GradGuard(summary=False)
+    with pytest.warns(UserWarning, match="GradGuard"):
+        make_trainer(
+            callbacks=[first, ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0)],
+            enable_checkpointing=True,
+        ).fit(UnusedLayerMLP(), regression_loader(4))
+
+    strict = GradGuard(strict=True, allow_none=["nothing.*"], summary=False)
+    assert strict.state_key != first.state_key
+    with pytest.raises(GradGuardError) as info:
+        make_trainer(callbacks=[strict], max_epochs=2).fit(
+            UnusedLayerMLP(), regression_loader(4), ckpt_path=os.path.join(checkpoints, "last.ckpt")
+        )
+    assert info.value.step == 4
+    assert info.value.report.steps == 5
+    assert info.value.report.params["unused.weight"].none_steps == 5
