@@ -21,6 +21,12 @@ from lightning_gradguard.sinks import log_to_loggers, print_summary, write_repor
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _batches_started(trainer: Trainer) -> Optional[int]:
+    """Training batches Lightning has started in this fit (None if this Lightning version does not say)."""
+    progress = getattr(getattr(trainer.fit_loop.epoch_loop, "batch_progress", None), "total", None)
+    return getattr(progress, "started", None)
+
+
 def _feature(name: str) -> Callable[[F], F]:
     """Run a hook body as feature ``name``: a failure inside the guard is reported once and turns the feature off.
 
@@ -122,6 +128,7 @@ class GradGuard(Callback):
         self._disabled: set[str] = set()
         self._pending_logs: list[StepCheck] = []
         self._log_step: Optional[int] = None
+        self._batches_started: Optional[int] = None
         self._measure_every_step = self.config.nonfinite_check == "every_step"
         self.report_path: Optional[str] = None
 
@@ -158,11 +165,18 @@ class GradGuard(Callback):
         # after the strategy has wrapped the model: the parameter objects are now the ones optimizers hold
         self.engine.bind(pl_module.named_parameters(), module=pl_module)
         self.engine.start_run()  # a guard reused for a second fit: windows restart, counts carry on
+        self._batches_started = None
         if self.config.nonfinite_check == "auto":
             self._measure_every_step = any(p.device.type != "cpu" for p in self.engine.registry.params)
 
     @_feature("check")
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # Lightning counts a batch as started after every on_train_batch_start hook; when the LightningModule's
+        # hook returned -1 (skip the rest of the epoch) the count did not move, and the batch never ran
+        started = _batches_started(trainer)
+        if started is not None and started == self._batches_started:
+            self.engine.cancel_micro_batch()
+        self._batches_started = started
         self.engine.start_micro_batch()
 
     @_feature("check")

@@ -143,6 +143,10 @@ class GradGuardEngine:
     def start_micro_batch(self) -> None:
         self._micro_batch += 1
 
+    def cancel_micro_batch(self) -> None:
+        """Take back the last :meth:`start_micro_batch`: that batch never ran (no forward, no backward)."""
+        self._micro_batch -= 1
+
     def before_backward(self, loss: Optional[Tensor] = None) -> None:
         """Call right before a backward pass; ``loss`` (the tensor backward starts from) enables diagnosis."""
         if self.auto_micro_batch:

@@ -351,3 +351,23 @@ def test_guard_reused_with_a_new_model_instance_keeps_the_names(make_trainer):
     assert sorted(report.params) == sorted(name for name, _ in UnusedLayerMLP().named_parameters())
     assert counts(report, "unused.weight") == (6, 6, 6, 6)
     assert counts(report, "l1.weight") == (6, 0, 6, 0)
+
+
+def test_batches_skipped_by_on_train_batch_start_are_not_micro_batches(make_trainer):
+    """``LightningModule.on_train_batch_start`` returning -1 ends the epoch early: that batch never ran."""
+
+    class StopsEarly(HealthyMLP):
+        def on_train_batch_start(self, batch, batch_idx):
+            return -1 if batch_idx == 4 else None
+
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard], max_epochs=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(StopsEarly(), regression_loader(8))
+
+    report = guard.report()
+    assert trainer.global_step == 8
+    assert gradguard_warnings(record) == []
+    assert report.intermittent == []
+    assert counts(report, "l1.weight") == (8, 0, 8, 0)
