@@ -17,6 +17,7 @@ from lightning_gradguard.errors import GradGuardError
 from lightning_gradguard.metrics import step_metrics
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.sinks import log_to_loggers, print_summary, write_report
+from lightning_gradguard.sinks.tensorboard import TensorBoardDashboard, tensorboard_writers
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -80,6 +81,10 @@ class GradGuard(Callback):
         log_granularity: ``"auto"``, ``"param"`` or ``"module"``.
         log_module_depth: module depth for per-module aggregates; ``None`` picks one automatically.
         max_logged_series: the most norm series one logging step writes under ``"auto"``.
+        histogram_every_n_steps: with a ``TensorBoardLogger``, write gradient histograms every n steps (``None``:
+            never).
+        gradient_flow_every_n_steps: with a ``TensorBoardLogger``, draw the gradient-flow image every n steps and
+            at the first missing gradient (``None``: never); needs matplotlib.
         summary: print the report at the end of fit (rank zero).
 
     Raises:
@@ -108,6 +113,8 @@ class GradGuard(Callback):
         log_granularity: str = "auto",
         log_module_depth: Optional[int] = None,
         max_logged_series: int = 256,
+        histogram_every_n_steps: Optional[int] = None,
+        gradient_flow_every_n_steps: Optional[int] = None,
         summary: bool = True,
     ) -> None:
         super().__init__()
@@ -120,6 +127,8 @@ class GradGuard(Callback):
             log_granularity=log_granularity,
             log_module_depth=log_module_depth,
             max_logged_series=max_logged_series,
+            histogram_every_n_steps=histogram_every_n_steps,
+            gradient_flow_every_n_steps=gradient_flow_every_n_steps,
         )
         if not isinstance(summary, bool):
             raise TypeError(f"`summary` must be True or False, got {summary!r}")
@@ -131,6 +140,7 @@ class GradGuard(Callback):
         self._batches_started: Optional[int] = None
         self._measure_every_step = self.config.nonfinite_check == "every_step"
         self.report_path: Optional[str] = None
+        self._dashboard: Optional[TensorBoardDashboard] = None  # set when a TensorBoardLogger is in trainer.loggers
 
     # ------------------------------------------------------------------ public
     def report(self) -> GradReport:
@@ -168,6 +178,7 @@ class GradGuard(Callback):
         self._batches_started = None
         if self.config.nonfinite_check == "auto":
             self._measure_every_step = any(p.device.type != "cpu" for p in self.engine.registry.params)
+        self._start_dashboard(trainer)
 
     @_feature("check")
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -193,7 +204,11 @@ class GradGuard(Callback):
         # strategies that accumulate internally (DeepSpeed) call this hook on every micro-batch
         if getattr(trainer.strategy, "handles_gradient_accumulation", False) and trainer.fit_loop._should_accumulate():
             return
-        self._check(trainer, pl_module, optimizer)
+        try:
+            self._check(trainer, pl_module, optimizer)
+        except GradGuardError as err:  # strict mode: the report reaches TensorBoard before the run stops
+            self._dashboard_report(trainer, err.report, f"GradGuard stopped training at step {err.step}")
+            raise
 
     @_feature("check")
     def _check(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
@@ -204,6 +219,7 @@ class GradGuard(Callback):
             accumulate=trainer.accumulate_grad_batches,
             measure=log or self._measure_every_step,
         )
+        self._dashboard_check(trainer, check)
         if log:
             self._pending_logs.append(check)
             self._log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
@@ -232,6 +248,35 @@ class GradGuard(Callback):
             print_summary(report)
         if trainer.loggers:
             self.report_path = write_report(report, trainer.log_dir)
+        self._dashboard_report(trainer, report, None)
+
+    # ------------------------------------------------------------------ TensorBoard dashboard (rank zero)
+    @_feature("dashboard")
+    def _start_dashboard(self, trainer: Trainer) -> None:
+        writers = tensorboard_writers(trainer.loggers) if trainer.is_global_zero else []
+        if not writers:
+            self._dashboard = None
+            return
+        self._dashboard = TensorBoardDashboard(
+            writers, self.engine, self.config.histogram_every_n_steps, self.config.gradient_flow_every_n_steps
+        )
+        self._dashboard.start(amp=getattr(trainer.precision_plugin, "scaler", None) is not None)
+
+    @_feature("dashboard")
+    def _dashboard_check(self, trainer: Trainer, check: StepCheck) -> None:
+        if self._dashboard is not None:
+            self._dashboard.after_check(check, trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    @_feature("dashboard")
+    def _dashboard_report(self, trainer: Trainer, report: Optional[GradReport], title: Optional[str]) -> None:
+        if self._dashboard is None or report is None:
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if title is None:
+            self._dashboard.finish(report, step)
+        else:
+            self._dashboard.write_report(report, step, title)
+            self._dashboard.flush()
 
     # ------------------------------------------------------------------ helpers
     def _should_log(self, trainer: Trainer) -> bool:

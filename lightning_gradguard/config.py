@@ -36,6 +36,10 @@ class GuardConfig:
         log_module_depth: module depth for ``"module"`` granularity (1 = top-level children); ``None`` picks the
             deepest depth with at most ``max_logged_series`` modules.
         max_logged_series: the most norm series one logging step writes under ``"auto"``.
+        histogram_every_n_steps: write gradient histograms to TensorBoard every n optimizer steps; ``None`` never.
+        gradient_flow_every_n_steps: draw the gradient-flow image (per-parameter mean and max gradient, missing
+            gradients marked) to TensorBoard every n optimizer steps, and at the first missing gradient;
+            ``None`` never. Needs matplotlib (the ``plot`` extra).
 
     """
 
@@ -47,6 +51,8 @@ class GuardConfig:
     log_granularity: LogGranularity = "auto"
     log_module_depth: Optional[int] = None
     max_logged_series: int = 256
+    histogram_every_n_steps: Optional[int] = None
+    gradient_flow_every_n_steps: Optional[int] = None
 
     @classmethod
     def create(
@@ -59,12 +65,15 @@ class GuardConfig:
         log_granularity: str = "auto",
         log_module_depth: Optional[int] = None,
         max_logged_series: int = 256,
+        histogram_every_n_steps: Optional[int] = None,
+        gradient_flow_every_n_steps: Optional[int] = None,
     ) -> GuardConfig:
         """Validate raw arguments and build a config.
 
         Raises:
             TypeError: an argument has the wrong type.
             ValueError: an argument has a value outside the accepted range.
+            ModuleNotFoundError: ``gradient_flow_every_n_steps`` is set and matplotlib is not installed.
 
         """
         if not isinstance(strict, bool):
@@ -78,7 +87,18 @@ class GuardConfig:
             log_granularity=_choice("log_granularity", log_granularity, _GRANULARITIES),  # type: ignore[arg-type]
             log_module_depth=_optional_positive_int("log_module_depth", log_module_depth),
             max_logged_series=_positive_int("max_logged_series", max_logged_series),
+            histogram_every_n_steps=_optional_positive_int("histogram_every_n_steps", histogram_every_n_steps),
+            gradient_flow_every_n_steps=_gradient_flow(gradient_flow_every_n_steps),
         )
+
+
+def _gradient_flow(value: Optional[int]) -> Optional[int]:
+    value = _optional_positive_int("gradient_flow_every_n_steps", value)
+    if value is not None:
+        from lightning_gradguard.sinks.tensorboard import require_matplotlib
+
+        require_matplotlib("gradient_flow_every_n_steps")
+    return value
 
 
 def _patterns(value: Union[str, Iterable[str]]) -> tuple[str, ...]:

@@ -147,6 +147,21 @@ class GradGuardEngine:
         """Take back the last :meth:`start_micro_batch`: that batch never ran (no forward, no backward)."""
         self._micro_batch -= 1
 
+    def restart_window(self, optimizer: torch.optim.Optimizer) -> None:
+        """Start ``optimizer``'s accumulation window at the next micro-batch (call before that micro-batch starts).
+
+        Plain loops: when every gradient of an optimizer is None at the start of a backward pass, ``zero_grad``
+        cleared them, so the micro-batches since its last step (another optimizer's backward in a GAN loop, a
+        step the AMP scaler skipped) contribute nothing to its next step and must not count against it.
+        """
+        indices, _ = self.registry.optimizer_params(optimizer)
+        self._grow()
+        self._last_step[id(optimizer)] = (self._micro_batch, self.backwards)
+        if indices:
+            idx = self._as_index(indices)
+            self._arrived[idx] = 0
+            self._arrived_in[idx] = -1
+
     def before_backward(self, loss: Optional[Tensor] = None) -> None:
         """Call right before a backward pass; ``loss`` (the tensor backward starts from) enables diagnosis."""
         if self.auto_micro_batch:

@@ -1,0 +1,493 @@
+"""The plain PyTorch adapter: one added line in a hand-written training loop.
+
+::
+
+    guard = watch(model, optimizer, log_dir="runs/exp1")      # the one added line
+    for x, y in loader:
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+A plain loop calls nothing GradGuard could hook into, so the adapter installs hooks that translate the loop's own
+events into the engine's calls (:mod:`lightning_gradguard.engine`):
+
+* **step check**: ``optimizer.register_step_pre_hook`` runs :meth:`~GradGuardEngine.check_step` right before
+  each ``optimizer.step()``, before any weight changes (strict mode raises from there);
+* **backward passes**: a gradient hook on each trainable parameter notices the first gradient of a backward pass
+  (before autograd accumulates any of them into ``.grad``) and brackets the pass with
+  :meth:`~GradGuardEngine.before_backward` and, through ``queue_callback``, :meth:`~GradGuardEngine.after_backward`
+  at its end. The hook costs about 1 us per parameter tensor per backward pass; ``torch.autograd.grad`` calls,
+  which do not write ``.grad``, are not counted;
+* **micro-batches** (gradient accumulation in a hand-written loop): the backward passes between two steps of an
+  optimizer form its accumulation window. A backward pass that follows a forward call of ``model`` starts a new
+  micro-batch; further backward passes without a new forward call (several losses from one forward) belong to
+  the same micro-batch. If ``model`` itself is never called (the loop calls its submodules), each backward pass is
+  a micro-batch. When all of an optimizer's gradients are None as a backward pass starts, ``zero_grad`` cleared
+  them, and its window starts there (a GAN loop's other optimizer, a step skipped by the AMP scaler).
+
+Under ``torch.amp.GradScaler`` the pre-step hook runs inside ``scaler.step`` after unscaling, so norms are
+unscaled; for optimizers that unscale themselves (``fused=True``) the scaler sets ``optimizer.grad_scale``, which
+the adapter divides out. Steps the scaler skips are not ``optimizer.step()`` calls and are not checked.
+
+What the adapter cannot see: the loss tensor (there is no hook before ``loss.backward()``), so causes that need
+the graph root are found from the engine's other instruments only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import sys
+import warnings
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable, Optional, TypeVar, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gradguard.config import GuardConfig
+from lightning_gradguard.engine import GradGuardEngine, StepCheck
+from lightning_gradguard.errors import GradGuardError
+from lightning_gradguard.metrics import PREFIX, step_metrics
+from lightning_gradguard.report import GradReport
+from lightning_gradguard.sinks import print_summary, write_report
+from lightning_gradguard.sinks.tensorboard import TensorBoardDashboard
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_LOG_EVERY_N_STEPS = 50  # Lightning's default cadence
+
+
+def _feature(name: str) -> Callable[[F], F]:
+    """Run a hook body as feature ``name``: a failure inside the guard turns the feature off, training continues.
+
+    Hooks run inside the user's ``backward()`` and ``optimizer.step()``; an exception there would be the guard
+    losing the user's run. Only :class:`GradGuardError` (what strict mode was asked to raise) propagates.
+    """
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(self: LoopGuard, *args: Any, **kwargs: Any) -> Any:
+            if name in self._disabled:
+                return None
+            try:
+                return fn(self, *args, **kwargs)
+            except GradGuardError:
+                raise
+            except Exception as err:  # noqa: BLE001 - isolating the user's run from the guard's own bugs
+                self._disabled.add(name)
+                if name == "check":
+                    self._disabled.add("log")
+                warnings.warn(
+                    f"GradGuard: internal error in {name!r} ({type(err).__name__}: {err}); {name!r} is turned off "
+                    "for the rest of this run, training continues. Please report this at the project's issue "
+                    "tracker.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+class LoopGuard:
+    r"""GradGuard for a hand-written PyTorch training loop (see :func:`watch`, which builds one).
+
+    Args:
+        model: the model being trained; its parameter names are the names in the report.
+        optimizers: the optimizer, or several; each one's ``step()`` is checked.
+        log_dir: write TensorBoard scalars, the dashboard and ``gradguard.json`` to this directory.
+        writer: a ``SummaryWriter`` (``torch.utils.tensorboard`` or tensorboardX) to write to instead; the report
+            JSON goes to its log directory. Pass ``log_dir`` or ``writer``, not both.
+        strict: raise :class:`~lightning_gradguard.GradGuardError` from ``optimizer.step()`` at the first step at
+            which a checked parameter has no gradient, before any weight changes. Otherwise warn once per parameter.
+        allow_none: ``fnmatch`` patterns of parameter names that are never reported.
+        log_every_n_steps: write scalars every n optimizer steps (of all optimizers together); ``None``: 50.
+        norm_type: the p of the per-parameter p-norm: a positive float or ``"inf"``.
+        nonfinite_check, log_granularity, log_module_depth, max_logged_series: as for
+            :class:`~lightning_gradguard.GradGuard`.
+        histogram_every_n_steps: gradient histograms every n steps (``None``: never).
+        gradient_flow_every_n_steps: gradient-flow image every n steps and at the first missing gradient (``None``:
+            never); needs matplotlib.
+        summary: print the report when the guard is closed.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, an optimizer is not a ``torch.optim.Optimizer``, ``writer``
+            has no ``add_scalar``, or another argument has the wrong type.
+        ValueError: an argument is out of range, both ``log_dir`` and ``writer`` are given, or the optimizers hold
+            no trainable parameter of ``model``.
+
+    Example::
+
+        with watch(model, optimizer, log_dir="runs/exp1", strict=True) as guard:
+            for x, y in loader:
+                ...
+        print(guard.report().missing)
+
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizers: Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]],
+        *,
+        log_dir: Optional[Union[str, os.PathLike]] = None,
+        writer: Optional[Any] = None,
+        strict: bool = False,
+        allow_none: Union[str, Iterable[str]] = (),
+        log_every_n_steps: Optional[int] = None,
+        norm_type: Union[float, str] = 2.0,
+        nonfinite_check: str = "auto",
+        log_granularity: str = "auto",
+        log_module_depth: Optional[int] = None,
+        max_logged_series: int = 256,
+        histogram_every_n_steps: Optional[int] = None,
+        gradient_flow_every_n_steps: Optional[int] = None,
+        summary: bool = True,
+    ) -> None:
+        self.config = GuardConfig.create(
+            strict=strict,
+            allow_none=allow_none,
+            log_every_n_steps=log_every_n_steps,
+            norm_type=norm_type,
+            nonfinite_check=nonfinite_check,
+            log_granularity=log_granularity,
+            log_module_depth=log_module_depth,
+            max_logged_series=max_logged_series,
+            histogram_every_n_steps=histogram_every_n_steps,
+            gradient_flow_every_n_steps=gradient_flow_every_n_steps,
+        )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        self.optimizers = _optimizer_list(optimizers)
+        if not isinstance(summary, bool):
+            raise TypeError(f"`summary` must be True or False, got {summary!r}")
+        if log_dir is not None and writer is not None:
+            raise ValueError("pass either `log_dir` (GradGuard creates a SummaryWriter) or `writer`, not both")
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise TypeError(f"`log_dir` must be a path (str or os.PathLike), got {log_dir!r}")
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(
+                f"`writer` must be a SummaryWriter (torch.utils.tensorboard or tensorboardX), got {type(writer)!r}"
+            )
+        self.model = model
+        self.summary = summary
+        self.log_every_n_steps = self.config.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS
+        self.engine = GradGuardEngine(self.config, warn=_warn_at_user_code)
+        self.global_step = 0  # optimizer steps checked, all optimizers together (Lightning's global_step)
+        self.report_path: Optional[str] = None
+        self._disabled: set[str] = set()
+        self._closed = False
+        self._handles: list[Any] = []
+        self._hooked: set[int] = set()
+        self._backward_open = False  # inside a backward pass this adapter bracketed (or chose to ignore)
+        self._bracketed = False  # the open backward pass was handed to the engine
+        self._forward_since_backward = False
+        self._root_forward_seen = False
+
+        self._bind()
+        self._owned_writer = False
+        self._log_dir: Optional[str] = os.fspath(log_dir) if log_dir is not None else None
+        self.writer = writer
+        if self._writes() and log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=self._log_dir)
+            self._owned_writer = True
+        if self.writer is not None and self._log_dir is None:
+            self._log_dir = _writer_log_dir(self.writer)
+        self.dashboard: Optional[TensorBoardDashboard] = None
+        if self.writer is not None:
+            self.dashboard = TensorBoardDashboard(
+                [self.writer], self.engine, self.config.histogram_every_n_steps, self.config.gradient_flow_every_n_steps
+            )
+            self.dashboard.start(amp=self._amp())
+        self._install_hooks()
+        _close_at_exit(self)
+
+    # ------------------------------------------------------------------ public
+    def report(self) -> GradReport:
+        """The :class:`~lightning_gradguard.report.GradReport` for the steps so far."""
+        return self.engine.report()
+
+    def close(self) -> GradReport:
+        """Remove every hook, print the summary, write ``gradguard.json`` and the dashboard's final report.
+
+        Safe to call more than once; returns the final report.
+        """
+        report = self.report()
+        if self._closed:
+            return report
+        self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._finish(report)
+        return report
+
+    def __enter__(self) -> LoopGuard:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ what adapters override
+    def _bind(self) -> None:
+        self.engine.bind(self.model.named_parameters(), module=self.model)
+        trainable = set()
+        for optimizer in self.optimizers:
+            _, params = self.engine.registry.optimizer_params(optimizer)
+            trainable.update(id(p) for p in params if p.requires_grad)
+        if not trainable:
+            raise ValueError("the optimizers hold no trainable parameter: nothing for GradGuard to check")
+        self._measure_every_step = self.config.nonfinite_check == "every_step" or (
+            self.config.nonfinite_check == "auto" and any(p.device.type != "cpu" for p in self.engine.registry.params)
+        )
+
+    def _install_hooks(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._on_forward))
+        for optimizer in self.optimizers:
+            self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre_hook))
+        self._hook_new_params()
+
+    def _writes(self) -> bool:
+        """Whether this process writes TensorBoard output (rank zero under Fabric)."""
+        return True
+
+    def _amp(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------ forward and backward passes
+    def _on_forward(self, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():  # evaluation under no_grad is not a micro-batch
+            self._forward_since_backward = True
+            self._root_forward_seen = True
+
+    def _hook_new_params(self) -> None:
+        """Put the backward-pass detector on every trainable parameter that does not have it yet."""
+        for param in self.engine.registry.params:
+            if param.requires_grad and id(param) not in self._hooked:
+                self._hooked.add(id(param))
+                self._handles.append(param.register_hook(self._on_grad))
+
+    def _on_grad(self, grad: Tensor) -> None:
+        # called for each parameter's gradient; only the first of a backward pass does anything
+        if not self._backward_open:
+            self._on_backward_start()
+
+    @_feature("check")
+    def _on_backward_start(self) -> None:
+        self._backward_open = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+        if not _accumulates_into_grad():
+            self._bracketed = False  # torch.autograd.grad(): gradients are returned, .grad is untouched
+            return
+        self._bracketed = True
+        engine = self.engine
+        for optimizer in self.optimizers:
+            _, params = engine.registry.optimizer_params(optimizer)
+            if all(p.grad is None for p in params):
+                engine.restart_window(optimizer)
+        if self._forward_since_backward or not self._root_forward_seen:
+            engine.start_micro_batch()
+        self._forward_since_backward = False
+        engine.before_backward(None)
+
+    def _on_backward_end(self) -> None:
+        self._backward_open = False
+        if self._bracketed:
+            self._bracketed = False
+            self._after_backward()
+
+    @_feature("check")
+    def _after_backward(self) -> None:
+        self.engine.after_backward()
+
+    # ------------------------------------------------------------------ optimizer steps
+    def _on_step_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
+        # optimizers that unscale inside their kernel (fused=True): GradScaler.step leaves the gradients scaled and
+        # sets `optimizer.grad_scale` (None when they were unscaled already) for the duration of the step
+        scale = getattr(optimizer, "grad_scale", None)
+        self._check(optimizer, scale if isinstance(scale, Tensor) else None)
+
+    def _check(self, optimizer: torch.optim.Optimizer, grad_scale: Optional[Tensor] = None) -> None:
+        if self._closed:
+            return
+        try:
+            self._check_step(optimizer, grad_scale)
+        except GradGuardError as err:  # strict mode: the report reaches TensorBoard before the raise
+            self._dashboard_report(err.report, f"GradGuard stopped training at step {err.step}")
+            raise
+
+    @_feature("check")
+    def _check_step(self, optimizer: torch.optim.Optimizer, grad_scale: Optional[Tensor]) -> None:
+        self._hook_new_params()
+        step = self.global_step
+        self.global_step += 1
+        log = self.writer is not None and "log" not in self._disabled and (step + 1) % self.log_every_n_steps == 0
+        check = self.engine.check_step(optimizer, step=step, measure=log or self._measure_every_step)
+        if grad_scale is not None:
+            unscale_norms(check, grad_scale)
+        if log:
+            self._log(check, step)
+        self._dashboard_check(check, step)
+
+    @_feature("log")
+    def _log(self, check: StepCheck, step: int) -> None:
+        metrics = step_metrics(self.engine, [check], scalars=self._device_scalars())
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def _device_scalars(self) -> dict[str, Tensor]:
+        """Further 0-dim device tensors to log; they share the logging step's one host copy."""
+        return {}
+
+    # ------------------------------------------------------------------ dashboard and report
+    @_feature("dashboard")
+    def _dashboard_check(self, check: StepCheck, step: int) -> None:
+        if self.dashboard is not None:
+            self.dashboard.after_check(check, step)
+
+    @_feature("dashboard")
+    def _dashboard_report(self, report: Optional[GradReport], title: str) -> None:
+        if self.dashboard is not None and report is not None:
+            self.dashboard.write_report(report, max(self.global_step - 1, 0), title)
+            self.dashboard.flush()
+
+    def _finish(self, report: GradReport) -> None:
+        if not self._writes():
+            return
+        if self.summary:
+            print_summary(report)
+        try:
+            if self._log_dir is not None:
+                self.report_path = write_report(report, self._log_dir)
+            if self.dashboard is not None:
+                self.dashboard.finish(report, self.global_step)
+            if self._owned_writer:
+                self.writer.close()
+        except Exception as err:  # noqa: BLE001 - the report was printed; a full disk must not raise at exit
+            warnings.warn(f"GradGuard: could not write the report ({type(err).__name__}: {err})", stacklevel=2)
+
+
+def watch(
+    model: nn.Module,
+    optimizer: Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]],
+    *,
+    log_dir: Optional[Union[str, os.PathLike]] = None,
+    writer: Optional[Any] = None,
+    strict: bool = False,
+    allow_none: Union[str, Iterable[str]] = (),
+    **options: Any,
+) -> LoopGuard:
+    """Guard a hand-written training loop with one line; returns the :class:`LoopGuard`.
+
+    Args:
+        model: the model being trained.
+        optimizer: its optimizer, or a list of optimizers.
+        log_dir: TensorBoard log directory for scalars, the dashboard and ``gradguard.json``.
+        writer: an existing ``SummaryWriter`` instead of ``log_dir``.
+        strict: raise :class:`~lightning_gradguard.GradGuardError` from ``optimizer.step()`` at the first missing
+            gradient, before the weights change.
+        allow_none: ``fnmatch`` patterns of parameter names never reported.
+        **options: any other :class:`LoopGuard` argument (``log_every_n_steps``, ``norm_type``,
+            ``histogram_every_n_steps``, ``gradient_flow_every_n_steps``, ``summary``, ...).
+
+    Raises:
+        TypeError, ValueError: as :class:`LoopGuard`; an unknown keyword raises ``TypeError``.
+
+    Example::
+
+        guard = watch(model, optimizer, log_dir="runs/exp1")
+        for x, y in loader:
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        guard.close()  # or let the interpreter exit: the report is printed then
+
+    """
+    return LoopGuard(model, optimizer, log_dir=log_dir, writer=writer, strict=strict, allow_none=allow_none, **options)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def unscale_norms(check: StepCheck, scale: Tensor) -> None:
+    """Divide a check's per-parameter norms by the loss scale, on the device (no host synchronization)."""
+    if not check.norms:
+        return
+    for _, group in check.norms:
+        group.norms = group.norms / scale.to(device=group.norms.device, dtype=group.norms.dtype)
+
+
+def _optimizer_list(optimizers: Any) -> list[torch.optim.Optimizer]:
+    items = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
+    try:
+        items = list(items)
+    except TypeError:
+        raise TypeError(
+            f"`optimizer` must be a torch.optim.Optimizer or a list of them, got {type(optimizers).__name__}"
+        ) from None
+    if not items:
+        raise ValueError("`optimizer` must name at least one torch.optim.Optimizer")
+    for item in items:
+        if not isinstance(item, torch.optim.Optimizer):
+            raise TypeError(
+                f"`optimizer` must be a torch.optim.Optimizer or a list of them, got {type(item).__name__}"
+            )
+    return items
+
+
+def _accumulates_into_grad() -> bool:
+    """Whether the running backward pass writes ``.grad`` (``backward()``) or returns gradients (``autograd.grad``)."""
+    try:
+        node = torch._C._current_autograd_node()
+        return node is None or bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:  # "... we are currently running autograd.grad()"
+        return False
+    except AttributeError:  # private helpers missing in some release: assume the common case
+        return True
+
+
+def _warn_at_user_code(message: str) -> None:
+    """Warn with the location of the user's line (``optimizer.step()``), not of a hook inside torch or GradGuard."""
+    internal = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def _writer_log_dir(writer: Any) -> Optional[str]:
+    get = getattr(writer, "get_logdir", None)
+    if callable(get):
+        return get()
+    return getattr(writer, "log_dir", None) or getattr(writer, "logdir", None)
+
+
+_open_guards: weakref.WeakSet = weakref.WeakSet()
+_exit_hook: list[bool] = []
+
+
+def _close_at_exit(guard: LoopGuard) -> None:
+    """Close guards the script never closed when the interpreter exits, so the one-line form still reports."""
+    if not _exit_hook:
+        _exit_hook.append(True)
+        atexit.register(_close_open_guards)
+    _open_guards.add(guard)
+
+
+def _close_open_guards() -> None:
+    for guard in list(_open_guards):
+        try:
+            guard.close()
+        except Exception:  # noqa: BLE001 - nothing can be done at exit
+            pass
+
+
+__all__ = ["DEFAULT_LOG_EVERY_N_STEPS", "PREFIX", "LoopGuard", "unscale_norms", "watch"]

@@ -1,0 +1,499 @@
+"""The plain PyTorch adapter: ``watch(model, optimizer)`` in hand-written training loops.
+
+Every loop here is an ordinary PyTorch loop (``loss.backward()``, ``optimizer.step()``, ``optimizer.zero_grad()``)
+with the one added ``watch(...)`` line. Counts are exact: the loops are deterministic and tiny.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from lightning_gradguard import GradGuardError
+from lightning_gradguard.plain import LoopGuard, watch
+from lightning_gradguard.sinks.tensorboard import report_from_text
+
+DIAGNOSIS = importlib.util.find_spec("lightning_gradguard.diagnosis") is not None
+PLANTED = {"side.weight", "side.bias", "unused.weight", "unused.bias"}
+USED = {"encoder.weight", "encoder.bias", "head.weight", "head.bias"}
+
+
+class PlantedNet(nn.Module):
+    """An encoder and a head that train, a side path whose output is detached, and a layer that is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(4, 8)
+        self.side = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 1)
+        self.unused = nn.Linear(8, 1)  # planted: defined, never called
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.encoder(x)) + self.side(x).detach()  # planted: the side path is cut from the loss
+        return self.head(h)
+
+
+class HealthyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.encoder(x)))
+
+
+class BranchNet(nn.Module):
+    """``branch`` runs only when asked: some micro-batches give it a gradient, others do not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(4, 4)
+        self.branch = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, use_branch: bool) -> torch.Tensor:
+        h = torch.relu(self.trunk(x))
+        if use_branch:
+            h = h + self.branch(h)
+        return self.head(h)
+
+
+def batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(3, 4, generator=g), torch.randn(3, 1, generator=g)) for _ in range(n)]
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, n_steps: int, accumulate: int = 1) -> None:
+    """An ordinary loop with gradient accumulation; the last window may be partial."""
+    for i, (x, y) in enumerate(batches(n_steps * accumulate)):
+        loss = F.mse_loss(model(x), y) / accumulate
+        loss.backward()
+        if (i + 1) % accumulate == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+@pytest.fixture
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def as_dict(guard: LoopGuard) -> dict:
+    return guard.report().to_dict()["params"]
+
+
+# ---------------------------------------------------------------------------------------------- finding problems
+def test_unused_layer_and_detached_path_are_named_with_exact_counts(quiet):
+    torch.manual_seed(0)
+    model = PlantedNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False)
+    train(model, optimizer, n_steps=5, accumulate=2)
+    guard.close()
+
+    report = guard.report()
+    assert report.steps == 5
+    assert report.micro_batches == 10
+    assert set(report.missing) == PLANTED
+    params = as_dict(guard)
+    for name in PLANTED:
+        assert params[name]["steps"] == 5
+        assert params[name]["none_steps"] == 5
+        assert params[name]["micro_batches"] == 10
+        assert params[name]["none_micro_batches"] == 10
+    for name in USED:
+        assert params[name] == {**params[name], "none_steps": 0, "none_micro_batches": 0, "micro_batches": 10}
+    if DIAGNOSIS:
+        assert params["unused.weight"]["cause"] == "unused"
+        assert params["side.weight"]["cause"] == "detached"
+
+
+def test_warning_names_the_parameters_and_points_at_the_step_line():
+    model = PlantedNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False)
+    with pytest.warns(UserWarning, match="received no gradient") as record:
+        train(model, optimizer, n_steps=3)
+    guard.close()
+    messages = [w for w in record if "GradGuard" in str(w.message)]
+    assert len(messages) == 1  # once per parameter, at its first step
+    assert all(name in str(messages[0].message) for name in PLANTED)
+    assert os.path.basename(messages[0].filename) == "test_plain.py"  # the user's optimizer.step() line
+
+
+def test_healthy_model_reports_nothing(quiet, capsys):
+    model = HealthyNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    with watch(model, optimizer) as guard:
+        train(model, optimizer, n_steps=4, accumulate=3)
+    report = guard.report()
+    assert report.ok and not report.intermittent and not report.findings
+    assert report.steps == 4 and report.micro_batches == 12
+    assert "all 4 trainable parameters received a gradient at each of 4 optimizer steps" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- micro-batches
+def test_accumulation_in_a_hand_written_loop_separates_never_from_sometimes(quiet):
+    """k=4 with a partial final window (10 micro-batches: windows of 4, 4 and 2); the branch runs on odd ones."""
+    torch.manual_seed(0)
+    model = BranchNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = watch(model, optimizer, summary=False)
+    data = batches(10)
+    for i, (x, y) in enumerate(data):
+        loss = F.mse_loss(model(x, use_branch=i % 2 == 1), y) / 4
+        loss.backward()
+        if (i + 1) % 4 == 0 or i == len(data) - 1:
+            optimizer.step()
+            optimizer.zero_grad()
+    guard.close()
+
+    report = guard.report()
+    assert report.steps == 3 and report.micro_batches == 10
+    assert report.missing == []
+    assert set(report.intermittent) == {"branch.weight", "branch.bias"}
+    branch = as_dict(guard)["branch.weight"]
+    assert (branch["steps"], branch["none_steps"]) == (3, 0)
+    assert (branch["micro_batches"], branch["none_micro_batches"]) == (10, 5)
+
+
+def test_branch_missing_from_a_whole_window_is_a_none_step(quiet):
+    model = BranchNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = watch(model, optimizer, summary=False)
+    for i, (x, y) in enumerate(batches(8)):
+        F.mse_loss(model(x, use_branch=i < 2), y).backward()  # the branch runs in the first window only
+        if (i + 1) % 2 == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+    guard.close()
+    branch = as_dict(guard)["branch.bias"]
+    assert (branch["steps"], branch["none_steps"], branch["micro_batches"], branch["none_micro_batches"]) == (
+        4,
+        3,
+        8,
+        6,
+    )
+
+
+def test_several_losses_from_one_forward_are_one_micro_batch(quiet):
+    """Two backward passes after one forward call (retain_graph) are one micro-batch: no false "sometimes"."""
+    model = BranchNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = watch(model, optimizer, summary=False)
+    for x, y in batches(3):
+        out = model(x, use_branch=True)
+        F.mse_loss(out, y).backward(retain_graph=True)
+        out.abs().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    guard.close()
+    report = guard.report()
+    assert (report.steps, report.micro_batches) == (3, 6)  # six backward passes
+    assert as_dict(guard)["trunk.weight"]["micro_batches"] == 3  # in three micro-batches
+    assert report.ok and report.intermittent == []
+
+
+def test_loop_that_calls_submodules_counts_each_backward_as_a_micro_batch(quiet):
+    model = BranchNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = watch(model, optimizer, summary=False)
+    for i, (x, y) in enumerate(batches(6)):
+        h = torch.relu(model.trunk(x))  # the root module is never called
+        if i % 3 == 0:
+            h = h + model.branch(h)
+        F.mse_loss(model.head(h), y).backward()
+        if (i + 1) % 3 == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+    guard.close()
+    branch = as_dict(guard)["branch.weight"]
+    assert (branch["steps"], branch["none_steps"], branch["micro_batches"], branch["none_micro_batches"]) == (
+        2,
+        0,
+        6,
+        4,
+    )
+
+
+def test_evaluation_forwards_do_not_disturb_micro_batch_counts(quiet):
+    model = HealthyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = watch(model, optimizer, summary=False)
+    for i, (x, y) in enumerate(batches(6)):
+        F.mse_loss(model(x), y).backward()
+        with torch.no_grad():
+            model(x)  # evaluation inside the window
+        model(x).sum()  # a forward with autograd on but no backward (a metric computed carelessly)
+        if (i + 1) % 2 == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+    guard.close()
+    report = guard.report()
+    assert (report.steps, report.micro_batches) == (3, 6)
+    assert report.ok and report.intermittent == []
+    assert as_dict(guard)["head.weight"]["micro_batches"] == 6
+
+
+def test_gan_loop_with_two_optimizers_reports_nothing(quiet):
+    """D's backward gives G nothing; G's window starts at its own zero_grad, so G is never "sometimes" missing."""
+    torch.manual_seed(0)
+    gan = nn.ModuleDict({"G": nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3)), "D": nn.Linear(3, 1)})
+    opt_g = torch.optim.Adam(gan["G"].parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(gan["D"].parameters(), lr=1e-3)
+    guard = watch(gan, [opt_g, opt_d], summary=False)
+    for _ in range(4):
+        fake = gan["G"](torch.randn(5, 2))
+        opt_d.zero_grad()
+        d_loss = F.softplus(gan["D"](fake.detach())).mean() + F.softplus(-gan["D"](torch.randn(5, 3))).mean()
+        d_loss.backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        F.softplus(-gan["D"](fake)).mean().backward()
+        opt_g.step()
+    guard.close()
+    report = guard.report()
+    assert report.steps == 8
+    assert report.ok and report.intermittent == [], report.format_table()
+    assert as_dict(guard)["G.0.weight"]["micro_batches"] == 4
+
+
+def test_autograd_grad_calls_are_not_backward_passes(quiet):
+    """A gradient penalty through torch.autograd.grad writes no .grad; it must not count as a micro-batch."""
+    model = HealthyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = watch(model, optimizer, summary=False)
+    for x, y in batches(3):
+        x = x.requires_grad_()
+        out = model(x)
+        (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        grads = torch.autograd.grad(out.sum(), list(model.parameters()), retain_graph=True)
+        assert all(g is not None for g in grads)
+        loss = F.mse_loss(out, y) + gx.pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    guard.close()
+    report = guard.report()
+    assert (report.steps, report.micro_batches) == (3, 3)
+    assert report.ok and report.intermittent == []
+
+
+# ---------------------------------------------------------------------------------------------- causes the engine tells
+def test_zero_grad_between_backward_and_step_is_cleared(quiet):
+    model = HealthyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False)
+    for x, y in batches(2):
+        F.mse_loss(model(x), y).backward()
+        optimizer.zero_grad()  # planted: between backward and step
+        optimizer.step()
+    guard.close()
+    params = as_dict(guard)
+    assert set(guard.report().missing) == {"encoder.weight", "encoder.bias", "head.weight", "head.bias"}
+    assert {p["cause"] for p in params.values()} == {"cleared"}
+    assert params["head.bias"]["none_steps"] == 2
+
+
+def test_step_without_backward_is_no_backward(quiet):
+    model = HealthyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False)
+    x, y = batches(1)[0]
+    F.mse_loss(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model(x)  # forward only: the loss was never back-propagated
+    optimizer.step()
+    guard.close()
+    params = as_dict(guard)
+    assert params["head.weight"]["none_steps"] == 1 and params["head.weight"]["steps"] == 2
+    assert params["head.weight"]["cause"] == "no_backward"
+
+
+# ---------------------------------------------------------------------------------------------- strict, allow_none
+def test_strict_raises_from_optimizer_step_before_any_weight_changes():
+    model = PlantedNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    guard = watch(model, optimizer, strict=True, summary=False)
+    x, y = batches(1)[0]
+    F.mse_loss(model(x), y).backward()
+    with pytest.raises(GradGuardError) as info:
+        optimizer.step()
+    guard.close()
+    assert set(info.value.params) == PLANTED
+    assert info.value.step == 0
+    assert set(info.value.report.missing) == PLANTED
+    message = str(info.value)
+    assert "side:" in message and "unused:" in message  # grouped by module
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+    assert optimizer.state_dict()["state"] == {}  # no momentum buffer: the step never ran
+
+
+def test_allow_none_silences_matching_parameters(quiet):
+    model = PlantedNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, allow_none=["unused.*"], strict=False, summary=False)
+    train(model, optimizer, n_steps=2)
+    guard.close()
+    assert set(guard.report().missing) == {"side.weight", "side.bias"}
+    assert "unused.weight" not in as_dict(guard)
+
+
+def test_frozen_parameters_are_not_reported(quiet):
+    model = HealthyNet()
+    model.encoder.requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # the optimizer holds the frozen ones too
+    with watch(model, optimizer, summary=False) as guard:
+        train(model, optimizer, n_steps=3)
+    assert guard.report().ok
+    assert set(as_dict(guard)) == {"head.weight", "head.bias"}
+
+
+# ---------------------------------------------------------------------------------------------- AMP
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_norms_are_unscaled(tmp_path, quiet, fused):
+    """GradScaler on the CPU: unscale_ before the step, or (fused Adam) the scale the optimizer divides itself."""
+    torch.manual_seed(0)
+    model = HealthyNet()
+    try:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+    except RuntimeError as err:  # pragma: no cover - a build without fused CPU kernels
+        pytest.skip(str(err))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    guard = watch(model, optimizer, log_dir=tmp_path, log_every_n_steps=1, summary=False)
+    expected = {}
+    for step, (x, y) in enumerate(batches(3)):
+        scaler.scale(F.mse_loss(model(x), y)).backward()
+        expected[step] = (model.head.weight.grad / scaler.get_scale()).norm().item()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    guard.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("gradguard/norm/head.weight")}
+    assert logged.keys() == expected.keys()
+    for step, value in expected.items():
+        assert logged[step] == pytest.approx(value, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- output
+def test_log_dir_gets_scalars_dashboard_text_and_json(tmp_path, quiet):
+    torch.manual_seed(0)
+    model = PlantedNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, log_dir=tmp_path, log_every_n_steps=2, summary=False)
+    norms = {}
+    for step, (x, y) in enumerate(batches(4)):
+        F.mse_loss(model(x), y).backward()
+        norms[step] = model.encoder.weight.grad.norm().item()
+        optimizer.step()
+        optimizer.zero_grad()
+    report = guard.close()
+
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"gradguard/total_norm", "gradguard/none_params", "gradguard/norm/encoder.weight"} <= scalars
+    assert {f"gradguard/none_steps/{n}" for n in PLANTED} <= scalars
+    logged = {e.step: e.value for e in acc.Scalars("gradguard/norm/encoder.weight")}
+    assert sorted(logged) == [1, 3]  # every 2nd step
+    assert logged[3] == pytest.approx(norms[3], rel=1e-6)
+    assert [e.value for e in acc.Scalars("gradguard/none_params")] == [4.0, 4.0]
+    assert [e.value for e in acc.Scalars("gradguard/none_steps/unused.bias")] == [2.0, 4.0]
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+    texts = acc.Tensors("gradguard/report/text_summary")
+    assert [t.step for t in texts] == [0, 4]  # the first missing gradient, then the end
+    final = report_from_text(texts[-1].tensor_proto.string_val[0].decode())
+    assert final.to_dict() == report.to_dict()
+    assert guard.report_path == os.path.join(str(tmp_path), "gradguard.json")
+    with open(guard.report_path) as f:
+        assert json.load(f) == report.to_dict()
+
+
+def test_summary_writer_argument(tmp_path, quiet):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path / "run"))
+    model = PlantedNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, optimizer, writer=writer, log_every_n_steps=1, summary=False) as guard:
+        train(model, optimizer, n_steps=2)
+    writer.close()  # the user's writer stays the user's: GradGuard flushed it but did not close it
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("gradguard/none_params")] == [0, 1]
+    assert guard.report_path == str(tmp_path / "run" / "gradguard.json")
+
+
+def test_close_removes_every_hook(quiet):
+    model = PlantedNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, optimizer, summary=False) as guard:
+        train(model, optimizer, n_steps=2)
+    assert guard.report().steps == 2
+    assert not model._forward_pre_hooks
+    assert all(not p._backward_hooks for p in model.parameters())
+    assert not optimizer._optimizer_step_pre_hooks
+    train(model, optimizer, n_steps=2)  # nothing counts any more
+    assert guard.report().steps == 2
+
+
+def test_an_internal_error_turns_the_check_off_and_training_continues():
+    model = HealthyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False)
+
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    guard.engine.check_step = broken  # a bug inside GradGuard, not in the user's code
+    before = model.head.weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match="internal error in 'check'"):
+        train(model, optimizer, n_steps=3)
+    guard.close()
+    assert not torch.equal(before, model.head.weight)  # the optimizer still stepped
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"model": "not a module"}, TypeError, "`model` must be a torch.nn.Module"),
+        ({"optimizer": "sgd"}, TypeError, "`optimizer` must be a torch.optim.Optimizer"),
+        ({"optimizer": []}, ValueError, "at least one"),
+        ({"log_dir": "x", "writer": object()}, ValueError, "either `log_dir`"),
+        ({"writer": object()}, TypeError, "`writer` must be a SummaryWriter"),
+        ({"log_dir": 3}, TypeError, "`log_dir` must be a path"),
+        ({"log_every_n_steps": 0}, ValueError, "log_every_n_steps"),
+        ({"histogram_every_n_steps": -1}, ValueError, "histogram_every_n_steps"),
+        ({"norm_type": 0}, ValueError, "norm_type"),
+        ({"summary": "yes"}, TypeError, "summary"),
+        ({"strikt": True}, TypeError, "strikt"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    model = HealthyNet()
+    args = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        watch(args.pop("model"), args.pop("optimizer"), **args)
+
+
+def test_optimizer_without_trainable_parameters_is_an_error():
+    model = HealthyNet().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
