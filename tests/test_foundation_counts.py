@@ -371,3 +371,58 @@ def test_batches_skipped_by_on_train_batch_start_are_not_micro_batches(make_trai
     assert gradguard_warnings(record) == []
     assert report.intermittent == []
     assert counts(report, "l1.weight") == (8, 0, 8, 0)
+
+
+def test_progressive_unfreezing_with_base_finetuning_is_healthy(make_trainer):
+    """BaseFinetuning freezes the backbone, then adds it to the optimizer at epoch 1: checked from then on only."""
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    class UnfreezeAtEpochOne(BaseFinetuning):
+        def freeze_before_training(self, pl_module):
+            self.freeze(pl_module.backbone)
+
+        def finetune_function(self, pl_module, epoch, optimizer):
+            if epoch == 1:
+                self.unfreeze_and_add_param_group(pl_module.backbone, optimizer)
+
+    class Finetuned(FrozenBackboneModel):
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+    guard = GradGuard(summary=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer(callbacks=[guard, UnfreezeAtEpochOne()], max_epochs=3).fit(Finetuned(), regression_loader(4))
+
+    report = guard.report()
+    assert gradguard_warnings(record) == []
+    assert report.ok and report.intermittent == []
+    assert counts(report, "head.weight") == (12, 0, 12, 0)
+    assert counts(report, "backbone.proj.weight") == (8, 0, 8, 0)  # epochs 1 and 2
+
+
+def test_manual_gradient_accumulation_counts_windows_between_steps(make_trainer):
+    """Manual optimization that steps every 4th batch: each window is the 4 backward passes before the step."""
+
+    class ManualAccumulation(IntermittentBranchMLP):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            opt = self.optimizers()
+            self.manual_backward(torch.nn.functional.mse_loss(self.compute(x, batch_idx), y))
+            if (batch_idx + 1) % 4 == 0:
+                opt.step()
+                opt.zero_grad()
+
+    guard = GradGuard(summary=False)
+    with pytest.warns(UserWarning, match="GradGuard"):
+        make_trainer(callbacks=[guard]).fit(
+            ManualAccumulation(branch_batches={0, 5}, with_unused=True), regression_loader(8)
+        )
+    report = guard.report()
+    assert counts(report, "trunk.weight") == (2, 0, 8, 0)
+    assert counts(report, "branch.weight") == (2, 0, 8, 6)
+    assert counts(report, "unused.weight") == (2, 2, 8, 8)
