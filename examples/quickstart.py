@@ -48,7 +48,7 @@ class TinyClassifier(LightningModule):
 
 def make_data(n: int = 512, in_features: int = 16, classes: int = 3) -> DataLoader:
     """Three Gaussian blobs: an easy problem, so the loss falls and the bug goes unnoticed."""
-    centers = torch.randn(classes, in_features) * 2
+    centers = torch.randn(classes, in_features) * 0.5
     y = torch.randint(0, classes, (n,))
     x = centers[y] + torch.randn(n, in_features)
     return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)

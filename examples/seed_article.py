@@ -192,9 +192,14 @@ def check(title: str, model: LightningModule, target_shape) -> GradGuard:
         print(report.summary())  # the one-line verdict: "all N trainable parameters received a gradient ..."
     else:
         print(f"GradGuard: {len(report.missing)} of {len(report.params)} trainable parameters received no gradient:")
+        explained = {}  # (cause, detail) -> names: parameters of one module usually share one explanation
         for name in report.missing:
             p = report.params[name]
-            print(f"  {name}: None at {p.none_steps}/{p.steps} steps; cause={p.cause!r}; detail={p.detail!r}")
+            print(f"  {name}: None at {p.none_steps}/{p.steps} steps")
+            explained.setdefault((p.cause, p.detail), []).append(name)
+        for (cause, detail), names in explained.items():
+            print(f"  why ({', '.join(names)}): cause={cause!r}")
+            print(f"    detail={detail!r}")
     return guard
 
 

@@ -74,8 +74,10 @@ def test_seed_article_tells_the_truth_about_each_example(tmp_path):
     assert "2 of 8 trainable parameters received no gradient" in bug4
     assert "attention.weight: None at 4/4 steps" in bug4 and "attention.bias: None at 4/4 steps" in bug4
     assert "rnn." not in bug4 and "fc." not in bug4
+    assert "cause='unused'" in bug4 or "cause=None" in bug4  # never a wrong cause
     bug5 = section("Bug 5")
     assert "4 of 10 trainable parameters received no gradient" in bug5
     for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
         assert f"encoder.{name}: None at 4/4 steps" in bug5
     assert "decoder." not in bug5
+    assert "cause='detached'" in bug5 or "cause=None" in bug5
