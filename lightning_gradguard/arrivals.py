@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from itertools import repeat
+from operator import is_not
 from typing import Optional
 
 from torch import Tensor
@@ -28,8 +30,12 @@ class ArrivalTracker:
     def before_backward(self, params: Sequence[Tensor]) -> None:
         before = [p.grad for p in params]
         self._before = before
-        # the common case right after zero_grad(set_to_none=True): nothing to version
-        self._versions = [] if before.count(None) == len(before) else [_version(g) for g in before]
+        # the common case right after zero_grad(set_to_none=True): nothing to version. Identity tests only, in C:
+        # list.count(None) and `None in before` would call Tensor.__eq__ on every gradient (~8 us each).
+        if any(map(is_not, before, repeat(None))):
+            self._versions = [-1 if g is None else g._version for g in before]
+        else:
+            self._versions = []
 
     def after_backward(self, params: Sequence[Tensor]) -> list[int]:
         """Indices (into ``params``) of the parameters this backward gave no gradient."""
