@@ -1,0 +1,411 @@
+"""Global counts, norms and strict decisions across ranks, with at most one collective per logging step.
+
+Each rank's engine counts what its own ``p.grad`` shows. Where that differs from what the whole job did, this
+module corrects the counts with **one** ``all_reduce`` (a packed float64 vector) at logging steps and at the end
+of fit, never on other steps:
+
+* **DDP** (``local_micro_batches``): at the optimizer step the gradients are the all-reduced ones, identical on
+  every rank, and so are the step counts and norms. Only the micro-batches that merely accumulate run under
+  ``no_sync`` and show this rank's own gradients. For each such micro-batch the ledger records which parameters
+  arrived here; at the reduction every (micro-batch, parameter) cell carries one bit per rank, so rank zero learns
+  exactly which ranks gave the parameter a gradient. A micro-batch counts as "no gradient" only when no rank gave
+  one (as in a single process over the same data); one where some ranks did and others did not is reported with
+  the ranks that did not (``rank_dependent``).
+* **FSDP / FSDP2** (``shard_local_grads``): a gradient holds this rank's shard, so a norm is combined from the
+  ranks' ``norm ** p`` sums; a parameter's gradient is non-finite at a step when any shard is. Under FSDP1 a rank
+  whose shard of a parameter is empty does not check it, and the counts of the ranks that hold it are the global
+  ones.
+
+Strict mode must stop every rank at the same step, or the ranks that go on wait forever in their next collective.
+Where every rank sees the same Nones (DDP, FSDP2) each decides alone and all decide alike; under FSDP1, where
+Nones are shard-local, :meth:`RankLedger.vote` takes the decision together (one small all-reduce per step, in
+strict mode only).
+
+Packing: a float64 holds integers exactly up to 2**53, so up to 52 bits of each word carry flags; an all-reduce SUM
+of words in which every rank sets only its own bits is a bitwise OR. Beyond 52 ranks a cell holds a count of
+ranks instead of their bits (exact counts, no rank list).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_gradguard.norms import NormGroup
+from lightning_gradguard.strategies import StrategyInfo
+
+if TYPE_CHECKING:
+    from lightning_gradguard.engine import GradGuardEngine, StepCheck
+
+_WORD_BITS = 52  # integer-exact bits of a float64 mantissa
+_COUNTERS = ("steps", "none_steps", "micro_batches", "none_micro_batches")
+
+
+class Collective:
+    """The process group the guard reduces over, and the device its tensors must be on (CUDA for NCCL).
+
+    Args:
+        group: a process group; None is the default group.
+        device: where reduced tensors live; None picks CUDA for NCCL and the CPU otherwise.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialized.
+
+    """
+
+    def __init__(self, group: Any = None, device: Optional[torch.device] = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("GradGuard's Collective needs an initialized torch.distributed process group")
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        backend = str(dist.get_backend(group)).lower()
+        if device is None or (backend == "nccl" and device.type != "cuda"):
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.device = device
+
+    @staticmethod
+    def available() -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """All-reduce SUM of ``tensor`` over the group; returns the result on the host."""
+        work = tensor.to(self.device)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM, group=self.group)
+        return work.cpu()
+
+    def max(self, tensor: Tensor) -> Tensor:
+        """All-reduce MAX of ``tensor`` over the group; returns the result on the host."""
+        work = tensor.to(self.device)
+        dist.all_reduce(work, op=dist.ReduceOp.MAX, group=self.group)
+        return work.cpu()
+
+
+# ---------------------------------------------------------------------- bit packing
+def slot_bits(world_size: int) -> tuple[int, bool]:
+    """Bits per (column, parameter) cell, and whether a cell holds one bit per rank (else a count of ranks)."""
+    if world_size <= _WORD_BITS:
+        return world_size, True
+    return world_size.bit_length(), False
+
+
+def pack_flags(flags: Tensor, rank: int, world_size: int) -> Tensor:
+    """Pack a ``[columns, params]`` bool matrix into float64 words whose all-reduce SUM merges every rank's flags.
+
+    Args:
+        flags: this rank's flags, ``[C, P]``.
+        rank: this rank (it sets bit ``rank`` of each cell's slot; beyond 52 ranks it adds 1 to a count).
+        world_size: the number of ranks.
+
+    Returns:
+        ``[W, P]`` float64, ``W = ceil(C / slots_per_word)``.
+
+    """
+    bits, per_rank = slot_bits(world_size)
+    per_word = _WORD_BITS // bits
+    columns, params = flags.shape
+    words = -(-columns // per_word)
+    padded = torch.zeros(words * per_word, params, dtype=torch.float64, device=flags.device)
+    padded[:columns] = flags.to(torch.float64)
+    shifts = torch.arange(per_word, dtype=torch.float64, device=flags.device) * bits + (rank if per_rank else 0)
+    weights = torch.pow(2.0, shifts).view(1, per_word, 1)
+    return (padded.view(words, per_word, params) * weights).sum(1)
+
+
+def unpack_flags(words: Tensor, columns: int, world_size: int) -> Tensor:
+    """Inverse of :func:`pack_flags` after the SUM: ``[C, P]`` int64, each cell the bitmask of ranks that set it
+    (beyond 52 ranks: how many ranks set it)."""
+    bits, _ = slot_bits(world_size)
+    per_word = _WORD_BITS // bits
+    slots = [
+        torch.remainder(torch.floor(words / float(2 ** (s * bits))), float(2**bits)) for s in range(per_word)
+    ]
+    cells = torch.stack(slots, 1).reshape(-1, words.shape[-1])[:columns]
+    return cells.to(torch.int64)
+
+
+def ranks_in(mask: int) -> list[int]:
+    return [r for r in range(mask.bit_length()) if mask >> r & 1]
+
+
+# ---------------------------------------------------------------------- the ledger
+class RankLedger:
+    """Keeps what this rank saw and makes the engine's counts, norms and strict decisions global.
+
+    Args:
+        engine: the rank's engine; the ledger installs its hooks on it.
+        info: the strategy (see :func:`~lightning_gradguard.strategies.describe_strategy`).
+        collective: the process group to reduce over.
+
+    Example::
+
+        ledger = RankLedger(engine, describe_strategy(trainer), Collective())
+        ledger.start_micro_batch(no_sync=trainer.fit_loop._should_accumulate())
+        ...  # engine.check_step(...)
+        ledger.after_check(check, measured=True)
+        ledger.reduce([check])  # on every rank, at logging steps only
+
+    """
+
+    def __init__(self, engine: GradGuardEngine, info: StrategyInfo, collective: Collective) -> None:
+        self.engine = engine
+        self.info = info
+        self.collective = collective
+        self.world_size = collective.world_size
+        self.rank = collective.rank
+        self._no_sync = False
+        self._open: dict[int, set[int]] = {}  # micro-batch -> parameters its backward pass did not reach here
+        self._closed: list[tuple[set[int], list[int]]] = []  # (missed here, checked at the step it belonged to)
+        self._nonfinite: list[Tensor] = []  # per measured step: this rank's non-finite flags, on the device
+        self._partial: dict[int, list[int]] = {}  # parameter -> [micro-batches, bitmask of ranks without it]
+        self.reductions = 0  # collectives made (for tests and benchmarks)
+        self.votes = 0
+        if info.local_micro_batches:
+            engine.arrival_observer = self._observe
+        if info.none_is_local:
+            engine.skip_empty_shards = True
+            if engine.config.strict:
+                engine.strict_vote = self.vote
+
+    def detach(self) -> None:
+        """Remove the ledger's hooks from the engine (a new fit builds a new ledger)."""
+        if self.engine.arrival_observer == self._observe:
+            self.engine.arrival_observer = None
+        if self.engine.strict_vote == self.vote:
+            self.engine.strict_vote = None
+        self.engine.skip_empty_shards = False
+
+    # ------------------------------------------------------------------ recording (no communication)
+    def start_micro_batch(self, no_sync: bool) -> None:
+        """Call as a micro-batch starts; ``no_sync``: its backward pass will not be all-reduced."""
+        self._no_sync = no_sync and self.info.local_micro_batches
+
+    def _observe(self, micro_batch: int, missed: list[int]) -> None:
+        if not self._no_sync:  # the backward pass is all-reduced: what arrives here arrived everywhere
+            return
+        seen = self._open.get(micro_batch)
+        self._open[micro_batch] = set(missed) if seen is None else seen & set(missed)
+
+    def after_check(self, check: StepCheck, measured: bool) -> None:
+        """Call after every optimizer-step check; ``measured``: norms were computed at this step (on every rank)."""
+        if self._open:  # the window is complete: its micro-batches belong to the parameters this step checked
+            for micro_batch in sorted(self._open):
+                self._closed.append((self._open[micro_batch], check.checked))
+            self._open = {}
+        if measured and self.info.shard_local_grads:
+            self._nonfinite.append(self._nonfinite_flags(check))
+
+    def _nonfinite_flags(self, check: StepCheck) -> Tensor:
+        flags = torch.zeros(len(self.engine.registry), dtype=torch.bool, device=self.collective.device)
+        for indices, group in check.norms:
+            idx = torch.tensor(indices, dtype=torch.int64, device=flags.device)
+            flags[idx] = ~torch.isfinite(group.norms.to(flags.device, non_blocking=True))
+        return flags
+
+    # ------------------------------------------------------------------ the one collective of a logging step
+    def pending(self, checks: Sequence[StepCheck] = ()) -> bool:
+        """Whether :meth:`reduce` has anything to reduce (the same answer on every rank)."""
+        shard_norms = self.info.shard_local_grads and bool(checks)
+        return bool(self._closed or self._nonfinite or shard_norms or self.info.none_is_local)
+
+    def reduce(self, checks: Sequence[StepCheck] = ()) -> None:
+        """Make the counts global and the norms of ``checks`` (this logging step's checks) global: one all-reduce.
+
+        Call on every rank at the same point (logging steps, end of fit); it does nothing when there is nothing
+        to reduce, which is the same on every rank.
+        """
+        if not self.pending(checks):
+            return
+        size = len(self.engine.registry)
+        segments: list[tuple[str, Tensor]] = []
+        columns = self._closed
+        if columns:
+            arrived = torch.ones(len(columns), size, dtype=torch.bool)
+            for c, (missed, _) in enumerate(columns):
+                if missed:
+                    arrived[c, list(missed)] = False
+            segments.append(("arrivals", pack_flags(arrived, self.rank, self.world_size)))
+        nonfinite = self._nonfinite
+        if nonfinite:
+            local_nonfinite = torch.stack([_pad(f, size) for f in nonfinite])  # stays on the device
+            segments.append(("nonfinite", pack_flags(local_nonfinite, self.rank, self.world_size)))
+        p = self.engine.config.norm_type
+        norms_local = None
+        if self.info.shard_local_grads and checks:
+            norms_local, measured = self._local_norms(checks, size, p)
+            if not math.isinf(p):
+                segments.append(("norms", norms_local))
+            segments.append(("measured", measured))
+        if self.info.none_is_local:
+            held = torch.tensor([float(bool(param.numel())) for param in self.engine.registry.params])
+            segments.append(("held", held))
+            for name in _COUNTERS:
+                segments.append((name, self.engine._counts[name].to(torch.float64) * held))
+            missing = torch.zeros(size, dtype=torch.float64)
+            for check in checks:
+                if check.missing:
+                    missing[check.missing] = 1.0
+            segments.append(("missing", missing))
+
+        # one vector on the collective's device; its result comes back to the host in one copy
+        device = self.collective.device
+        flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64, non_blocking=True) for _, t in segments])
+        total = self.collective.sum(flat)
+        self.reductions += 1
+        result: dict[str, Tensor] = {}
+        offset = 0
+        for name, tensor in segments:
+            n = tensor.numel()
+            result[name] = total[offset : offset + n].view(tensor.shape)
+            offset += n
+
+        if columns:
+            self._apply_arrivals(columns, result["arrivals"], arrived)
+            self._closed = []
+        if nonfinite:
+            self._apply_nonfinite(result["nonfinite"], local_nonfinite)
+            self._nonfinite = []
+        if "measured" in result:
+            if math.isinf(p):  # a max does not add up: one more collective, only for norm_type="inf" when sharded
+                self.reductions += 1
+                global_norms = self.collective.max(norms_local)
+            else:
+                global_norms = result["norms"].clamp(min=0) ** (1.0 / p)
+            self._write_norms(checks, global_norms, result["measured"])
+        if self.info.none_is_local:
+            self._apply_held_counts(result)
+            present = (result["missing"] > 0).nonzero().flatten().tolist()
+            for check in checks:
+                check.missing = present if check is checks[0] else []
+
+    def _local_norms(self, checks: Sequence[StepCheck], size: int, p: float) -> tuple[Tensor, Tensor]:
+        powered = torch.zeros(size, dtype=torch.float64, device=self.collective.device)
+        measured = torch.zeros(size, dtype=torch.float64)
+        for check in checks:
+            for indices, group in check.norms:
+                norms = group.norms.to(self.collective.device, torch.float64, non_blocking=True)
+                idx = torch.tensor(indices, dtype=torch.int64, device=powered.device)
+                powered[idx] = norms if math.isinf(p) else norms.abs() ** p
+                measured[indices] = 1.0
+        return powered, measured
+
+    def _apply_arrivals(self, columns: list[tuple[set[int], list[int]]], words: Tensor, arrived: Tensor) -> None:
+        cells = unpack_flags(words, len(columns), self.world_size)  # [C, P]: ranks that gave a gradient
+        checked = torch.zeros_like(arrived)
+        for c, (_, indices) in enumerate(columns):
+            checked[c, indices] = True
+        anywhere = cells != 0
+        _, per_rank = slot_bits(self.world_size)
+        everywhere = cells == ((1 << self.world_size) - 1 if per_rank else self.world_size)
+        # a micro-batch that gave this rank nothing but gave another rank a gradient is not a global "None"
+        correction = (~arrived & anywhere & checked).sum(0)
+        self.engine._counts["none_micro_batches"] -= correction
+        partial = anywhere & ~everywhere & checked
+        for index in partial.any(0).nonzero().flatten().tolist():
+            rows = partial[:, index]
+            mask = 0
+            if per_rank:
+                full = (1 << self.world_size) - 1
+                for value in cells[rows, index].tolist():
+                    mask |= full ^ value
+            entry = self._partial.setdefault(index, [0, 0])
+            entry[0] += int(rows.sum())
+            entry[1] |= mask
+
+    def _apply_nonfinite(self, words: Tensor, local: Tensor) -> None:
+        cells = unpack_flags(words, local.shape[0], self.world_size)
+        # global non-finite steps (any shard) minus what this rank counted, added on the device: no host copy
+        delta = (cells != 0).sum(0).to(local.device, non_blocking=True) - local.to(torch.int64).sum(0)
+        counter = self.engine._nonfinite.get(local.device)
+        if counter is None:
+            counter = self.engine._nonfinite[local.device] = torch.zeros_like(delta)
+        elif counter.numel() < delta.numel():
+            counter = self.engine._nonfinite[local.device] = _pad(counter, delta.numel())
+        counter[: delta.numel()] += delta
+
+    def _write_norms(self, checks: Sequence[StepCheck], norms: Tensor, measured: Tensor) -> None:
+        indices = (measured > 0).nonzero().flatten().tolist()
+        if not indices:
+            return
+        device = checks[0].norms[0][1].norms.device if checks[0].norms else torch.device("cpu")
+        group = NormGroup(list(range(len(indices))), norms[indices].to(device=device, dtype=torch.float32))
+        for check in checks:  # the logging step's metrics read the union of all checks' norms
+            check.norms = [(indices, group)] if check is checks[0] else []
+
+    def _apply_held_counts(self, result: dict[str, Tensor]) -> None:
+        held = result["held"]
+        known = held > 0
+        if not known.any():
+            return
+        for name in _COUNTERS:
+            counter = self.engine._counts[name]
+            # the ranks that hold a parameter agree on its counts; the others did not check it
+            counter[known] = torch.round(result[name][known] / held[known]).to(torch.int64)
+
+    # ------------------------------------------------------------------ strict mode under FSDP1
+    def vote(self, missing: list[int]) -> list[int]:
+        """The parameters missing on any rank that holds them: every rank gets the same list (a collective)."""
+        flags = torch.zeros(len(self.engine.registry), dtype=torch.float64)
+        if missing:
+            flags[missing] = 1.0
+        self.votes += 1
+        return (self.collective.sum(flags) > 0).nonzero().flatten().tolist()
+
+    # ------------------------------------------------------------------ reading out
+    def rank_dependent(self) -> dict[str, dict[str, Any]]:
+        """Parameters some ranks gave a gradient in a micro-batch and others did not, by name."""
+        names = self.engine.registry.names
+        _, per_rank = slot_bits(self.world_size)
+        out: dict[str, dict[str, Any]] = {}
+        for index, (count, mask) in sorted(self._partial.items()):
+            if self.engine.registry.allowed[index]:
+                continue
+            out[names[index]] = {"ranks": ranks_in(mask) if per_rank else None, "micro_batches": count}
+        return out
+
+
+def _pad(tensor: Optional[Tensor], size: int) -> Tensor:
+    if tensor is None:
+        return torch.zeros(size, dtype=torch.int64)
+    if tensor.numel() >= size:
+        return tensor[:size]
+    return torch.cat([tensor, tensor.new_zeros(size - tensor.numel())])
+
+
+# ---------------------------------------------------------------------- DDP's "unused parameters" error
+DDP_UNFINISHED_REDUCTION = "Expected to have finished reduction in the prior iteration"
+_UNREDUCED = re.compile(r"Parameter indices which did not receive grad for rank (\d+):\s*([\d ]+)")
+
+
+def ddp_reducer_parameters(ddp_module: torch.nn.Module) -> list[Tensor]:
+    """The parameters in the order DDP's reducer numbers them (``DistributedDataParallel._build_params_for_reducer``).
+
+    DDP's error names unreduced parameters by these indices only.
+    """
+    module = getattr(ddp_module, "module", ddp_module)
+    ignore = set(getattr(ddp_module, "parameters_to_ignore", ()) or ())
+    seen: set[int] = set()
+    params: list[Tensor] = []
+    for module_name, sub in module.named_modules():
+        for param_name, param in sub.named_parameters(recurse=False):
+            if not param.requires_grad or f"{module_name}.{param_name}" in ignore or id(param) in seen:
+                continue
+            seen.add(id(param))
+            params.append(param)
+    return params
+
+
+def unreduced_parameters(message: str, ddp_module: torch.nn.Module) -> tuple[Optional[int], list[Tensor]]:
+    """The rank and the parameters that DDP's "Expected to have finished reduction" error lists by index."""
+    match = _UNREDUCED.search(message)
+    if match is None:
+        return None, []
+    params = ddp_reducer_parameters(ddp_module)
+    indices = [int(i) for i in match.group(2).split()]
+    return int(match.group(1)), [params[i] for i in indices if 0 <= i < len(params)]
