@@ -30,8 +30,9 @@ Under ``torch.amp.GradScaler`` the pre-step hook runs inside ``scaler.step`` aft
 unscaled; for optimizers that unscale themselves (``fused=True``) the scaler sets ``optimizer.grad_scale``, which
 the adapter divides out. Steps the scaler skips are not ``optimizer.step()`` calls and are not checked.
 
-What the adapter cannot see: the loss tensor (there is no hook before ``loss.backward()``), so causes that need
-the graph root are found from the engine's other instruments only.
+Causes (``unused``, ``no_grad``, ``detached`` with the user's source line) come from the engine's diagnosis, which
+watches the forward passes since the previous backward pass; it needs no loss tensor, which a plain loop never
+shows (there is no hook before ``loss.backward()``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from torch import Tensor, nn
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.engine import GradGuardEngine, StepCheck
 from lightning_gradguard.errors import GradGuardError
-from lightning_gradguard.metrics import PREFIX, step_metrics
+from lightning_gradguard.metrics import step_metrics
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.sinks import print_summary, write_report
 from lightning_gradguard.sinks.tensorboard import TensorBoardDashboard
@@ -330,9 +331,9 @@ class LoopGuard:
         step = self.global_step
         self.global_step += 1
         log = self.writer is not None and "log" not in self._disabled and (step + 1) % self.log_every_n_steps == 0
-        check = self.engine.check_step(optimizer, step=step, measure=log or self._measure_every_step)
-        if grad_scale is not None:
-            unscale_norms(check, grad_scale)
+        check = self.engine.check_step(
+            optimizer, step=step, measure=log or self._measure_every_step, grad_scale=grad_scale
+        )
         if log:
             self._log(check, step)
         self._dashboard_check(check, step)
@@ -416,14 +417,6 @@ def watch(
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def unscale_norms(check: StepCheck, scale: Tensor) -> None:
-    """Divide a check's per-parameter norms by the loss scale, on the device (no host synchronization)."""
-    if not check.norms:
-        return
-    for _, group in check.norms:
-        group.norms = group.norms / scale.to(device=group.norms.device, dtype=group.norms.dtype)
-
-
 def _optimizer_list(optimizers: Any) -> list[torch.optim.Optimizer]:
     items = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
     try:
@@ -490,4 +483,4 @@ def _close_open_guards() -> None:
             pass
 
 
-__all__ = ["DEFAULT_LOG_EVERY_N_STEPS", "PREFIX", "LoopGuard", "unscale_norms", "watch"]
+__all__ = ["DEFAULT_LOG_EVERY_N_STEPS", "LoopGuard", "watch"]

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from plain_models import PLANTED, USED, BranchNet, HealthyNet, PlantedNet, batches
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
@@ -22,54 +23,6 @@ from lightning_gradguard.plain import LoopGuard, watch
 from lightning_gradguard.sinks.tensorboard import report_from_text
 
 DIAGNOSIS = importlib.util.find_spec("lightning_gradguard.diagnosis") is not None
-PLANTED = {"side.weight", "side.bias", "unused.weight", "unused.bias"}
-USED = {"encoder.weight", "encoder.bias", "head.weight", "head.bias"}
-
-
-class PlantedNet(nn.Module):
-    """An encoder and a head that train, a side path whose output is detached, and a layer that is never called."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Linear(4, 8)
-        self.side = nn.Linear(4, 8)
-        self.head = nn.Linear(8, 1)
-        self.unused = nn.Linear(8, 1)  # planted: defined, never called
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.encoder(x)) + self.side(x).detach()  # planted: the side path is cut from the loss
-        return self.head(h)
-
-
-class HealthyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Linear(4, 8)
-        self.head = nn.Linear(8, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.encoder(x)))
-
-
-class BranchNet(nn.Module):
-    """``branch`` runs only when asked: some micro-batches give it a gradient, others do not."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Linear(4, 4)
-        self.branch = nn.Linear(4, 4)
-        self.head = nn.Linear(4, 1)
-
-    def forward(self, x: torch.Tensor, use_branch: bool) -> torch.Tensor:
-        h = torch.relu(self.trunk(x))
-        if use_branch:
-            h = h + self.branch(h)
-        return self.head(h)
-
-
-def batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(3, 4, generator=g), torch.randn(3, 1, generator=g)) for _ in range(n)]
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, n_steps: int, accumulate: int = 1) -> None:

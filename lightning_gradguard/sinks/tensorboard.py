@@ -76,10 +76,10 @@ def top_level_modules(names: Sequence[str]) -> list[str]:
     return list(seen)
 
 
-def _module_regex(series: str, module: str) -> str:
+def _module_regex(series: str, module: str, root_params: Sequence[str]) -> str:
     # tags are matched with re.match (anchored at the start only); the tail keeps "enc" from matching "encoder"
-    if module == ROOT_MODULE:
-        return rf"{PREFIX}/{series}/[^.]+$"
+    if module == ROOT_MODULE:  # parameters of the root module itself, by name (a module name has no dot either)
+        return rf"{PREFIX}/{series}/({'|'.join(re.escape(n) for n in root_params)})$"
     return rf"{PREFIX}/{series}/{re.escape(module)}(\.|$)"
 
 
@@ -106,12 +106,13 @@ def dashboard_layout(names: Sequence[str], amp: bool = False) -> dict[str, dict[
     if amp:
         overview["steps skipped by the AMP gradient scaler"] = ["Multiline", [rf"{AMP_SKIPPED_TAG}$"]]
     modules = top_level_modules(names)
+    root_params = [n for n in names if "." not in n]
     shown, rest = modules[:_MAX_MODULE_CHARTS], modules[_MAX_MODULE_CHARTS:]
     norms: dict[str, list] = {}
     nones: dict[str, list] = {}
     for module in shown:
-        norms[module] = ["Multiline", [_module_regex("(norm|module_norm)", module)]]
-        nones[module] = ["Multiline", [_module_regex("none_steps", module)]]
+        norms[module] = ["Multiline", [_module_regex("(norm|module_norm)", module, root_params)]]
+        nones[module] = ["Multiline", [_module_regex("none_steps", module, root_params)]]
     if rest:
         others = "|".join(re.escape(m) for m in rest if m != ROOT_MODULE) or "$^"
         norms["other modules"] = ["Multiline", [rf"{PREFIX}/(norm|module_norm)/({others})(\.|$)"]]
