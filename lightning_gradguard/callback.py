@@ -179,6 +179,15 @@ class GradGuard(Callback):
         if self.config.nonfinite_check == "auto":
             self._measure_every_step = any(p.device.type != "cpu" for p in self.engine.registry.params)
         self._start_dashboard(trainer)
+        self._audit(trainer)
+
+    @_feature("audit")
+    def _audit(self, trainer: Trainer) -> None:
+        self.engine.audit(trainer.optimizers)  # unregistered tensors, parameters in no optimizer
+
+    @_feature("diagnosis")
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.engine.end_diagnosis()  # a step raised: no diagnosis instrument may outlive it
 
     @_feature("check")
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -240,6 +249,7 @@ class GradGuard(Callback):
 
     @_feature("report")
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.engine.end_diagnosis()
         self._pending_logs = []
         report = self.engine.report()  # every rank reads its device counters: a local, not collective, copy
         if not trainer.is_global_zero:

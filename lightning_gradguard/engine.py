@@ -22,8 +22,10 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard.arrivals import ArrivalTracker
+from lightning_gradguard.audit import AUDIT_KINDS, audit_model
 from lightning_gradguard.causes import CLEARED, NO_BACKWARD
 from lightning_gradguard.config import GuardConfig
+from lightning_gradguard.diagnosis import Diagnosis
 from lightning_gradguard.errors import GradGuardError
 from lightning_gradguard.norms import NormGroup, per_param_norms
 from lightning_gradguard.registry import ParamRegistry
@@ -76,6 +78,8 @@ class GradGuardEngine:
         self.arrivals = ArrivalTracker()
         self.auto_micro_batch = False  # plain loops: every backward starts a micro-batch
         self.module: Optional[torch.nn.Module] = None
+        self.diagnosis: Optional[Diagnosis] = None  # created by bind(module=...): explains unused/no_grad/detached
+        self.leftover: set[int] = set()  # parameters whose .grad was found to be a leftover no backward touched
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -111,6 +115,8 @@ class GradGuardEngine:
         self._arrived.zero_()
         self._arrived_in.fill_(-1)
         self.arrivals.reset()
+        if self.diagnosis is not None:
+            self.diagnosis.start_run()  # the first steps of every run are watched
 
     def bind(self, named_parameters: Iterable[tuple[str, Tensor]], module: Optional[torch.nn.Module] = None) -> None:
         """Register the model's parameters by name (call once the model is built, before the first step).
@@ -124,6 +130,11 @@ class GradGuardEngine:
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
+        if self.module is not None and self.diagnosis is None:
+            self.diagnosis = Diagnosis(self)
+            if self.explainer is None:
+                self.explainer = self.diagnosis.explain
+            self.diagnosis.start_run()
 
     def _grow(self) -> None:
         size = len(self.registry)
@@ -142,6 +153,8 @@ class GradGuardEngine:
     # ------------------------------------------------------------------ micro-batches and backward passes
     def start_micro_batch(self) -> None:
         self._micro_batch += 1
+        if self.diagnosis is not None:
+            self.diagnosis.start_micro_batch()
 
     def cancel_micro_batch(self) -> None:
         """Take back the last :meth:`start_micro_batch`: that batch never ran (no forward, no backward)."""
@@ -164,6 +177,8 @@ class GradGuardEngine:
 
     def before_backward(self, loss: Optional[Tensor] = None) -> None:
         """Call right before a backward pass; ``loss`` (the tensor backward starts from) enables diagnosis."""
+        if self.diagnosis is not None:  # first: a micro-batch started below must keep this forward's records
+            self.diagnosis.before_backward(loss)
         if self.auto_micro_batch:
             self.start_micro_batch()
         self._grow()
@@ -174,11 +189,15 @@ class GradGuardEngine:
         """Count the backward pass and which parameters it gave a gradient (once per micro-batch)."""
         self.backwards += 1
         if not self._in_backward:  # the adapter saw no start of this backward: arrivals are not known
+            if self.diagnosis is not None:
+                self.diagnosis.after_backward(None)
             return
         self._in_backward = False
         self._tracking = True
         self._grow()
         missed = self.arrivals.after_backward(self.registry.params)
+        if self.diagnosis is not None:
+            self.diagnosis.after_backward(missed)
         arrived = torch.ones(len(self.registry), dtype=torch.bool)
         if missed:
             arrived[self._as_index(missed)] = False
@@ -288,6 +307,8 @@ class GradGuardEngine:
         if (missing or intermittent) and self.explainer is not None:
             for index, (cause, detail) in self.explainer(result).items():
                 self._set_cause(index, cause, detail)
+        if self.diagnosis is not None:
+            self.diagnosis.after_check(result)
         if missing:
             self._on_missing(result)
         return result
@@ -306,6 +327,7 @@ class GradGuardEngine:
 
     def _on_missing(self, result: StepCheck) -> None:
         if self.config.strict:
+            self.end_diagnosis()  # the run stops here: no instrument may outlive it
             raise GradGuardError(self.describe_missing(result), self.names(result.missing), result.step, self.report())
         new = [i for i in result.missing if i not in self._warned]
         if new:
@@ -320,9 +342,30 @@ class GradGuardEngine:
             self.causes[index] = (cause, detail)
 
     def _set_leftover_detail(self, index: int) -> None:
+        self.leftover.add(index)
         self._set_cause(index, None, "no backward pass gave it a gradient, but .grad is not None: it holds a tensor "
                         "left by zero_grad(set_to_none=False) (or an earlier step), so the optimizer still applies "
                         "it (momentum, weight decay)")
+
+    # ------------------------------------------------------------------ diagnosis and static findings
+    def audit(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> list[Finding]:
+        """Check the bound model and ``optimizers`` for trainable tensors nothing will train (call at fit start).
+
+        Findings (``unregistered``, ``not_in_optimizer``; see :mod:`lightning_gradguard.audit`) replace those of an
+        earlier audit in :attr:`findings` and are warned about once. Returns the new findings.
+        """
+        found = audit_model(self.module, list(optimizers), self.registry)
+        self.findings[:] = [f for f in self.findings if f.kind not in AUDIT_KINDS] + found
+        if found:
+            lines = [f"GradGuard found {len(found)} problem{'s' if len(found) != 1 else ''} in the training set-up:"]
+            lines += [f"  [{f.kind}] {f.name}: {f.detail}" for f in found]
+            self._warn("\n".join(lines))
+        return found
+
+    def end_diagnosis(self) -> None:
+        """Remove every diagnosis instrument now (a run ends or raised); safe to call at any time."""
+        if self.diagnosis is not None:
+            self.diagnosis.close()
 
     def names(self, indices: Sequence[int]) -> list[str]:
         return [self.registry.names[i] for i in indices]

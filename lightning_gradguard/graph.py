@@ -1,0 +1,56 @@
+"""Which parameters an autograd graph reaches: a walk over ``grad_fn.next_functions`` to ``AccumulateGrad`` nodes.
+
+The walk still works after ``backward()`` has freed the graph's saved tensors: only the node structure and
+``AccumulateGrad.variable`` are read. A shared ``seen`` set lets several walks (one per root) cost, together, one
+visit per node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+def _accumulate_grad_type() -> type:
+    leaf = torch.zeros(1, requires_grad=True)
+    return type(leaf.expand(1).grad_fn.next_functions[0][0])  # type: ignore[union-attr]
+
+
+ACCUMULATE_GRAD = _accumulate_grad_type()
+
+
+def reachable(roots: Iterable[Any], seen: set[Any], param_index: dict[int, int]) -> list[int]:
+    """Registry indices of the parameters reachable from ``roots`` (``grad_fn`` nodes) through unseen nodes.
+
+    Args:
+        roots: graph nodes to start from (``None`` entries are skipped).
+        seen: nodes already visited by earlier walks; updated in place.
+        param_index: ``id(parameter) -> registry index`` for the parameters of interest.
+
+    Example::
+
+        seen = set()
+        reachable([loss.grad_fn], seen, {id(p): i for i, p in enumerate(model.parameters())})
+
+    """
+    found: list[int] = []
+    stack = []
+    for root in roots:
+        if root is not None and root not in seen:
+            seen.add(root)
+            stack.append(root)
+    accumulate_grad = ACCUMULATE_GRAD
+    while stack:
+        node = stack.pop()
+        if type(node) is accumulate_grad:
+            index = param_index.get(id(node.variable))
+            if index is not None:
+                found.append(index)
+            continue
+        for parent, _ in node.next_functions:
+            if parent is not None and parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return found

@@ -1,0 +1,222 @@
+"""Where in the user's code something happened: stack frames turned into ``model.py:42 in forward: `h = h.detach()```.
+
+A missing gradient is cut off in one line of the user's code, but the operation that cuts it runs deep inside
+``torch`` (a ``Linear`` inside a ``Sequential`` inside the user's ``forward``). :func:`user_frames` walks the
+Python stack outward from that operation, skipping PyTorch's own frames, and keeps the user's. It also says when
+the operation ran on behalf of the framework (Lightning's own ``loss.detach()``, GradGuard itself) or an
+optimizer's ``step()``, which are never the user's bug, and when it ran inside a reentrant
+``torch.utils.checkpoint`` segment.
+
+:func:`grad_disabling_statement` finds the ``with torch.no_grad():`` (``inference_mode``, ``set_grad_enabled
+(False)``, or the decorator) around a line, from the file's syntax tree, so that a ``no_grad`` cause points at
+the statement that turned autograd off rather than at a layer call inside it.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import linecache
+import os
+import re
+import sys
+import sysconfig
+import tokenize
+from dataclasses import dataclass
+from types import CodeType, FrameType
+from typing import Optional
+
+# what a frame belongs to
+USER = 0
+INTERNAL = 1  # PyTorch and the Python standard library: transparent, look further out
+FRAMEWORK = 2  # Lightning, torchmetrics, GradGuard: an operation started here is not the user's
+OPTIMIZER = 3  # torch.optim: an optimizer step touches every parameter under no_grad, by design
+CHECKPOINT = 4  # the forward of a reentrant torch.utils.checkpoint segment (CheckpointFunction.forward)
+
+Frame = tuple[str, int, str]  # (filename, line number, function name)
+
+_MAX_DEPTH = 256
+
+
+def _package_dir(name: str) -> Optional[str]:
+    module = sys.modules.get(name)
+    if module is None:
+        try:
+            module = __import__(name)
+        except Exception:  # noqa: BLE001 - an optional framework that is not installed
+            return None
+    path = getattr(module, "__file__", None)
+    return os.path.dirname(os.path.abspath(path)) + os.sep if path else None
+
+
+def _stdlib_dirs() -> tuple[str, ...]:
+    dirs = set()
+    for key in ("stdlib", "platstdlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            dirs.add(os.path.abspath(path) + os.sep)
+    return tuple(dirs)
+
+
+_TORCH_DIR = _package_dir("torch") or ""
+_OPTIM_DIR = os.path.join(_TORCH_DIR, "optim") + os.sep
+_CHECKPOINT_FILE = os.path.join(_TORCH_DIR, "utils", "checkpoint.py")
+_FRAMEWORK_DIRS = tuple(
+    d
+    for d in (_package_dir(n) for n in ("lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics"))
+    if d
+) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+_STDLIB_DIRS = _stdlib_dirs()
+_kinds: dict[CodeType, int] = {}
+
+
+def frame_kind(code: CodeType) -> int:
+    """What the code object of a frame belongs to (cached per code object)."""
+    kind = _kinds.get(code)
+    if kind is None:
+        kind = _kinds[code] = _classify(code)
+    return kind
+
+
+def _classify(code: CodeType) -> int:
+    path = code.co_filename
+    if path.startswith("<frozen"):
+        return INTERNAL
+    path = os.path.abspath(path) if not path.startswith("<") else path
+    if _TORCH_DIR and path.startswith(_TORCH_DIR):
+        if path == _CHECKPOINT_FILE and getattr(code, "co_qualname", code.co_name) in (
+            "CheckpointFunction.forward",
+            "forward",
+        ):
+            return CHECKPOINT
+        if path.startswith(_OPTIM_DIR):
+            return OPTIMIZER
+        return INTERNAL
+    if path.startswith(_FRAMEWORK_DIRS):
+        return FRAMEWORK
+    if path.startswith(_STDLIB_DIRS) and "-packages" not in path:
+        return INTERNAL
+    return USER
+
+
+def user_frames(
+    frame: Optional[FrameType], limit: int = 6, find_checkpoint: bool = False
+) -> Optional[tuple[list[Frame], Optional[int]]]:
+    """The user's frames around an operation, innermost first, and where a reentrant checkpoint segment starts.
+
+    Args:
+        frame: the frame that called the operation (or the innermost frame to look at).
+        limit: how many user frames to keep.
+        find_checkpoint: keep walking outward to learn whether the operation ran inside a reentrant
+            ``torch.utils.checkpoint`` segment (only needed for operations that ran with autograd off).
+
+    Returns:
+        ``None`` when the operation was started by the framework or an optimizer step (not the user's code);
+        otherwise ``(frames, checkpoint)``: up to ``limit`` user frames, innermost first, and, when the operation
+        ran inside a reentrant checkpoint segment, the index in ``frames`` of the user frame that called
+        ``checkpoint(...)`` (``None`` otherwise; ``frames`` is extended to include it).
+
+    """
+    frames: list[Frame] = []
+    in_checkpoint = False
+    depth = 0
+    while frame is not None and depth < _MAX_DEPTH:
+        depth += 1
+        code = frame.f_code
+        kind = frame_kind(code)
+        if kind == USER:
+            if in_checkpoint:  # the first user frame outside the segment: the line that called checkpoint()
+                frames.append((code.co_filename, frame.f_lineno, code.co_name))
+                return frames, len(frames) - 1
+            if len(frames) < limit:
+                frames.append((code.co_filename, frame.f_lineno, code.co_name))
+            elif not find_checkpoint:
+                break
+        elif kind == CHECKPOINT:
+            in_checkpoint = True
+        elif not frames and kind in (FRAMEWORK, OPTIMIZER):
+            return None
+        frame = frame.f_back
+    return frames, None
+
+
+@dataclass(frozen=True)
+class Location:
+    """A line of the user's code."""
+
+    filename: str
+    lineno: int
+    function: str
+
+    @property
+    def source(self) -> str:
+        """The line's code, without its trailing comment."""
+        return _without_comment(linecache.getline(self.filename, self.lineno)).strip()
+
+    def __str__(self) -> str:
+        text = f"{os.path.basename(self.filename)}:{self.lineno} in {self.function}"
+        source = self.source
+        return f"{text}: `{source}`" if source else text
+
+
+def _without_comment(line: str) -> str:
+    if "#" not in line:
+        return line
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(line.lstrip()).readline):
+            if token.type == tokenize.COMMENT:
+                return line.lstrip()[: token.start[1]]
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass
+    return line
+
+
+def location(frame: Frame) -> Location:
+    return Location(frame[0], frame[1], frame[2])
+
+
+# ---------------------------------------------------------------------- the statement that turned autograd off
+_DISABLES_GRAD = re.compile(r"\b(no_grad|inference_mode)\b|\bset_grad_enabled\(\s*(False|0)\s*\)")
+_Span = tuple[int, int, int]  # (first line, last line, line of the statement or decorator)
+_spans: dict[str, Optional[list[_Span]]] = {}
+
+
+def _grad_disabling_spans(filename: str) -> Optional[list[_Span]]:
+    if filename in _spans:
+        return _spans[filename]
+    spans: Optional[list[_Span]] = None
+    lines = linecache.getlines(filename)
+    if lines:
+        try:
+            tree = ast.parse("".join(lines))
+        except (SyntaxError, ValueError):
+            tree = None
+        if tree is not None:
+            spans = []
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.With, ast.AsyncWith)):
+                    for item in node.items:
+                        if _DISABLES_GRAD.search(ast.unparse(item.context_expr)):
+                            spans.append((node.lineno, node.end_lineno or node.lineno, node.lineno))
+                            break
+                elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    for decorator in node.decorator_list:
+                        if _DISABLES_GRAD.search(ast.unparse(decorator)):
+                            spans.append((node.lineno, node.end_lineno or node.lineno, decorator.lineno))
+                            break
+    _spans[filename] = spans
+    return spans
+
+
+def grad_disabling_statement(frames: list[Frame]) -> Optional[Location]:
+    """The innermost ``with torch.no_grad():``-like statement (or decorator) around any of ``frames``' lines.
+
+    ``frames`` are searched innermost first; the first frame whose line sits inside such a block wins.
+    """
+    for filename, lineno, function in frames:
+        spans = _grad_disabling_spans(filename)
+        inside = [span for span in spans or () if span[0] <= lineno <= span[1]]
+        if inside:
+            innermost = max(inside, key=lambda span: span[0])
+            return Location(filename, innermost[2], function)
+    return None

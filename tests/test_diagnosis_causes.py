@@ -1,0 +1,392 @@
+"""Each cause of a missing gradient, planted in several architectures: the exact flagged set, cause and line.
+
+``unused``: a layer never called (MLP, transformer), a parameter a running module never touches (CNN), a result
+left out of the loss (LSTM). ``no_grad``: a ``torch.no_grad()`` block (LSTM, CNN), ``torch.inference_mode()``
+(transformer), a reentrant checkpoint segment whose inputs need no grad (MLP, CNN). ``detached``: ``.detach()``
+(LSTM, CNN), ``.data`` (transformer), an ``.item()`` round trip (MLP, embedding model), integer results:
+``argmax`` (embedding model) and a comparison (CNN).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.utils.checkpoint as checkpoint
+from diagnosis_helpers import (
+    HIDDEN,
+    IN_DIM,
+    SEQ,
+    VOCAB,
+    Classification,
+    Regression,
+    assert_flagged,
+    fit,
+    planted_at,
+    regression_data,
+    token_data,
+)
+from torch import nn
+
+IMAGE = (1, 6, 6)
+
+
+def names(prefix: str, *suffixes: str) -> set[str]:
+    return {f"{prefix}.{s}" for s in suffixes}
+
+
+# ====================================================================== unused
+class MLPUnusedLayer(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(IN_DIM, HIDDEN)
+        self.skip = nn.Linear(HIDDEN, HIDDEN)  # planted: never called
+        self.l2 = nn.Linear(HIDDEN, 1)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+class TransformerUnusedHead(Classification):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.encoder = nn.TransformerEncoderLayer(HIDDEN, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(HIDDEN, 2)
+        self.aux_head = nn.Linear(HIDDEN, VOCAB)  # planted: on a branch never taken
+
+    def forward(self, tokens, predict_tokens: bool = False):
+        h = self.encoder(self.embed(tokens))
+        if predict_tokens:
+            return self.aux_head(h)
+        return self.head(h.mean(dim=1))
+
+
+class ScaledConv(nn.Module):
+    """A conv block with a learnable output scale its forward forgets to apply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.scale = nn.Parameter(torch.ones(3, 1, 1))  # planted: the forward below never uses it
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+class CNNUntouchedParameter(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = ScaledConv()
+        self.head = nn.Linear(3 * 4 * 4, 1)
+
+    def forward(self, x):
+        return self.head(self.block(x).flatten(1))
+
+
+class LSTMDiscardedResult(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(IN_DIM, HIDDEN, batch_first=True)
+        self.aux = nn.Linear(HIDDEN, 1)
+        self.head = nn.Linear(HIDDEN, 1)
+
+    def forward(self, x):
+        out, _ = self.lstm(x.unsqueeze(1).repeat(1, SEQ, 1))
+        aux = self.aux(out[:, -1])  # planted: computed, then left out of the loss  # noqa: F841
+        return self.head(out[:, -1])
+
+
+def test_unused_layer_in_an_mlp(tmp_path):
+    report = fit(MLPUnusedLayer(), regression_data(), tmp_path)
+    assert_flagged(report, names("skip", "weight", "bias"), "unused")
+    assert "`skip` (Linear) was never called" in report.params["skip.weight"].detail
+    assert "allow_none" in report.params["skip.weight"].detail
+
+
+def test_unused_head_in_a_transformer(tmp_path):
+    report = fit(TransformerUnusedHead(), token_data(), tmp_path)
+    assert_flagged(report, names("aux_head", "weight", "bias"), "unused")
+    assert "`aux_head` (Linear) was never called" in report.params["aux_head.bias"].detail
+
+
+def test_parameter_a_running_cnn_block_never_touches(tmp_path):
+    report = fit(CNNUntouchedParameter(), regression_data(shape=IMAGE), tmp_path)
+    assert_flagged(report, {"block.scale"}, "unused")
+    assert "`block` (ScaledConv) ran, but its forward never used `block.scale`" in report.params["block.scale"].detail
+
+
+def test_lstm_result_left_out_of_the_loss(tmp_path):
+    report = fit(LSTMDiscardedResult(), regression_data(), tmp_path)
+    assert_flagged(report, names("aux", "weight", "bias"), "unused")
+    assert "never reached the loss" in report.params["aux.weight"].detail
+
+
+# ====================================================================== no_grad
+class LSTMEncoderUnderNoGrad(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.LSTM(IN_DIM, HIDDEN, batch_first=True)
+        self.head = nn.Linear(HIDDEN, 1)
+
+    def forward(self, x):
+        with torch.no_grad():  # planted
+            out, _ = self.encoder(x.unsqueeze(1).repeat(1, SEQ, 1))
+        return self.head(out[:, -1])
+
+
+class CNNStemUnderNoGrad(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+        self.body = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 4 * 4, 1)
+
+    def features(self, x):
+        return self.stem(x)
+
+    def forward(self, x):
+        with torch.no_grad():  # planted: around a helper method, not the layer call itself
+            h = self.features(x)
+        return self.head(torch.relu(self.body(h)).flatten(1))
+
+
+class TransformerUnderInferenceMode(Classification):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.encoder = nn.TransformerEncoderLayer(HIDDEN, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(HIDDEN, 2)
+
+    def forward(self, tokens):
+        with torch.inference_mode():  # planted
+            h = self.encoder(self.embed(tokens))
+        return self.head(h.clone().mean(dim=1))
+
+
+class MLPReentrantCheckpoint(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.Tanh())
+        self.head = nn.Linear(HIDDEN, 1)
+
+    def forward(self, x):
+        h = checkpoint.checkpoint(self.block, x, use_reentrant=True)  # planted: x needs no grad
+        return self.head(h)
+
+
+class CNNReentrantCheckpoint(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 3)
+        self.head = nn.Linear(2 * 4 * 4, 1)
+
+    def stem_fn(self, x):
+        return torch.relu(self.stem(x))
+
+    def forward(self, x):
+        h = checkpoint.checkpoint(self.stem_fn, x, use_reentrant=True)  # planted: a user function inside
+        return self.head(h.flatten(1))
+
+
+def test_lstm_encoder_under_no_grad(tmp_path):
+    report = fit(LSTMEncoderUnderNoGrad(), regression_data(), tmp_path)
+    where = planted_at(LSTMEncoderUnderNoGrad.forward, "with torch.no_grad()")
+    assert_flagged(report, names("encoder", "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), "no_grad", where)
+    assert planted_at(LSTMEncoderUnderNoGrad.forward, "self.encoder(") in report.params["encoder.weight_ih_l0"].detail
+
+
+def test_cnn_stem_under_no_grad_through_a_helper(tmp_path):
+    report = fit(CNNStemUnderNoGrad(), regression_data(shape=IMAGE), tmp_path)
+    where = planted_at(CNNStemUnderNoGrad.forward, "with torch.no_grad()")
+    assert_flagged(report, names("stem.0", "weight", "bias"), "no_grad", where)
+
+
+def test_transformer_under_inference_mode(tmp_path):
+    report = fit(TransformerUnderInferenceMode(), token_data(), tmp_path)
+    expected = {name for name, _ in TransformerUnderInferenceMode().named_parameters() if not name.startswith("head")}
+    where = planted_at(TransformerUnderInferenceMode.forward, "with torch.inference_mode()")
+    assert_flagged(report, expected, "no_grad", where)
+    assert "inference_mode" in report.params["embed.weight"].detail
+
+
+def test_mlp_reentrant_checkpoint_without_inputs_that_require_grad(tmp_path):
+    report = fit(MLPReentrantCheckpoint(), regression_data(), tmp_path)
+    where = planted_at(MLPReentrantCheckpoint.forward, "checkpoint.checkpoint(")
+    assert_flagged(report, names("block.0", "weight", "bias"), "no_grad", where)
+    assert "use_reentrant=False" in report.params["block.0.weight"].detail
+
+
+def test_cnn_reentrant_checkpoint_of_a_user_function(tmp_path):
+    report = fit(CNNReentrantCheckpoint(), regression_data(shape=IMAGE), tmp_path)
+    where = planted_at(CNNReentrantCheckpoint.forward, "checkpoint.checkpoint(")
+    assert_flagged(report, names("stem", "weight", "bias"), "no_grad", where)
+    assert "reentrant torch.utils.checkpoint" in report.params["stem.bias"].detail
+
+
+# ====================================================================== detached
+class LSTMDetachedEncoder(Regression):
+    """The seed article's real bug: an encoder-decoder whose encoder output is detached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.LSTM(IN_DIM, HIDDEN, batch_first=True)
+        self.decoder = nn.LSTM(HIDDEN, HIDDEN, batch_first=True)
+        self.head = nn.Linear(HIDDEN, 1)
+
+    def forward(self, x):
+        states, _ = self.encoder(x.unsqueeze(1).repeat(1, SEQ, 1))
+        states = states.detach()  # planted
+        out, _ = self.decoder(states)
+        return self.head(out[:, -1])
+
+
+class CNNDetachedFeatures(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.head = nn.Linear(2 * 4 * 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1).detach()  # planted
+        return self.head(h)
+
+
+class TransformerThroughData(Classification):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.encoder = nn.TransformerEncoderLayer(HIDDEN, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(HIDDEN, 2)
+
+    def forward(self, tokens):
+        h = self.encoder(self.embed(tokens))
+        pooled = h.mean(dim=1).data  # planted
+        return self.head(pooled)
+
+
+class MLPItemRoundTrip(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(IN_DIM, 1)
+        self.body = nn.Linear(IN_DIM, 1)
+
+    def forward(self, x):
+        g = torch.tensor(torch.sigmoid(self.gate(x)).mean().item())  # planted
+        return self.body(x) * g
+
+
+class EmbeddingArgmaxFeedsLoss(Classification):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.pick = nn.Linear(HIDDEN, VOCAB)
+        self.classify = nn.Embedding(VOCAB, 2)
+
+    def forward(self, tokens):
+        choice = self.pick(self.embed(tokens).mean(dim=1)).argmax(dim=-1)  # planted
+        return self.classify(choice)
+
+
+class EmbeddingItemRoundTrip(Classification):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.temperature = nn.Linear(HIDDEN, 1)
+        self.classify = nn.Linear(HIDDEN, 2)
+
+    def forward(self, tokens):
+        h = self.embed(tokens).mean(dim=1)
+        t = self.temperature(h).abs().mean().tolist()  # planted
+        return self.classify(h) / (1.0 + torch.tensor(t))
+
+
+class CNNComparisonMask(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Conv2d(1, 1, 3)
+        self.conv = nn.Conv2d(1, 1, 3)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x):
+        mask = self.gate(x) > 0  # planted: a boolean mask carries no gradient into `gate`
+        return self.head((self.conv(x) * mask).flatten(1))
+
+
+def test_lstm_detached_encoder_output(tmp_path):
+    report = fit(LSTMDetachedEncoder(), regression_data(), tmp_path)
+    where = planted_at(LSTMDetachedEncoder.forward, "states.detach()")
+    assert_flagged(report, names("encoder", "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), "detached", where)
+    assert "`states = states.detach()`" in report.params["encoder.weight_hh_l0"].detail
+
+
+def test_cnn_detached_features(tmp_path):
+    report = fit(CNNDetachedFeatures(), regression_data(shape=IMAGE), tmp_path)
+    where = planted_at(CNNDetachedFeatures.forward, ".detach()")
+    assert_flagged(report, names("conv", "weight", "bias"), "detached", where)
+
+
+def test_transformer_through_dot_data(tmp_path):
+    report = fit(TransformerThroughData(), token_data(), tmp_path)
+    expected = {name for name, _ in TransformerThroughData().named_parameters() if not name.startswith("head")}
+    where = planted_at(TransformerThroughData.forward, ".data")
+    assert_flagged(report, expected, "detached", where)
+    assert ".data returns" in report.params["embed.weight"].detail
+
+
+def test_mlp_item_round_trip(tmp_path):
+    report = fit(MLPItemRoundTrip(), regression_data(), tmp_path)
+    where = planted_at(MLPItemRoundTrip.forward, ".item()")
+    assert_flagged(report, names("gate", "weight", "bias"), "detached", where)
+    assert ".item() turns it into a Python number" in report.params["gate.weight"].detail
+
+
+def test_embedding_model_argmax_feeds_the_loss(tmp_path):
+    report = fit(EmbeddingArgmaxFeedsLoss(), token_data(), tmp_path)
+    where = planted_at(EmbeddingArgmaxFeedsLoss.forward, ".argmax(")
+    assert_flagged(report, {"embed.weight", "pick.weight", "pick.bias"}, "detached", where)
+    assert "`argmax` returns an integer" in report.params["pick.weight"].detail
+
+
+def test_embedding_model_tolist_round_trip(tmp_path):
+    report = fit(EmbeddingItemRoundTrip(), token_data(), tmp_path)
+    where = planted_at(EmbeddingItemRoundTrip.forward, ".tolist()")
+    assert_flagged(report, names("temperature", "weight", "bias"), "detached", where)
+
+
+def test_cnn_comparison_mask(tmp_path):
+    report = fit(CNNComparisonMask(), regression_data(shape=IMAGE), tmp_path)
+    where = planted_at(CNNComparisonMask.forward, "> 0")
+    assert_flagged(report, names("gate", "weight", "bias"), "detached", where)
+    assert "integer or boolean" in report.params["gate.bias"].detail
+
+
+# ====================================================================== several causes in one model
+class SeveralBugs(Regression):
+    """One model, three bugs: each parameter gets its own cause and line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.never = nn.Linear(IN_DIM, 1)
+        self.frozen_by_mistake = nn.Linear(IN_DIM, 1)
+        self.cut = nn.Linear(IN_DIM, 1)
+        self.ok = nn.Linear(IN_DIM, 1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            a = self.frozen_by_mistake(x)
+        b = self.cut(x).detach()
+        return self.ok(x) + a + b
+
+
+def test_each_parameter_gets_its_own_cause_and_line(tmp_path, recwarn):
+    report = fit(SeveralBugs(), regression_data(), tmp_path)
+    causes = {name: report.params[name].cause for name in report.missing}
+    assert causes == {
+        "never.weight": "unused", "never.bias": "unused",
+        "frozen_by_mistake.weight": "no_grad", "frozen_by_mistake.bias": "no_grad",
+        "cut.weight": "detached", "cut.bias": "detached",
+    }  # fmt: skip
+    assert planted_at(SeveralBugs.forward, "with torch.no_grad()") in report.params["frozen_by_mistake.weight"].detail
+    assert planted_at(SeveralBugs.forward, ".detach()") in report.params["cut.bias"].detail
+    # the first-step warning already carries the causes
+    warning = next(str(w.message) for w in recwarn if str(w.message).startswith("GradGuard: 6 trainable"))
+    assert "[no_grad]" in warning and "[detached]" in warning and "[unused]" in warning

@@ -1,0 +1,235 @@
+"""The diagnosis window: when instruments are installed, that they always come out, and that the causes it finds
+hold for every adapter (a plain loop driving the engine, torch.compile, evaluation loops, accumulation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diagnosis_helpers import HIDDEN, IN_DIM, Regression, fit, instruments_removed, planted_at, regression_data
+from torch import nn
+
+from lightning_gradguard import GradGuard, GradGuardEngine, GradGuardError, GuardConfig
+
+
+class LateBranch(Regression):
+    """``branch`` is used on the first ``until`` batches only; records whether instruments were in on each batch."""
+
+    def __init__(self, until: int = 4) -> None:
+        super().__init__()
+        self.until = until
+        self.trunk = nn.Linear(IN_DIM, 1)
+        self.branch = nn.Linear(IN_DIM, 1)
+        self.instrumented: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        self.instrumented.append(torch._C._len_torch_function_stack() > 0 or bool(self.trunk._forward_hooks))
+        x, y = batch
+        out = self.trunk(x)
+        if batch_idx < self.until:
+            out = out + self.branch(x)
+        return F.mse_loss(out, y)
+
+
+def test_instruments_only_in_the_first_steps_and_after_a_parameter_first_goes_missing(tmp_path):
+    model = LateBranch(until=4)
+    report = fit(model, regression_data(n_batches=10), tmp_path)
+    # steps 0-1: the first window; step 4: `branch` goes missing without a known cause; steps 5-6: its window
+    assert [i for i, on in enumerate(model.instrumented) if on] == [0, 1, 5, 6]
+    p = report.params["branch.weight"]
+    assert (p.steps, p.none_steps) == (10, 6)
+    assert p.cause == "unused" and "`branch` (Linear) was never called" in p.detail
+    assert instruments_removed(model)
+
+
+class Crashes(Regression):
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+        self.layer = nn.Linear(IN_DIM, 1)
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == self.at:
+            with torch.no_grad():
+                raise ValueError("the user's own bug")
+        return super().training_step(batch, batch_idx)
+
+
+def test_instruments_are_removed_when_the_forward_raises(tmp_path):
+    model = Crashes(at=1)
+    with pytest.raises(ValueError, match="the user's own bug"):
+        fit(model, regression_data(), tmp_path)
+    assert instruments_removed(model)
+    assert torch.is_grad_enabled()
+
+
+class Unused(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(IN_DIM, 1)
+        self.unused = nn.Linear(IN_DIM, 1)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_strict_mode_error_carries_the_cause_and_removes_instruments(tmp_path):
+    model = Unused()
+    with pytest.raises(GradGuardError) as info:
+        fit(model, regression_data(), tmp_path, guard=GradGuard(strict=True, summary=False))
+    assert info.value.params == ["unused.weight", "unused.bias"]
+    assert "[unused] module `unused` (Linear) was never called" in str(info.value)
+    assert info.value.report.params["unused.bias"].cause == "unused"
+    assert instruments_removed(model)
+
+
+class ValidationOnlyHead(Regression):
+    """``val_head`` is only ever run in validation (under inference mode): in training it is unused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(IN_DIM, 1)
+        self.val_head = nn.Linear(IN_DIM, 1)
+
+    def forward(self, x):
+        return self.body(x)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.val_head(x), y)
+
+    def val_dataloader(self):
+        return regression_data(n_batches=1)
+
+
+def test_an_evaluation_loop_inside_the_window_is_not_a_no_grad_cause(tmp_path):
+    data = regression_data(n_batches=1)
+    report = fit(ValidationOnlyHead(), data, tmp_path, max_epochs=3)  # validation runs between steps 0 and 1
+    assert report.params["val_head.weight"].cause == "unused"
+    assert "was never called" in report.params["val_head.weight"].detail
+
+
+class AccumulatedBranch(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(IN_DIM, 1)
+        self.branch = nn.Linear(IN_DIM, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.trunk(x)
+        if batch_idx % 2 == 0:
+            out = out + self.branch(x)
+        return F.mse_loss(out, y)
+
+
+def test_intermittent_parameter_under_accumulation_gets_the_cause_of_the_micro_batches_it_missed(tmp_path):
+    report = fit(AccumulatedBranch(), regression_data(n_batches=4), tmp_path, accumulate_grad_batches=2)
+    assert report.intermittent == ["branch.weight", "branch.bias"]
+    assert report.params["branch.weight"].cause == "unused"
+    assert report.missing == []
+
+
+# ---------------------------------------------------------------------- without Lightning
+class PlainModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(IN_DIM, HIDDEN)
+        self.decoder = nn.Linear(HIDDEN, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.encoder(x))
+        return self.decoder(h.detach())  # the bug
+
+
+def _plain_loop(model, engine, steps, loss_at_backward=True):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        engine.start_micro_batch()
+        loss = F.mse_loss(model(torch.randn(2, IN_DIM)), torch.randn(2, 1))
+        engine.before_backward(loss if loss_at_backward else None)
+        loss.backward()
+        engine.after_backward()
+        engine.check_step(optimizer, step)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_plain_loop_driving_the_engine_gets_the_same_cause_and_line():
+    model = PlainModel()
+    engine = GradGuardEngine(GuardConfig(), warn=lambda message: None)
+    engine.bind(model.named_parameters(), module=model)
+    _plain_loop(model, engine, steps=4, loss_at_backward=False)  # adapters that cannot see the loss
+    engine.end_diagnosis()
+    report = engine.report()
+    assert report.missing == ["encoder.weight", "encoder.bias"]
+    assert report.params["encoder.weight"].cause == "detached"
+    assert planted_at(PlainModel.forward, "h.detach()") in report.params["encoder.weight"].detail
+    assert instruments_removed(model)
+
+
+def test_engine_micro_batches_started_from_inside_backward_keep_the_forward_records():
+    """Plain-loop adapters notice a micro-batch at its first gradient, after the forward pass already ran."""
+    model = PlainModel()
+    engine = GradGuardEngine(GuardConfig(), warn=lambda message: None)
+    engine.auto_micro_batch = True
+    engine.bind(model.named_parameters(), module=model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        loss = F.mse_loss(model(torch.randn(2, IN_DIM)), torch.randn(2, 1))
+        engine.before_backward(loss)  # starts the micro-batch
+        loss.backward()
+        engine.after_backward()
+        engine.check_step(optimizer, step)
+        optimizer.step()
+        optimizer.zero_grad()
+    engine.end_diagnosis()
+    assert engine.report().params["encoder.bias"].cause == "detached"
+    assert instruments_removed(model)
+
+
+def test_torch_compile_is_not_recompiled_and_causes_are_not_guessed():
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = PlainModel()
+    compiled = torch.compile(model, backend=backend)
+    engine = GradGuardEngine(GuardConfig(), warn=lambda message: None)
+    engine.bind(compiled.named_parameters(), module=compiled)
+    _plain_loop(compiled, engine, steps=4)
+    engine.end_diagnosis()
+    report = engine.report()
+    assert report.missing == ["encoder.weight", "encoder.bias"]
+    assert report.params["encoder.weight"].cause is None  # unknown inside compiled code, never guessed
+    assert "torch.compile" in report.params["encoder.weight"].detail
+    assert len(graphs) == 1  # no instrument made Dynamo compile again
+    assert instruments_removed(compiled)
+
+
+def test_plain_loop_evaluation_between_steps_is_not_a_no_grad_cause():
+    """No micro-batch boundary separates an evaluation pass from the next forward pass in a plain loop."""
+    model = ValidationOnlyHead()
+    engine = GradGuardEngine(GuardConfig(), warn=lambda message: None)
+    engine.auto_micro_batch = True
+    engine.bind(model.named_parameters(), module=model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        model.eval()  # evaluate, then train
+        with torch.no_grad():
+            model.val_head(torch.randn(2, IN_DIM))
+        model.train()
+        loss = F.mse_loss(model(torch.randn(2, IN_DIM)), torch.randn(2, 1))
+        engine.before_backward(loss)
+        loss.backward()
+        engine.after_backward()
+        engine.check_step(optimizer, step)
+        optimizer.step()
+        optimizer.zero_grad()
+    engine.end_diagnosis()
+    assert engine.report().params["val_head.weight"].cause == "unused"
