@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from lightning_gradguard.report import REPORT_FILENAME, GradReport
-from lightning_gradguard.sinks.tensorboard import REPORT_TAG, _markdown_blocks, report_from_text
+from lightning_gradguard.sinks.tensorboard import REPORT_TAG, problems_markdown, report_from_text
 
 EXIT_OK = 0
 EXIT_MISSING = 1
@@ -150,9 +150,8 @@ def render(report: GradReport, fmt: str) -> str:
     """The report as ``text`` (the console table), ``markdown`` or ``json``."""
     if fmt == "json":
         return report.to_json()
-    clean = report.ok and not report.intermittent
     if fmt == "markdown":
-        return report.summary() if clean else _markdown_blocks(report.format_table("markdown"))
+        return problems_markdown(report)
     return report.summary()
 
 

@@ -450,3 +450,29 @@ def test_optimizer_without_trainable_parameters_is_an_error():
     model = HealthyNet().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):
         watch(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+# ---------------------------------------------------------------------------------------------- the example
+@pytest.mark.timeout(300)
+def test_plain_pytorch_example_tells_the_truth(tmp_path):
+    """examples/plain_pytorch.py, run as a user runs it: the article's examples are healthy, the real bugs named."""
+    import subprocess
+    import sys
+
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "plain_pytorch.py")
+    env = dict(os.environ, PYTHONWARNINGS="ignore::DeprecationWarning", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, example], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    sections = result.stdout.split("\n=== ")
+    assert "all 6 trainable parameters received a gradient at each of 5 optimizer steps" in sections[1]
+    assert "all 7 trainable parameters received a gradient at each of 5 optimizer steps" in sections[2]
+    assert "all 4 trainable parameters received a gradient at each of 10 optimizer steps" in sections[3]
+    bugs = sections[4]
+    assert "6 optimizer steps, 24 backward passes; 6 of 12 parameters missed a gradient" in bugs
+    assert "attention.weight: no gradient at 6/6 steps, 24/24 micro-batches; cause=unused" in bugs
+    assert "encoder.weight_ih_l0: no gradient at 6/6 steps, 24/24 micro-batches; cause=detached" in bugs
+    assert "`states = states.detach()`" in bugs  # the line that cuts the encoder off
+    assert not any(name in bugs.split("Details:")[0] for name in ("decoder.", "head."))
+    run = tmp_path / "runs" / "plain_pytorch"
+    assert (run / "gradguard.json").is_file()
+    assert any("tfevents" in f for f in os.listdir(run))

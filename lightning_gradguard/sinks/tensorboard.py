@@ -101,6 +101,10 @@ def dashboard_layout(names: Sequence[str], amp: bool = False) -> dict[str, dict[
             "Multiline",
             [rf"{PREFIX}/none_params$", rf"{PREFIX}/intermittent_params$"],
         ],
+        "cumulative steps without a gradient, by parameter": [
+            "Multiline",
+            [rf"{PREFIX}/none_steps/"],
+        ],
         "parameters with a non-finite gradient": ["Multiline", [rf"{PREFIX}/nonfinite_params$"]],
     }
     if amp:
@@ -127,13 +131,46 @@ def dashboard_layout(names: Sequence[str], amp: bool = False) -> dict[str, dict[
 # ---------------------------------------------------------------------------------------------- report text
 def report_markdown(report: GradReport, title: Optional[str] = None) -> str:
     """The report as markdown for TensorBoard's text tab, with the report's JSON in a hidden HTML comment."""
-    body = report.summary() if report.ok and not report.intermittent else report.format_table("markdown")
     blocks = [f"### {title}"] if title else []
-    blocks.append(_markdown_blocks(body))
+    blocks.append(problems_markdown(report))
     # ">" only occurs inside JSON strings, so escaping it keeps "-->" out of the comment and the JSON valid
     payload = json.dumps(report.to_dict(), separators=(",", ":")).replace(">", "\\u003e")
     blocks.append(f"{_JSON_OPEN}{payload}{_JSON_CLOSE}")
     return "\n\n".join(blocks)
+
+
+_MAX_NAMES_PER_CAUSE = 8
+
+
+def problems_markdown(report: GradReport) -> str:
+    """The report as markdown: the one-line verdict, or the headline, the causes with their source lines (parameters
+    that share an explanation grouped), then the table (:meth:`GradReport.format_table`) and its notes."""
+    if report.ok and not report.intermittent and "\n" not in report.summary():
+        return report.summary()
+    lines = report.format_table("markdown").splitlines()
+    kept: list[str] = []
+    in_details = False
+    for line in lines:  # the per-parameter "Details:" list is shown grouped, before the table
+        if line == "Details:":
+            in_details = True
+            continue
+        if in_details and line.startswith("- "):
+            continue
+        in_details = False
+        kept.append(line)
+    groups: dict[tuple[Optional[str], str], list[str]] = {}
+    for name, p in report.params.items():
+        if p.detail and (p.missing or p.intermittent):
+            groups.setdefault((p.cause, p.detail), []).append(name)
+    why = []
+    for (cause, detail), names in groups.items():
+        shown = ", ".join(f"`{n}`" for n in names[:_MAX_NAMES_PER_CAUSE])
+        if len(names) > _MAX_NAMES_PER_CAUSE:
+            shown += f" and {len(names) - _MAX_NAMES_PER_CAUSE} more"
+        why.append(f"- {shown} ({cause or 'cause unknown'}): {detail}")
+    if why:
+        kept[1:1] = ["Why, and where:", *why]
+    return _markdown_blocks("\n".join(kept))
 
 
 def _markdown_blocks(text: str) -> str:
@@ -235,9 +272,10 @@ def render_gradient_flow(
     mean = np.array(means, dtype=np.float64)
     peak = np.array(maxes, dtype=np.float64)
     finite = np.isfinite(mean) & np.isfinite(peak)
-    positive = peak[finite & (peak > 0)]
-    floor = float(positive.min()) / 10 if positive.size else 1e-8
-    top = float(positive.max()) * 3 if positive.size else 1.0
+    values = np.concatenate([mean[finite], peak[finite]])
+    positive = values[values > 0]
+    floor = float(positive.min()) / 4 if positive.size else 1e-8
+    top = float(positive.max()) * 2.5 if positive.size else 1.0
     shown_peak = np.where(finite & (peak > 0), peak, np.nan)
     shown_mean = np.where(finite & (mean > 0), mean, np.nan)
 
@@ -262,8 +300,8 @@ def render_gradient_flow(
     for tick, is_missing in zip(ax.get_xticklabels(), missing):
         if is_missing:
             tick.set_color("#cb181d")
-    ax.set_ylabel("gradient magnitude")
-    ax.set_title(title or "Gradient flow", fontsize=10)
+    ax.set_ylabel("|gradient| (log scale)")
+    fig.suptitle(title or "Gradient flow", fontsize=10)
     ax.grid(axis="y", which="major", alpha=0.3)
     handles = [
         Patch(color="#9ecae1", label="max |grad|"),
@@ -272,7 +310,8 @@ def render_gradient_flow(
     ]
     if nonfinite_x:
         handles.append(Patch(color="#fd8d3c", label="non-finite"))
-    ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
+    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=8,
+              frameon=False)  # fmt: skip
     fig.tight_layout()
     canvas.draw()
     image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
