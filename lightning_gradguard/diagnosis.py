@@ -34,6 +34,7 @@ modules inside compiled code are opaque and their causes are reported as unknown
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -43,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_gradguard.causes import DETACHED, NO_GRAD, UNUSED
 from lightning_gradguard.graph import reachable
-from lightning_gradguard.locations import Frame, grad_disabling_statement, location, user_frames
+from lightning_gradguard.locations import Frame, definition_site, grad_disabling_statement, location, user_frames
 from lightning_gradguard.registry import clean_name
 
 if TYPE_CHECKING:
@@ -174,6 +175,7 @@ class _CutRecorder(TorchFunctionMode):
         super().__init__()
         self.diagnosis = diagnosis
         self.off = False  # set when the mode could not be popped from this thread: it then only passes through
+        self.thread = threading.get_ident()  # the thread whose mode stack holds it
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None):
         if kwargs is None:
@@ -234,8 +236,13 @@ class _CutRecorder(TorchFunctionMode):
         return out
 
 
-def _remove_mode(mode: TorchFunctionMode) -> bool:
-    """Pop ``mode`` from this thread's torch-function mode stack, wherever it sits; False if it is not there."""
+def _remove_mode(mode: _CutRecorder) -> bool:
+    """Pop ``mode`` from its thread's torch-function mode stack, wherever it sits; False if not possible from here.
+
+    Only the thread that pushed it may pop it: autograd's worker threads run with a copy of the mode stack.
+    """
+    if threading.get_ident() != mode.thread:
+        return False
     depth = torch._C._len_torch_function_stack()
     if not any(torch._C._get_function_stack_at(i) is mode for i in range(depth)):
         return False
@@ -361,7 +368,7 @@ class Diagnosis:
         if self._armed and not self._paused and not _in_backward():
             self._new_segment()
         self._micro_batches_left -= 1
-        if self._micro_batches_left < 0:
+        if self._micro_batches_left < 0 and not _in_backward():
             self._disarm()
 
     def before_backward(self, loss: Optional[Tensor] = None) -> None:
@@ -402,12 +409,15 @@ class Diagnosis:
 
     def after_check(self, check: StepCheck) -> None:
         """A step was checked: its reasons are used up; count the window down and open a scheduled one."""
-        for index in check.checked:
-            self._reasons.pop(index, None)
+        if self._reasons:  # empty in the steady state: no per-parameter work there
+            for index in check.checked:
+                self._reasons.pop(index, None)
         if self.active:
             self._steps_left -= 1
             if self._steps_left <= 0:
                 self.close()
+        if self._armed and self._micro_batches_left < 0 and not _in_backward():
+            self._disarm()  # the micro-batch budget ran out inside a backward pass (plain loops): disarm here
         if self._open_pending and not _in_backward():
             self._open_pending = False
             self.open()
@@ -612,7 +622,8 @@ class Diagnosis:
         if ran:
             if self._trace_cuts:
                 return UNUSED, (
-                    f"{ran[0]} ran, but its forward never used `{name}`. Fix: use it in forward, or remove it."
+                    f"{ran[0]} ran, but its forward never used `{name}`{self._defined(name)}. Fix: use it in "
+                    "forward, or remove it."
                 )
             return None, (
                 f"{ran[0]} ran with autograd on, but `{name}` never reached the loss; inside a torch.compile'd "
@@ -632,15 +643,22 @@ class Diagnosis:
         named = [o for o in owners if o.name]
         if not named:
             return UNUSED, (
-                f"nothing in the forward pass used it (it is a parameter of the model itself). Fix: use it in "
-                f"forward, remove it, or add {name!r} to allow_none if it is optional."
+                f"nothing in the forward pass used it (a parameter of the model itself{self._defined(name)}). Fix: "
+                f"use it in forward, remove it, or add {name!r} to allow_none if it is optional."
             )
         owner = named[0]
         return UNUSED, (
-            f"{owner} was never called in the forward pass: it is defined and registered, but no code path of "
-            f"this step ran it. Fix: call it in forward, remove it, or add '{owner.name}.*' to allow_none if it is "
-            "optional."
+            f"{owner}{self._defined(owner.name, ',')} was never called in the forward pass: it is registered, but "
+            f"no code path of this step ran it. Fix: call it in forward, remove it, or add '{owner.name}.*' to "
+            "allow_none if it is optional."
         )
+
+    def _defined(self, dotted_name: str, separator: str = "") -> str:
+        """`` (defined at model.py:12 in __init__: `...`)``, or an empty string when the source is not known."""
+        site = definition_site(self._root, dotted_name) if self._root is not None else None
+        if site is None:
+            return ""
+        return f", defined at {site}{separator}"
 
 
 def _render_event(event: _Event) -> tuple[str, str]:

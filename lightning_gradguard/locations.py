@@ -15,16 +15,18 @@ the statement that turned autograd off rather than at a layer call inside it.
 from __future__ import annotations
 
 import ast
+import inspect
 import io
 import linecache
 import os
 import re
 import sys
 import sysconfig
+import textwrap
 import tokenize
 from dataclasses import dataclass
 from types import CodeType, FrameType
-from typing import Optional
+from typing import Any, Optional
 
 # what a frame belongs to
 USER = 0
@@ -79,15 +81,15 @@ def frame_kind(code: CodeType) -> int:
 
 
 def _classify(code: CodeType) -> int:
-    path = code.co_filename
+    return _classify_path(code.co_filename, getattr(code, "co_qualname", code.co_name))
+
+
+def _classify_path(path: str, qualname: str) -> int:
     if path.startswith("<frozen"):
         return INTERNAL
     path = os.path.abspath(path) if not path.startswith("<") else path
     if _TORCH_DIR and path.startswith(_TORCH_DIR):
-        if path == _CHECKPOINT_FILE and getattr(code, "co_qualname", code.co_name) in (
-            "CheckpointFunction.forward",
-            "forward",
-        ):
+        if path == _CHECKPOINT_FILE and qualname in ("CheckpointFunction.forward", "forward"):
             return CHECKPOINT
         if path.startswith(_OPTIM_DIR):
             return OPTIMIZER
@@ -220,3 +222,89 @@ def grad_disabling_statement(frames: list[Frame]) -> Optional[Location]:
             innermost = max(inside, key=lambda span: span[0])
             return Location(filename, innermost[2], function)
     return None
+
+
+# ---------------------------------------------------------------------- where a module attribute was defined
+_definitions: dict[tuple[type, str], Optional[Location]] = {}
+_REGISTERING_CALLS = ("register_parameter", "register_module", "add_module", "register_buffer")
+
+
+def definition_site(root: Any, dotted_name: str) -> Optional[Location]:
+    """The line of the user's code that assigned ``dotted_name`` (a module or parameter path under ``root``).
+
+    ``encoder.attention`` is looked up as ``self.attention = ...`` (or ``self.register_module("attention", ...)``)
+    in the classes of ``root.encoder``; indices of containers (``blocks.3``) fall back to the container's own
+    assignment. ``None`` when the assignment is not in the user's source (a library class, dynamic ``setattr``).
+    """
+    parts = [p for p in dotted_name.split(".") if p]
+    while parts and parts[-1].isdigit():
+        parts.pop()
+    if not parts:
+        return None
+    try:
+        parent = root.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else root
+    except (AttributeError, ValueError):
+        return None
+    attr = parts[-1]
+    for cls in type(parent).__mro__:
+        key = (cls, attr)
+        if key not in _definitions:
+            _definitions[key] = _find_assignment(cls, attr)
+        if _definitions[key] is not None:
+            return _definitions[key]
+    return None
+
+
+def _find_assignment(cls: type, attr: str) -> Optional[Location]:
+    try:
+        filename = inspect.getsourcefile(cls)
+        lines, start = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return None
+    if filename is None or _classify_path(filename, "") != USER:
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except SyntaxError:
+        return None
+    found: Optional[tuple[int, str]] = None
+    for node in ast.walk(tree):
+        lineno = None
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(_is_self_attribute(t, attr) for t in targets):
+                lineno = node.lineno
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in _REGISTERING_CALLS and node.args and _is_constant(node.args[0], attr):
+                lineno = node.lineno
+        if lineno is not None and (found is None or lineno < found[0]):
+            function = _enclosing_function(tree, lineno) or cls.__name__
+            found = (lineno, function)
+    if found is None:
+        return None
+    return Location(filename, start + found[0] - 1, found[1])
+
+
+def _is_self_attribute(node: ast.AST, attr: str) -> bool:
+    if isinstance(node, ast.Tuple):
+        return any(_is_self_attribute(n, attr) for n in node.elts)
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == attr
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+    )
+
+
+def _is_constant(node: ast.AST, value: str) -> bool:
+    return isinstance(node, ast.Constant) and node.value == value
+
+
+def _enclosing_function(tree: ast.AST, lineno: int) -> Optional[str]:
+    best: Optional[ast.AST] = None
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            end = node.end_lineno or node.lineno
+            if node.lineno <= lineno <= end and (best is None or node.lineno > best.lineno):  # type: ignore[attr-defined]
+                best = node
+    return best.name if best is not None else None  # type: ignore[attr-defined]

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import torch
-from diagnosis_helpers import HIDDEN, IN_DIM, Regression, fit, regression_data
+from diagnosis_helpers import HIDDEN, IN_DIM, Regression, fit, planted_at, regression_data
 from torch import nn
 
 
@@ -95,7 +95,7 @@ def test_gradient_hidden_by_zero_grad_set_to_none_false(tmp_path):
     p = report.params["branch.weight"]
     assert (p.steps, p.none_steps) == (4, 3)
     assert p.cause == "unused"  # diagnosed at step 1, inside the first window
-    assert "`branch` (Linear) was never called" in p.detail
+    assert planted_at(FirstBatchBranch.__init__, "self.branch =") in p.detail and "was never called" in p.detail
     assert "Why .grad is not None" in p.detail and "zero_grad(set_to_none=False)" in p.detail
     assert model.branch.weight.grad is not None and not model.branch.weight.grad.any()
     assert not report.findings

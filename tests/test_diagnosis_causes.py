@@ -27,6 +27,7 @@ from diagnosis_helpers import (
 from torch import nn
 
 IMAGE = (1, 6, 6)
+LSTM_ENCODER = {f"encoder.{kind}_{gate}_l0" for kind in ("weight", "bias") for gate in ("ih", "hh")}
 
 
 def names(prefix: str, *suffixes: str) -> set[str]:
@@ -97,20 +98,24 @@ class LSTMDiscardedResult(Regression):
 
 def test_unused_layer_in_an_mlp(tmp_path):
     report = fit(MLPUnusedLayer(), regression_data(), tmp_path)
-    assert_flagged(report, names("skip", "weight", "bias"), "unused")
-    assert "`skip` (Linear) was never called" in report.params["skip.weight"].detail
+    # no line cuts anything here: the detail points at where the layer is defined
+    where = planted_at(MLPUnusedLayer.__init__, "self.skip =")
+    assert_flagged(report, names("skip", "weight", "bias"), "unused", where)
+    assert "module `skip` (Linear), defined at" in report.params["skip.weight"].detail
+    assert "was never called in the forward pass" in report.params["skip.weight"].detail
     assert "allow_none" in report.params["skip.weight"].detail
 
 
 def test_unused_head_in_a_transformer(tmp_path):
     report = fit(TransformerUnusedHead(), token_data(), tmp_path)
-    assert_flagged(report, names("aux_head", "weight", "bias"), "unused")
-    assert "`aux_head` (Linear) was never called" in report.params["aux_head.bias"].detail
+    where = planted_at(TransformerUnusedHead.__init__, "self.aux_head =")
+    assert_flagged(report, names("aux_head", "weight", "bias"), "unused", where)
+    assert "was never called in the forward pass" in report.params["aux_head.bias"].detail
 
 
 def test_parameter_a_running_cnn_block_never_touches(tmp_path):
     report = fit(CNNUntouchedParameter(), regression_data(shape=IMAGE), tmp_path)
-    assert_flagged(report, {"block.scale"}, "unused")
+    assert_flagged(report, {"block.scale"}, "unused", planted_at(ScaledConv.__init__, "self.scale ="))
     assert "`block` (ScaledConv) ran, but its forward never used `block.scale`" in report.params["block.scale"].detail
 
 
@@ -190,7 +195,7 @@ class CNNReentrantCheckpoint(Regression):
 def test_lstm_encoder_under_no_grad(tmp_path):
     report = fit(LSTMEncoderUnderNoGrad(), regression_data(), tmp_path)
     where = planted_at(LSTMEncoderUnderNoGrad.forward, "with torch.no_grad()")
-    assert_flagged(report, names("encoder", "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), "no_grad", where)
+    assert_flagged(report, LSTM_ENCODER, "no_grad", where)
     assert planted_at(LSTMEncoderUnderNoGrad.forward, "self.encoder(") in report.params["encoder.weight_ih_l0"].detail
 
 
@@ -314,7 +319,7 @@ class CNNComparisonMask(Regression):
 def test_lstm_detached_encoder_output(tmp_path):
     report = fit(LSTMDetachedEncoder(), regression_data(), tmp_path)
     where = planted_at(LSTMDetachedEncoder.forward, "states.detach()")
-    assert_flagged(report, names("encoder", "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"), "detached", where)
+    assert_flagged(report, LSTM_ENCODER, "detached", where)
     assert "`states = states.detach()`" in report.params["encoder.weight_hh_l0"].detail
 
 

@@ -38,7 +38,8 @@ def test_instruments_only_in_the_first_steps_and_after_a_parameter_first_goes_mi
     assert [i for i, on in enumerate(model.instrumented) if on] == [0, 1, 5, 6]
     p = report.params["branch.weight"]
     assert (p.steps, p.none_steps) == (10, 6)
-    assert p.cause == "unused" and "`branch` (Linear) was never called" in p.detail
+    assert p.cause == "unused" and "was never called" in p.detail
+    assert planted_at(LateBranch.__init__, "self.branch =") in p.detail
     assert instruments_removed(model)
 
 
@@ -81,7 +82,8 @@ def test_strict_mode_error_carries_the_cause_and_removes_instruments(tmp_path):
     with pytest.raises(GradGuardError) as info:
         fit(model, regression_data(), tmp_path, guard=GradGuard(strict=True, summary=False))
     assert info.value.params == ["unused.weight", "unused.bias"]
-    assert "[unused] module `unused` (Linear) was never called" in str(info.value)
+    assert "[unused] module `unused` (Linear), defined at " in str(info.value)
+    assert planted_at(Unused.__init__, "self.unused =") in str(info.value)
     assert info.value.report.params["unused.bias"].cause == "unused"
     assert instruments_removed(model)
 
