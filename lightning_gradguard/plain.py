@@ -176,6 +176,7 @@ class LoopGuard:
             raise TypeError(
                 f"`writer` must be a SummaryWriter (torch.utils.tensorboard or tensorboardX), got {type(writer)!r}"
             )
+        _replace_earlier_guards(model, self.optimizers)
         self.model = model
         self.summary = summary
         self.log_every_n_steps = self.config.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS
@@ -185,7 +186,8 @@ class LoopGuard:
         self._disabled: set[str] = set()
         self._closed = False
         self._handles: list[Any] = []
-        self._hooked: set[int] = set()
+        self._seen_params = 0  # registry entries looked at for the backward-pass detector
+        self._unhooked: list[Tensor] = []  # parameters frozen when seen: hooked once they require grad
         self._backward_open = False  # inside a backward pass this adapter bracketed (or chose to ignore)
         self._bracketed = False  # the open backward pass was handed to the engine
         self._forward_since_backward = False
@@ -270,11 +272,24 @@ class LoopGuard:
             self._root_forward_seen = True
 
     def _hook_new_params(self) -> None:
-        """Put the backward-pass detector on every trainable parameter that does not have it yet."""
-        for param in self.engine.registry.params:
-            if param.requires_grad and id(param) not in self._hooked:
-                self._hooked.add(id(param))
+        """Put the backward-pass detector on every trainable parameter that does not have it yet.
+
+        Called at every step; costs nothing unless parameters were added (``add_param_group``) or some are frozen,
+        which are looked at again each step so that unfreezing them mid-run (fine-tuning) is noticed.
+        """
+        params = self.engine.registry.params
+        if self._seen_params < len(params):
+            self._unhooked.extend(params[self._seen_params :])
+            self._seen_params = len(params)
+        if not self._unhooked:
+            return
+        still_frozen = []
+        for param in self._unhooked:
+            if param.requires_grad:
                 self._handles.append(param.register_hook(self._on_grad))
+            else:
+                still_frozen.append(param)
+        self._unhooked = still_frozen
 
     def _on_grad(self, grad: Tensor) -> None:
         # called for each parameter's gradient; only the first of a backward pass does anything
@@ -473,6 +488,22 @@ def _close_at_exit(guard: LoopGuard) -> None:
         _exit_hook.append(True)
         atexit.register(_close_open_guards)
     _open_guards.add(guard)
+
+
+def _replace_earlier_guards(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Close an open guard on the same model and optimizer (a notebook cell run twice), so hooks do not pile up."""
+    ids = {id(o) for o in optimizers}
+    for guard in list(_open_guards):
+        if guard._closed or guard.model is not model or not ids & {id(o) for o in guard.optimizers}:
+            continue
+        warnings.warn(
+            "GradGuard: watch() was called again for the same model and optimizer; the earlier guard is closed "
+            "(its report stays available from that object)",
+            UserWarning,
+            stacklevel=4,
+        )
+        guard.summary = False
+        guard.close()
 
 
 def _close_open_guards() -> None:

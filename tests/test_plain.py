@@ -476,3 +476,18 @@ def test_plain_pytorch_example_tells_the_truth(tmp_path):
     run = tmp_path / "runs" / "plain_pytorch"
     assert (run / "gradguard.json").is_file()
     assert any("tfevents" in f for f in os.listdir(run))
+
+
+def test_watching_the_same_loop_again_replaces_the_earlier_guard():
+    """A notebook cell run twice: hooks must not pile up, and each step is counted once."""
+    model = HealthyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = watch(model, optimizer, summary=False)
+    with pytest.warns(UserWarning, match="earlier guard is closed"):
+        second = watch(model, optimizer, summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no GradGuard warning: the model is healthy
+        train(model, optimizer, n_steps=2)
+    second.close()
+    assert first.report().steps == 0 and second.report().steps == 2
+    assert len(optimizer._optimizer_step_pre_hooks) == 0
