@@ -44,7 +44,14 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_gradguard.causes import DETACHED, NO_GRAD, UNUSED
 from lightning_gradguard.graph import reachable
-from lightning_gradguard.locations import Frame, definition_site, grad_disabling_statement, location, user_frames
+from lightning_gradguard.locations import (
+    IN_FUNCTION,
+    Frame,
+    definition_site,
+    grad_disabling_statement,
+    location,
+    user_frames,
+)
 from lightning_gradguard.registry import clean_name
 
 if TYPE_CHECKING:
@@ -506,10 +513,14 @@ class Diagnosis:
             runs = self._runs[id(module)] = [0, 0, None]
         if torch.is_grad_enabled():
             runs[0] += 1
-        else:
-            runs[1] += 1
-            if runs[2] is None:
-                runs[2] = (user_frames(sys._getframe(1), find_checkpoint=True), torch.is_inference_mode_enabled())
+            return
+        found = user_frames(sys._getframe(1), find_checkpoint=True)
+        if found is IN_FUNCTION:  # inside a custom autograd.Function's forward: the Function records the graph
+            runs[0] += 1
+            return
+        runs[1] += 1
+        if runs[2] is None:
+            runs[2] = (found, torch.is_inference_mode_enabled())
 
     def _note_use(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         index = self._param_index
@@ -532,6 +543,10 @@ class Diagnosis:
             return
         found = user_frames(sys._getframe(2), find_checkpoint=kind == _NO_GRAD)
         if found is None:  # the framework's or an optimizer's own call
+            return
+        if found is IN_FUNCTION:  # autograd is off inside a custom Function's forward, by design: a use, not a cut
+            if kind == _NO_GRAD:
+                self._note_use(args, kwargs)
             return
         frames, checkpoint = found
         key = (kind, frames[0][0], frames[0][1]) if frames else (kind, op)

@@ -34,6 +34,7 @@ INTERNAL = 1  # PyTorch and the Python standard library: transparent, look furth
 FRAMEWORK = 2  # Lightning, torchmetrics, GradGuard: an operation started here is not the user's
 OPTIMIZER = 3  # torch.optim: an optimizer step touches every parameter under no_grad, by design
 CHECKPOINT = 4  # the forward of a reentrant torch.utils.checkpoint segment (CheckpointFunction.forward)
+FUNCTION = 5  # torch.autograd.Function.apply: a custom Function's forward runs with autograd off, by design
 
 Frame = tuple[str, int, str]  # (filename, line number, function name)
 
@@ -63,6 +64,7 @@ def _stdlib_dirs() -> tuple[str, ...]:
 _TORCH_DIR = _package_dir("torch") or ""
 _OPTIM_DIR = os.path.join(_TORCH_DIR, "optim") + os.sep
 _CHECKPOINT_FILE = os.path.join(_TORCH_DIR, "utils", "checkpoint.py")
+_FUNCTION_FILE = os.path.join(_TORCH_DIR, "autograd", "function.py")
 _FRAMEWORK_DIRS = tuple(
     d
     for d in (_package_dir(n) for n in ("lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics"))
@@ -91,6 +93,8 @@ def _classify_path(path: str, qualname: str) -> int:
     if _TORCH_DIR and path.startswith(_TORCH_DIR):
         if path == _CHECKPOINT_FILE and qualname in ("CheckpointFunction.forward", "forward"):
             return CHECKPOINT
+        if path == _FUNCTION_FILE and qualname in ("Function.apply", "apply"):
+            return FUNCTION
         if path.startswith(_OPTIM_DIR):
             return OPTIMIZER
         return INTERNAL
@@ -99,6 +103,9 @@ def _classify_path(path: str, qualname: str) -> int:
     if path.startswith(_STDLIB_DIRS) and "-packages" not in path:
         return INTERNAL
     return USER
+
+
+IN_FUNCTION: tuple[list[Frame], Optional[int]] = ([], None)  # returned (by identity) for custom Function forwards
 
 
 def user_frames(
@@ -116,7 +123,9 @@ def user_frames(
         ``None`` when the operation was started by the framework or an optimizer step (not the user's code);
         otherwise ``(frames, checkpoint)``: up to ``limit`` user frames, innermost first, and, when the operation
         ran inside a reentrant checkpoint segment, the index in ``frames`` of the user frame that called
-        ``checkpoint(...)`` (``None`` otherwise; ``frames`` is extended to include it).
+        ``checkpoint(...)`` (``None`` otherwise; ``frames`` is extended to include it). With ``find_checkpoint``,
+        an operation inside the forward of a custom ``torch.autograd.Function`` returns :data:`IN_FUNCTION`:
+        autograd is off there by design and the Function records the graph as a whole.
 
     """
     frames: list[Frame] = []
@@ -136,6 +145,8 @@ def user_frames(
                 break
         elif kind == CHECKPOINT:
             in_checkpoint = True
+        elif kind == FUNCTION and not in_checkpoint and find_checkpoint:
+            return IN_FUNCTION
         elif not frames and kind in (FRAMEWORK, OPTIMIZER):
             return None
         frame = frame.f_back

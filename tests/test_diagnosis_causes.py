@@ -96,6 +96,32 @@ class LSTMDiscardedResult(Regression):
         return self.head(out[:, -1])
 
 
+class ScaleFunction(torch.autograd.Function):
+    """A custom autograd Function: its forward always runs with autograd off, which is not a no_grad bug."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return x @ weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return grad @ weight.t(), x.t() @ grad
+
+
+class MLPCustomFunctionLeftOut(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(IN_DIM, 1))
+        self.side = nn.Parameter(torch.randn(IN_DIM, 1))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        side = ScaleFunction.apply(x, self.side)  # planted: computed, then left out of the loss  # noqa: F841
+        return ScaleFunction.apply(x, self.proj) + self.bias
+
+
 def test_unused_layer_in_an_mlp(tmp_path):
     report = fit(MLPUnusedLayer(), regression_data(), tmp_path)
     # no line cuts anything here: the detail points at where the layer is defined
@@ -395,3 +421,9 @@ def test_each_parameter_gets_its_own_cause_and_line(tmp_path, recwarn):
     # the first-step warning already carries the causes
     warning = next(str(w.message) for w in recwarn if str(w.message).startswith("GradGuard: 6 trainable"))
     assert "[no_grad]" in warning and "[detached]" in warning and "[unused]" in warning
+
+
+def test_custom_autograd_function_result_left_out_is_unused_not_no_grad(tmp_path):
+    report = fit(MLPCustomFunctionLeftOut(), regression_data(), tmp_path)
+    assert_flagged(report, {"side"}, "unused")
+    assert "never reached the loss" in report.params["side"].detail
