@@ -110,10 +110,10 @@ class TrainingContext:
         """Under a GradScaler, overflows are what non-finite counts are for: read gradients at every step."""
         return self.scale is not None
 
-    def start_micro_batch(self, no_sync: bool) -> None:
-        """``no_sync``: this micro-batch only accumulates (Lightning's ``fit_loop._should_accumulate()``)."""
+    def start_micro_batch(self) -> None:
+        """Call as a training batch starts (under DDP each micro-batch's own gradients are recorded)."""
         if self.ledger is not None:
-            self.ledger.start_micro_batch(no_sync)
+            self.ledger.start_micro_batch()
 
     def grad_scale(self, optimizer: torch.optim.Optimizer) -> Optional[Tensor]:
         """The loss scale ``optimizer``'s gradients still carry at its step (fused optimizers under 16-mixed)."""

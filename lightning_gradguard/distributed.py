@@ -5,12 +5,16 @@ module corrects the counts with **one** ``all_reduce`` (a packed float64 vector)
 of fit, never on other steps:
 
 * **DDP** (``local_micro_batches``): at the optimizer step the gradients are the all-reduced ones, identical on
-  every rank, and so are the step counts and norms. Only the micro-batches that merely accumulate run under
-  ``no_sync`` and show this rank's own gradients. For each such micro-batch the ledger records which parameters
-  arrived here; at the reduction every (micro-batch, parameter) cell carries one bit per rank, so rank zero learns
-  exactly which ranks gave the parameter a gradient. A micro-batch counts as "no gradient" only when no rank gave
-  one (as in a single process over the same data); one where some ranks did and others did not is reported with
-  the ranks that did not (``rank_dependent``).
+  every rank, and so are the step counts and norms. Per micro-batch they are not: the micro-batches that only
+  accumulate run under ``no_sync`` and show this rank's own gradients, and on the micro-batch that synchronizes,
+  DDP's reducer writes the averaged gradient of the whole window back into ``.grad`` of every parameter that any
+  rank used anywhere in the window, which the engine's version counters cannot tell from a new gradient. So under
+  DDP the ledger watches autograd itself (a post-accumulate-grad hook per parameter, about 1 us per parameter per
+  backward pass, which the reducer's write-back does not trigger) and records, per micro-batch, which parameters
+  this rank's backward pass reached. At the reduction every (micro-batch, parameter) cell carries one bit per rank,
+  so rank zero learns exactly which ranks gave the parameter a gradient. A micro-batch counts as "no gradient" only
+  when no rank gave one (as in a single process over the same data); one where some ranks did and others did not
+  is reported with the ranks that did not (``rank_dependent``).
 * **FSDP / FSDP2** (``shard_local_grads``): a gradient holds this rank's shard, so a norm is combined from the
   ranks' ``norm ** p`` sums; a parameter's gradient is non-finite at a step when any shard is. Under FSDP1 a rank
   whose shard of a parameter is empty does not check it, and the counts of the ranks that hold it are the global
@@ -146,7 +150,7 @@ class RankLedger:
     Example::
 
         ledger = RankLedger(engine, describe_strategy(trainer), Collective())
-        ledger.start_micro_batch(no_sync=trainer.fit_loop._should_accumulate())
+        ledger.start_micro_batch()
         ...  # engine.check_step(...)
         ledger.after_check(check, measured=True)
         ledger.reduce([check])  # on every rank, at logging steps only
@@ -159,15 +163,22 @@ class RankLedger:
         self.collective = collective
         self.world_size = collective.world_size
         self.rank = collective.rank
-        self._no_sync = False
-        self._open: dict[int, set[int]] = {}  # micro-batch -> parameters its backward pass did not reach here
-        self._closed: list[tuple[set[int], list[int]]] = []  # (missed here, checked at the step it belonged to)
+        # DDP: one column per (micro-batch, accumulation window): what autograd gave this rank (hooks) and what the
+        # engine saw arrive (version counters); closed columns wait for the next reduction
+        self._hooks: list[Any] = []
+        self._hooked: set[int] = set()
+        self._seen: list[bool] = []  # the current column: parameters autograd reached on this rank
+        self._engine_missed: Optional[set[int]] = None  # the current column: what the engine saw no gradient for
+        self._open: list[tuple[set[int], set[int]]] = []  # this window's columns: (autograd missed, engine missed)
+        self._closed: list[tuple[set[int], set[int], list[int]]] = []  # ... and the parameters checked at its step
         self._nonfinite: list[Tensor] = []  # per measured step: this rank's non-finite flags, on the device
         self._partial: dict[int, list[int]] = {}  # parameter -> [micro-batches, bitmask of ranks without it]
         self.reductions = 0  # collectives made (for tests and benchmarks)
         self.votes = 0
         if info.local_micro_batches:
             engine.arrival_observer = self._observe
+            self._hook_parameters()
+            self._new_column()
         if info.none_is_local:
             engine.skip_empty_shards = True
             if engine.config.strict:
@@ -177,27 +188,64 @@ class RankLedger:
         """Remove the ledger's hooks from the engine (a new fit builds a new ledger)."""
         if self.engine.arrival_observer == self._observe:
             self.engine.arrival_observer = None
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._hooked = [], set()
         if self.engine.strict_vote == self.vote:
             self.engine.strict_vote = None
         self.engine.skip_empty_shards = False
 
     # ------------------------------------------------------------------ recording (no communication)
-    def start_micro_batch(self, no_sync: bool) -> None:
-        """Call as a micro-batch starts; ``no_sync``: its backward pass will not be all-reduced."""
-        self._no_sync = no_sync and self.info.local_micro_batches
+    def start_micro_batch(self) -> None:
+        """Call as a micro-batch starts (before its forward pass)."""
+        if not self.info.local_micro_batches:
+            return
+        self._end_column()
+        self._hook_parameters()  # parameters that became trainable since (an unfrozen layer)
+        self._new_column()
+
+    def _hook_parameters(self) -> None:
+        for index, param in enumerate(self.engine.registry.params):
+            if index in self._hooked or not param.requires_grad:
+                continue
+            self._hooked.add(index)
+            self._hooks.append(param.register_post_accumulate_grad_hook(self._arrival_hook(index)))
+
+    def _arrival_hook(self, index: int) -> Any:
+        def arrived(_: Tensor) -> None:
+            if index < len(self._seen):
+                self._seen[index] = True
+
+        return arrived
+
+    def _new_column(self) -> None:
+        self._seen = [False] * len(self.engine.registry)
+        self._engine_missed = None
+
+    def _end_column(self) -> None:
+        if self._engine_missed is None:  # no backward pass in this column: nothing to correct
+            return
+        missed = {i for i, reached in enumerate(self._seen) if not reached}
+        missed.update(range(len(self._seen), len(self.engine.registry)))
+        self._open.append((missed, self._engine_missed))
+        self._engine_missed = None
 
     def _observe(self, micro_batch: int, missed: list[int]) -> None:
-        if not self._no_sync:  # the backward pass is all-reduced: what arrives here arrived everywhere
-            return
-        seen = self._open.get(micro_batch)
-        self._open[micro_batch] = set(missed) if seen is None else seen & set(missed)
+        # the engine's view of this backward pass: a parameter counts as arrived if any backward of the column
+        # changed its .grad, so what it missed is what every backward of the column missed
+        if self._engine_missed is None:
+            self._engine_missed = set(missed)
+        else:
+            self._engine_missed &= set(missed)
 
     def after_check(self, check: StepCheck, measured: bool) -> None:
         """Call after every optimizer-step check; ``measured``: norms were computed at this step (on every rank)."""
-        if self._open:  # the window is complete: its micro-batches belong to the parameters this step checked
-            for micro_batch in sorted(self._open):
-                self._closed.append((self._open[micro_batch], check.checked))
-            self._open = {}
+        if self.info.local_micro_batches:
+            # the window is complete: its columns belong to the parameters this step checked
+            self._end_column()
+            self._closed.extend((autograd, engine, check.checked) for autograd, engine in self._open)
+            self._open = []
+            self._new_column()
         if measured and self.info.shard_local_grads:
             self._nonfinite.append(self._nonfinite_flags(check))
 
@@ -227,7 +275,7 @@ class RankLedger:
         columns = self._closed
         if columns:
             arrived = torch.ones(len(columns), size, dtype=torch.bool)
-            for c, (missed, _) in enumerate(columns):
+            for c, (missed, _, _) in enumerate(columns):
                 if missed:
                     arrived[c, list(missed)] = False
             segments.append(("arrivals", pack_flags(arrived, self.rank, self.world_size)))
@@ -295,17 +343,30 @@ class RankLedger:
                 measured[indices] = 1.0
         return powered, measured
 
-    def _apply_arrivals(self, columns: list[tuple[set[int], list[int]]], words: Tensor, arrived: Tensor) -> None:
-        cells = unpack_flags(words, len(columns), self.world_size)  # [C, P]: ranks that gave a gradient
+    def _apply_arrivals(
+        self, columns: list[tuple[set[int], set[int], list[int]]], words: Tensor, arrived: Tensor
+    ) -> None:
+        cells = unpack_flags(words, len(columns), self.world_size)  # [C, P]: ranks whose backward reached it
         checked = torch.zeros_like(arrived)
-        for c, (_, indices) in enumerate(columns):
+        engine_none = torch.zeros_like(arrived)
+        for c, (_, engine_missed, indices) in enumerate(columns):
             checked[c, indices] = True
+            if engine_missed:
+                engine_none[c, list(engine_missed)] = True
         anywhere = cells != 0
         _, per_rank = slot_bits(self.world_size)
         everywhere = cells == ((1 << self.world_size) - 1 if per_rank else self.world_size)
-        # a micro-batch that gave this rank nothing but gave another rank a gradient is not a global "None"
-        correction = (~arrived & anywhere & checked).sum(0)
-        self.engine._counts["none_micro_batches"] -= correction
+        # the engine counted what this rank's .grad showed; a micro-batch is "no gradient" only where no rank's
+        # backward pass reached the parameter
+        delta = ((engine_none.to(torch.int64) - (~anywhere).to(torch.int64)) * checked).sum(0)
+        self.engine._counts["none_micro_batches"] -= delta
+        for index in (delta < 0).nonzero().flatten().tolist():
+            # .grad showed DDP's averaged window gradient, so the step check saw nothing amiss; the cause is not
+            # known here, only the fact
+            self.engine._set_cause(
+                index, None, "in some micro-batches no rank's backward pass reached it; under DDP .grad then holds "
+                "the averaged gradient of the window's other micro-batches (found by GradGuard's cross-rank count)"
+            )
         partial = anywhere & ~everywhere & checked
         for index in partial.any(0).nonzero().flatten().tolist():
             rows = partial[:, index]

@@ -1,0 +1,472 @@
+"""Multi-process scenarios that ``tests/test_distributed.py`` runs in real process groups (gloo, CPU).
+
+Each process runs ``python distributed_scenarios.py OUT_DIR SCENARIO [SCENARIO ...]`` with the environment
+variables ``torchrun`` would set (``LOCAL_RANK``, ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so
+Lightning's DDP takes the processes as given instead of launching its own. Scenarios run one after another in the
+same process group and each writes ``OUT_DIR/<scenario>.rank<r>.json`` with what that rank saw; the test asserts
+on those files. Several scenarios share one launch because starting the processes is the slow part.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import GradGuard, GradGuardError
+
+IN_DIM = 4
+SCENARIOS: dict[str, Callable[[str], dict[str, Any]]] = {}
+
+
+def scenario(fn: Callable[[str], dict[str, Any]]) -> Callable[[str], dict[str, Any]]:
+    SCENARIOS[fn.__name__] = fn
+    return fn
+
+
+# ---------------------------------------------------------------------- shared pieces
+class RecordingLogger(Logger):
+    """A real Lightning logger that keeps ``log_metrics`` calls in memory (rank zero only, like every logger)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @property
+    def experiment(self) -> None:
+        return None
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+
+def loader(n_batches: int, seed: int, batch_size: int = 2) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_batches * batch_size, IN_DIM, generator=g)
+    y = torch.randn(n_batches * batch_size, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def trainer(root: str, strategy: Any = "ddp_find_unused_parameters_true", devices: int = 2, **kwargs) -> Trainer:
+    options = dict(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        use_distributed_sampler=False,  # each rank gets the loader it is given: the data per rank is the test's
+    )
+    options.update(kwargs)
+    return Trainer(**options)
+
+
+def counts(report) -> dict[str, list]:
+    """The report's numbers and causes per parameter (details may mention a rank or a step, so they are left out)."""
+    return {
+        name: [p.steps, p.none_steps, p.micro_batches, p.none_micro_batches, p.nonfinite_steps, p.cause]
+        for name, p in report.params.items()
+    }
+
+
+# ---------------------------------------------------------------------- a usage table
+# which ranks use each branch at each position of a 3-micro-batch accumulation window
+USAGE = {
+    "shared_even": [{0, 1}, set(), {0, 1}],  # every rank, positions 0 and 2: intermittent everywhere alike
+    "rank0_only": [{0}, {0}, {0}],  # rank 0 only: a gradient in every micro-batch, from rank 0's data
+    "alternating": [{0}, {1}, set()],  # rank 0, then rank 1, then nobody: globally missing once per window
+    "early_only": [{0, 1}, {0, 1}, set()],  # unused in the synchronizing micro-batch, used before it
+    "unused": [set(), set(), set()],
+}
+ACCUMULATE = 3
+
+
+class UsageModel(LightningModule):
+    """A shared layer plus one branch per :data:`USAGE` row, used by the ranks the table names.
+
+    ``single_process``: the same model run in one process over the same micro-batches: a branch is used when
+    any rank would have used it (the union of the ranks' data).
+    """
+
+    def __init__(self, single_process: bool = False, usage: dict = USAGE, accumulate: int = ACCUMULATE) -> None:
+        super().__init__()
+        self.single_process, self.usage, self.accumulate = single_process, usage, accumulate
+        self.shared = nn.Linear(IN_DIM, 1)
+        self.branches = nn.ModuleDict({name: nn.Linear(IN_DIM, 1) for name in usage})
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.shared(x)
+        position = batch_idx % self.accumulate
+        for name, rows in self.usage.items():
+            users = rows[position]
+            if (bool(users) if self.single_process else self.global_rank in users):
+                out = out + self.branches[name](x)
+        return F.mse_loss(out, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+# ---------------------------------------------------------------------- DDP scenarios
+@scenario
+def usage_table(root: str) -> dict[str, Any]:
+    """DDP with accumulation: global counts, rank-dependent parameters, one collective per logging step."""
+    guard = GradGuard(summary=False, log_every_n_steps=2)
+    logger = RecordingLogger()
+    t = trainer(root, callbacks=[guard], accumulate_grad_batches=ACCUMULATE, logger=logger, log_every_n_steps=2)
+    t.fit(UsageModel(), loader(4 * ACCUMULATE, seed=t.global_rank))
+    report = guard.report()
+    return {
+        "counts": counts(report),
+        "distributed": report.to_dict().get("distributed"),
+        "reductions": guard._context.ledger.reductions,
+        "logged_steps": [step for step, _ in logger.rows],
+        "logged_none_steps": [
+            {k: v for k, v in m.items() if k.startswith("gradguard/none_steps/")} for _, m in logger.rows
+        ],
+        "steps": report.steps,
+    }
+
+
+class UnusedEverywhere(LightningModule):
+    """``used`` takes part in the loss on every rank, ``unused`` never does; ``late`` only from step ``late_from``."""
+
+    def __init__(self, late_from: int = 10**9) -> None:
+        super().__init__()
+        self.late_from = late_from
+        self.used = nn.Linear(IN_DIM, 1)
+        self.unused = nn.Linear(IN_DIM, 1)
+        self.late = nn.Linear(IN_DIM, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.used(x)
+        if batch_idx < self.late_from:
+            out = out + self.late(x)
+        return F.mse_loss(out, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class NormRecorder(Callback):
+    """The reference norms: each parameter's gradient norm at the step, read after GradGuard (DDP: synchronized)."""
+
+    def __init__(self) -> None:
+        self.norms: list[dict[str, float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.norms.append(
+            {n: float(p.grad.double().norm()) for n, p in pl_module.named_parameters() if p.grad is not None}
+        )
+
+
+@scenario
+def unused_everywhere(root: str) -> dict[str, Any]:
+    """DDP without accumulation: an unused parameter on every rank; norms logged by rank zero are the global ones."""
+    guard, logger, recorder = GradGuard(summary=False, log_every_n_steps=1), RecordingLogger(), NormRecorder()
+    t = trainer(root, callbacks=[guard, recorder], logger=logger, log_every_n_steps=1)
+    t.fit(UnusedEverywhere(), loader(4, seed=10 + t.global_rank))
+    report = guard.report()
+    prefix = "gradguard/norm/"
+    return {
+        "counts": counts(report),
+        "distributed": report.to_dict().get("distributed"),
+        "logged_norms": [{k[len(prefix):]: v for k, v in m.items() if k.startswith(prefix)} for _, m in logger.rows],
+        "reference_norms": recorder.norms,
+        "reductions": guard._context.ledger.reductions,
+    }
+
+
+@scenario
+def amp_overflow(root: str) -> dict[str, Any]:
+    """DDP with 16-mixed on the CPU: an overflow on one rank makes every rank skip the step (one count)."""
+
+    class Overflow(UnusedEverywhere):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * 1e38 if batch_idx == 1 and self.global_rank == 1 else loss
+
+    guard = GradGuard(summary=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    t = trainer(root, callbacks=[guard], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    t.fit(Overflow(), loader(3, seed=20 + t.global_rank))
+    report = guard.report()
+    return {"counts": counts(report), "amp_skipped_steps": report.amp_skipped_steps, "ok": report.ok}
+
+
+@scenario
+def manual_gan(root: str) -> dict[str, Any]:
+    """Manual optimization under DDP: two optimizers, toggle_optimizer, clipping, LR schedulers."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_precision import ManualAmpGAN
+
+    guard = GradGuard(summary=False)
+    t = trainer(root, callbacks=[guard])
+    t.fit(ManualAmpGAN(clear_head={1}), loader(3, seed=30 + t.global_rank))
+    report = guard.report()
+    return {"counts": counts(report), "steps": report.steps, "missing": report.missing}
+
+
+@scenario
+def strict_together(root: str) -> dict[str, Any]:
+    """Strict mode: ``late`` stops receiving a gradient at step 2 on every rank; both ranks raise at step 2."""
+    guard = GradGuard(strict=True, allow_none=["unused.*"], summary=False)
+    t = trainer(root, callbacks=[guard])
+    started = time.monotonic()
+    try:
+        t.fit(UnusedEverywhere(late_from=2), loader(5, seed=40 + t.global_rank))
+    except GradGuardError as err:
+        return {"raised": True, "step": err.step, "params": err.params, "seconds": time.monotonic() - started}
+    return {"raised": False}
+
+
+@scenario
+def plain_ddp_unused(root: str) -> dict[str, Any]:
+    """Plain ``ddp`` with an unused layer: Lightning's error must name the parameters (Lightning #17212)."""
+    guard = GradGuard(summary=False)
+    t = trainer(root, strategy="ddp", callbacks=[guard])
+    try:
+        t.fit(UnusedEverywhere(), loader(4, seed=50 + t.global_rank))
+    except Exception as err:  # noqa: BLE001 - the scenario reports what the user would see
+        report = guard.report()
+        return {"error": str(err), "type": type(err).__name__, "missing": report.missing, "counts": counts(report)}
+    return {"error": None}
+
+
+# ---------------------------------------------------------------------- sharded scenarios
+class Gate(nn.Module):
+    """A one-element parameter: as its own FSDP unit, its shard lives on rank 0 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class ShardedNet(nn.Module):
+    def __init__(self, spare: bool = True) -> None:
+        super().__init__()
+        self.a = nn.Linear(IN_DIM, 3)
+        self.b = nn.Linear(3, 1)
+        self.gate = Gate()  # never called: unused, and held by rank 0 only
+        if spare:
+            self.spare = nn.Linear(IN_DIM, 2)  # never called: unused, held by both ranks
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _global_batch(step: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    batches = []
+    for rank in range(world):
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        batches.append((torch.randn(2, IN_DIM, generator=g), torch.randn(2, 1, generator=g)))
+    return batches
+
+
+@scenario
+def fsdp1_engine(root: str) -> dict[str, Any]:
+    """Plain torch FSDP1 (use_orig_params=True) on the CPU driving the engine directly, with the rank ledger."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from lightning_gradguard import GradGuardEngine, GuardConfig
+    from lightning_gradguard.distributed import Collective, RankLedger
+    from lightning_gradguard.registry import clean_name
+    from lightning_gradguard.strategies import StrategyInfo
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results: dict[str, Any] = {}
+    # strict: only `gate` is unused, and only rank 0 holds it: rank 1 sees nothing missing, yet must raise too
+    for strict in (False, True):
+        torch.manual_seed(0)
+        reference = ShardedNet(spare=not strict)
+        model = FSDP(
+            ShardedNet(spare=not strict),
+            device_id=torch.device("cpu"),
+            use_orig_params=True,
+            auto_wrap_policy=ModuleWrapPolicy({Gate, nn.Linear}),
+        )
+        reference.load_state_dict(_full_state(model))
+        names = [n for n, _ in model.named_parameters()]
+        local_sizes = {clean_name(n): p.numel() for n, p in model.named_parameters()}
+        engine = GradGuardEngine(GuardConfig.create(strict=strict), warn=lambda message: None)
+        engine.bind(model.named_parameters(), module=None)
+        ledger = RankLedger(engine, StrategyInfo("fsdp", world, rank, use_orig_params=True), Collective())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+        logged, expected, raised = [], [], None
+        for step in range(3):
+            batches = _global_batch(step, world)
+            x, y = batches[rank]
+            engine.start_micro_batch()
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            engine.before_backward(loss)
+            loss.backward()
+            engine.after_backward()
+            try:
+                check = engine.check_step(optimizer, step=step, measure=True)
+            except GradGuardError as err:
+                raised = {"step": err.step, "params": err.params}
+                break
+            ledger.after_check(check, measured=True)
+            ledger.reduce([check])  # every step is a logging step here
+            logged.append({engine.registry.names[i]: float(n) for ind, g in check.norms for i, n in zip(ind, g.norms)})
+            optimizer.step()
+            # the reference: the same weights, the gradient of the mean loss over both ranks' data, unsharded
+            reference_opt.zero_grad()
+            sum(F.mse_loss(reference(bx), by) for bx, by in batches).div(world).backward()
+            expected.append({n: float(p.grad.norm()) for n, p in reference.named_parameters() if p.grad is not None})
+            reference_opt.step()
+        results["strict" if strict else "plain"] = {
+            "names": [engine.registry.names[i] for i in range(len(engine.registry))],
+            "raw_names": names,
+            "local_sizes": local_sizes,
+            "counts": counts(engine.report()),
+            "logged": logged,
+            "expected": expected,
+            "raised": raised,
+            "reductions": ledger.reductions,
+            "votes": ledger.votes,
+        }
+        ledger.detach()
+    return results
+
+
+def _full_state(model) -> dict[str, torch.Tensor]:
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+        state = model.state_dict()
+    return {k.replace("_fsdp_wrapped_module.", ""): v.clone() for k, v in state.items()}
+
+
+class FSDP2Model(LightningModule):
+    """``fully_shard`` per layer through ``ModelParallelStrategy``; ``unused`` is never called.
+
+    ``poison_step``: at that step, rank 1 writes a NaN into its local shard of ``net.0.weight``'s gradient (after
+    backward), so only one shard is non-finite.
+    """
+
+    def __init__(self, poison_step: int = -1) -> None:
+        super().__init__()
+        self.poison_step = poison_step
+        self.net = nn.Sequential(nn.Linear(IN_DIM, 3), nn.Tanh(), nn.Linear(3, 1))
+        self.unused = nn.Linear(IN_DIM, 1)
+        self.reference: list[dict[str, float]] = []
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.net[0], mesh=mesh)
+        fully_shard(self.net[2], mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def on_after_backward(self):
+        if self.global_step == self.poison_step and self.global_rank == 1:
+            local = self.net[0].weight.grad.to_local()
+            if local.numel():
+                local.view(-1)[0] = float("nan")
+
+    def on_before_optimizer_step(self, optimizer):
+        # the reference norms: full_tensor() is a collective, every rank calls it for the same parameters
+        self.reference.append(
+            {n: float(p.grad.full_tensor().double().norm()) for n, p in self.named_parameters() if p.grad is not None}
+        )
+        if self.global_step == self.poison_step:  # keep the weights finite for the steps after
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.to_local().nan_to_num_(0.0)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@scenario
+def fsdp2_lightning(root: str) -> dict[str, Any]:
+    """FSDP2 through Lightning's ModelParallelStrategy on the CPU (gloo): DTensor gradients."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    guard, logger = GradGuard(summary=False, log_every_n_steps=1), RecordingLogger()
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    t = trainer(root, strategy=strategy, callbacks=[guard], logger=logger, log_every_n_steps=1)
+    model = FSDP2Model(poison_step=2)
+    t.fit(model, loader(3, seed=60 + t.global_rank))
+    report = guard.report()
+    prefix = "gradguard/norm/"
+    return {
+        "counts": counts(report),
+        "distributed": report.to_dict().get("distributed"),
+        "logged_norms": [{k[len(prefix):]: v for k, v in m.items() if k.startswith(prefix)} for _, m in logger.rows],
+        "reference_norms": model.reference,
+        "local_shapes": {n: list(p.to_local().shape) for n, p in model.named_parameters()},
+    }
+
+
+# ---------------------------------------------------------------------- entry point
+def main(argv: list[str]) -> int:
+    out_dir, names = argv[0], argv[1:]
+    torch.set_num_threads(1)
+    if os.environ.get("GRADGUARD_TEST_DEADLINE"):  # print every thread's stack before the test kills a stuck rank
+        faulthandler.dump_traceback_later(float(os.environ["GRADGUARD_TEST_DEADLINE"]), exit=True)
+    rank = int(os.environ.get("RANK", "0"))
+    status = 0
+    for name in names:
+        root = os.path.join(out_dir, f"{name}.root")
+        try:
+            result = SCENARIOS[name](root)
+        except Exception:  # noqa: BLE001 - recorded for the test to show
+            result = {"crashed": traceback.format_exc()}
+            status = 1
+        with open(os.path.join(out_dir, f"{name}.rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
