@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -42,6 +42,10 @@ from lightning_gradguard import GradGuardEngine, GuardConfig
 from lightning_gradguard.metrics import step_metrics
 
 LAYERS_PER_BLOCK = 10
+
+# CPU time of this process (all its threads): the machine may be shared, and time spent descheduled while other
+# processes run is not the guard's cost. ``--clock wall`` switches to time.perf_counter.
+clock = time.process_time
 
 
 class ManyTensors(nn.Module):
@@ -69,21 +73,21 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     """One step in Lightning's order (forward, zero_grad, backward, step); returns the seconds spent in the guard."""
     inside = 0.0
     if guard is not None:
-        t = time.perf_counter()
+        t = clock()
         guard.start()
-        inside += time.perf_counter() - t
+        inside += clock() - t
     loss = model(x).square().mean()
     optimizer.zero_grad(set_to_none=True)  # Lightning zeroes inside the closure, after training_step
     if guard is not None:
-        t = time.perf_counter()
+        t = clock()
         guard.engine.before_backward(loss)
-        inside += time.perf_counter() - t
+        inside += clock() - t
     loss.backward()
     if guard is not None:
-        t = time.perf_counter()
+        t = clock()
         guard.engine.after_backward()
         guard.check(optimizer)
-        inside += time.perf_counter() - t
+        inside += clock() - t
     optimizer.step()
     return inside
 
@@ -137,9 +141,9 @@ def measure_size(n_tensors: int, steps: int, log_steps: int, log_every: int, tmp
         for name, guard in order:
             if guard is not None:
                 guard.log_now = logging
-            t = time.perf_counter()
+            t = clock()
             spent = _train_step(model, optimizer, x, guard)
-            times[name] = time.perf_counter() - t
+            times[name] = clock() - t
             if i >= warmup:
                 key = f"{name}@log" if logging and guard is not None else name
                 step_time[key].append(times[name])
@@ -170,43 +174,77 @@ def measure_size(n_tensors: int, steps: int, log_steps: int, log_every: int, tmp
     return result
 
 
-def _graph_walk(loss: torch.Tensor) -> tuple[int, int]:
-    """Walk the autograd graph from ``loss``: (nodes visited, parameters reached through AccumulateGrad)."""
+class WithUnused(nn.Module):
+    """:class:`ManyTensors` plus one layer the forward pass never calls: diagnosis has something to explain."""
+
+    def __init__(self, n_tensors: int) -> None:
+        super().__init__()
+        self.body = ManyTensors(n_tensors - 2)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _graph_walk(loss: torch.Tensor, model: nn.Module) -> int:
+    """The graph walk diagnosis runs after a backward pass that missed parameters; returns parameters reached."""
+    try:
+        from lightning_gradguard.graph import reachable
+    except ImportError:  # pragma: no cover - before lightning_gradguard.graph existed: a walk of our own
+        reachable = None
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    if reachable is not None:
+        return len(reachable([loss.grad_fn], set(), index))
     seen: set[int] = set()
-    stack = [loss.grad_fn]
-    reached = 0
+    stack, found = [loss.grad_fn], 0
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if hasattr(node, "variable"):
-            reached += 1
+        found += hasattr(node, "variable")
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return len(seen), reached
+    return found
 
 
-def measure_diagnosis(n_tensors: int, repeats: int) -> dict[str, Any]:
-    """Cost of one diagnosis pass: the project's own diagnosis when present, else a plain graph walk."""
+def measure_diagnosis(n_tensors: int, steady_steps: int = 5) -> dict[str, Any]:
+    """Cost of one diagnosis window (the first steps of a run) on a model with an unused layer.
+
+    ``window_extra_ms``: the window's steps (instruments on the forward pass, graph walks after backward, causes)
+    minus as many steady-state guarded steps; ``walk_ms``: one graph walk from the loss over the whole graph.
+    """
     torch.manual_seed(0)
-    model = ManyTensors(n_tensors)
+    model = WithUnused(n_tensors)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(2, 4)
-    walk = _diagnosis_walk(model)
+    for _ in range(2):
+        _train_step(model, optimizer, x, None)  # warm caches without a guard
+    guard = _Guard(model, every_step=False, logger=None)
+    guard.engine._warn = lambda message: None
+    diagnosis = getattr(guard.engine, "diagnosis", None)
+    window_steps = getattr(diagnosis, "window_steps", 0) if diagnosis is not None else 0
     times = []
-    nodes = reached = 0
-    for _ in range(repeats):
-        loss = model(x).square().mean()
-        t = time.perf_counter()
-        nodes, reached = walk(loss)
-        times.append(time.perf_counter() - t)
-        loss.backward()
-    return {"tensors": n_tensors, "nodes": nodes, "reached": reached, "walk_ms": statistics.median(times) * 1e3}
-
-
-def _diagnosis_walk(model: nn.Module) -> Callable[[torch.Tensor], tuple[int, int]]:
-    # TODO(diagnosis): when lightning_gradguard.diagnosis exposes a graph-walk entry point, time that instead of
-    # this stand-in, so the table measures what the guard really runs when it explains a missing gradient.
-    return _graph_walk
+    for _ in range(window_steps + steady_steps):
+        t = clock()
+        _train_step(model, optimizer, x, guard)
+        times.append(clock() - t)
+    window, steady = times[:window_steps], statistics.median(times[window_steps:])
+    cause = guard.engine.report().params.get("unused.weight")
+    loss = model(x).square().mean()
+    walk = []
+    for _ in range(3):
+        t = clock()
+        reached = _graph_walk(loss, model)
+        walk.append(clock() - t)
+    return {
+        "tensors": n_tensors,
+        "window_steps": window_steps,
+        "window_extra_ms": (sum(window) - steady * len(window)) * 1e3,
+        "steady_step_ms": steady * 1e3,
+        "walk_ms": min(walk) * 1e3,
+        "reached": reached,
+        "cause": cause.cause if cause is not None else None,
+    }
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -216,11 +254,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--log-steps", type=int, default=7, help="timed logging steps per guard variant")
     parser.add_argument("--log-every", type=int, default=50, help="logging cadence used for the amortized cost")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: less noise)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="cpu: this process's CPU time (robust on a shared machine); wall: perf_counter")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global clock
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}")
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, "
+          f"clock={args.clock}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
@@ -228,14 +271,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows.append(row)
             _print_row(row, args.log_every)
             sys.stdout.flush()
-    print("\ndiagnosis: graph walk from the loss (nodes = autograd nodes, reached = parameters found)")
-    walks = [measure_diagnosis(n, repeats=5) for n in args.sizes]
-    for w in walks:
-        print(f"  {w['tensors']:>6} tensors  {w['nodes']:>6} nodes  {w['reached']:>6} reached  {w['walk_ms']:8.2f} ms")
+    print("\ndiagnosis (a model with one unused layer): one window = the first steps of a run")
+    print(f"  {'tensors':>7} {'window steps':>12} {'window extra':>13} {'step (steady)':>14} {'graph walk':>11}  cause")
+    walks = []
+    for n in args.sizes:
+        w = measure_diagnosis(n)
+        walks.append(w)
+        print(f"  {w['tensors']:>7} {w['window_steps']:>12} {w['window_extra_ms']:10.1f} ms "
+              f"{w['steady_step_ms']:11.1f} ms {w['walk_ms']:8.2f} ms  {w['cause']}")
+        sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": args.threads, "sizes": rows, "diagnosis": walks}, f,
-                      indent=2)
+            json.dump({"torch": torch.__version__, "threads": args.threads, "clock": args.clock, "sizes": rows,
+                       "diagnosis": walks}, f, indent=2)
     return 0
 
 
