@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.engine import GradGuardEngine, StepCheck
 from lightning_gradguard.errors import GradGuardError
-from lightning_gradguard.metrics import step_metrics
+from lightning_gradguard.metrics import stage_metrics
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.sinks import log_to_loggers, print_summary, write_report
 from lightning_gradguard.sinks.tensorboard import TensorBoardDashboard, tensorboard_writers
@@ -137,6 +137,7 @@ class GradGuard(Callback):
         self._disabled: set[str] = set()
         self._pending_logs: list[StepCheck] = []
         self._log_step: Optional[int] = None
+        self._unwritten: list[tuple[Any, int]] = []  # (StagedMetrics, step): values still on their way to the host
         self._batches_started: Optional[int] = None
         self._measure_every_step = self.config.nonfinite_check == "every_step"
         self.report_path: Optional[str] = None
@@ -239,17 +240,25 @@ class GradGuard(Callback):
     ) -> None:
         self._flush_logs(trainer)
 
-    def _flush_logs(self, trainer: Trainer) -> None:
-        if not self._pending_logs:
-            return
-        checks, self._pending_logs = self._pending_logs, []
-        metrics = step_metrics(self.engine, checks)
-        if trainer.loggers:
-            log_to_loggers(trainer.loggers, metrics, step=self._log_step or 0)
+    def _flush_logs(self, trainer: Trainer, wait: bool = False) -> None:
+        if self._pending_logs:
+            checks, self._pending_logs = self._pending_logs, []
+            # the copy to the host starts now and is written once it has landed (on the CPU: right away), so
+            # the GPU never waits for logging
+            self._unwritten.append((stage_metrics(self.engine, checks), self._log_step or 0))
+        while self._unwritten and (wait or self._unwritten[0][0].ready()):
+            staged, step = self._unwritten.pop(0)
+            if trainer.loggers:
+                log_to_loggers(trainer.loggers, staged.result(), step=step)
+
+    @_feature("log")
+    def _finish_logs(self, trainer: Trainer) -> None:
+        self._flush_logs(trainer, wait=True)
 
     @_feature("report")
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.engine.end_diagnosis()
+        self._finish_logs(trainer)  # logging steps whose values were still in flight
         self._pending_logs = []
         report = self.engine.report()  # every rank reads its device counters: a local, not collective, copy
         if not trainer.is_global_zero:

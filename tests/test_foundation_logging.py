@@ -224,7 +224,7 @@ def test_internal_failure_in_logging_is_reported_once_and_training_completes(mak
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(callback_module, "step_metrics", broken)
+    monkeypatch.setattr(callback_module, "stage_metrics", broken)
     guard = GradGuard(summary=False)
     trainer = make_trainer(callbacks=[guard], logger=CSVLogger(str(tmp_path)), log_every_n_steps=1)
     with warnings.catch_warnings(record=True) as record:
