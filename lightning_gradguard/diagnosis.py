@@ -33,10 +33,12 @@ modules inside compiled code are opaque and their causes are reported as unknown
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -196,22 +198,33 @@ class _CutRecorder(TorchFunctionMode):
             node = source.grad_fn if cuts else None
             out = func(*args, **kwargs)
             if cuts:
-                d._record(_DETACH, "detach_", (), {}, extra=(node, source))
+                try:
+                    d._record(_DETACH, "detach_", (), {}, sys._getframe(1), extra=(node, source))
+                except Exception as err:  # noqa: BLE001 - the guard never breaks the user's forward pass
+                    d._fail(err)
             return out
-        out = func(*args, **kwargs)
+        out = func(*args, **kwargs)  # the user's own errors propagate from here, untouched
+        try:
+            self._inspect(func, args, kwargs, out)
+        except Exception as err:  # noqa: BLE001 - the guard never breaks the user's forward pass
+            d._fail(err)
+        return out
+
+    def _inspect(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> None:
+        d = self.diagnosis
         if torch.is_grad_enabled():
             if isinstance(out, Tensor):
                 if out.requires_grad:
                     d._note_use(args, kwargs)
-                    return out
+                    return
                 if type(func) is _METHOD_WRAPPER:  # property getters: only .data cuts
                     if func != _DATA_GETTER:
-                        return out
+                        return
                     kind, op = _DATA, "data"
                 else:
                     op = getattr(func, "__name__", "")
                     if op in _NOT_A_CUT:
-                        return out
+                        return
                     if op == "detach":
                         kind = _DETACH
                     else:
@@ -228,19 +241,40 @@ class _CutRecorder(TorchFunctionMode):
                 if with_grad:
                     d._note_use(args, kwargs)
                 if without is None:
-                    return out
+                    return
                 op = getattr(func, "__name__", "")
                 kind = _CUT if without.is_floating_point() or without.is_complex() else _INTEGER
             else:
                 op = _TO_NUMBER.get(func) if type(func) is not _METHOD_WRAPPER else None
                 if op is None:
-                    return out
+                    return
                 kind = _NUMBER
             if _any_graph(args, kwargs):
-                d._record(kind, op, args, kwargs)
+                d._record(kind, op, args, kwargs, sys._getframe(2))
         elif _any_graph(args, kwargs):
-            d._record(_NO_GRAD, getattr(func, "__name__", ""), args, kwargs)
-        return out
+            d._record(_NO_GRAD, getattr(func, "__name__", ""), args, kwargs, sys._getframe(2))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _guarded(default: Any = None) -> Callable[[F], F]:
+    """Run an engine-facing method so that an internal error turns diagnosis off instead of failing the step."""
+
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def wrapper(self: Diagnosis, *args: Any, **kwargs: Any) -> Any:
+            if self.failed:
+                return default() if callable(default) else default
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - diagnosis is an explanation, never worth a lost run
+                self._fail(err)
+                return default() if callable(default) else default
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def _remove_mode(mode: _CutRecorder) -> bool:
@@ -300,6 +334,7 @@ class Diagnosis:
         self.window_micro_batches = window_micro_batches
         self.max_windows = max_windows
         self.windows = 0  # windows opened in this run
+        self.failed = False  # an internal error turned diagnosis off for the rest of the run
         self._steps_left = 0
         self._micro_batches_left = 0
         self._armed = False
@@ -334,12 +369,18 @@ class Diagnosis:
 
     def start_run(self) -> None:
         """A new run: open the first window (again, for a guard reused across runs)."""
+        self.failed = False
+        self._start_run()
+
+    @_guarded()
+    def _start_run(self) -> None:
         self.windows = 0
         self._attempted.clear()
         self._awaiting.clear()
         self._reasons.clear()
         self.open()
 
+    @_guarded()
     def open(self) -> None:
         """Open a window: instruments go in now (or right after the backward pass in progress)."""
         if self.windows >= self.max_windows or self.engine.module is None:
@@ -356,12 +397,34 @@ class Diagnosis:
         self._steps_left = 0
         self._open_pending = False
         self._disarm()
-        self._finish_awaiting()
+        if not self.failed:
+            self._finish_awaiting()
+
+    def _fail(self, err: Exception) -> None:
+        """An internal error: remove the instruments, stop diagnosing for this run, say so once."""
+        if self.failed:
+            return
+        self.failed = True
+        self._steps_left = 0
+        self._open_pending = False
+        try:
+            self._disarm()
+        except Exception:  # noqa: BLE001 - already failing; the stale-mode retry removes what is left
+            pass
+        self.engine._warn(
+            f"GradGuard: internal error in the diagnosis of missing gradients ({type(err).__name__}: {err}); causes "
+            "are not diagnosed for the rest of this run, training continues. Please report this at the project's "
+            "issue tracker."
+        )
 
     # ------------------------------------------------------------------ engine events
     def start_micro_batch(self) -> None:
-        self._flush_micro_batch()
         self._retry_stale_modes()
+        self._start_micro_batch()
+
+    @_guarded()
+    def _start_micro_batch(self) -> None:
+        self._flush_micro_batch()
         if self._open_pending and not _in_backward():
             self._open_pending = False
             self.open()
@@ -382,6 +445,7 @@ class Diagnosis:
         """The forward pass is over: stop recording (backward recomputation is not the user's forward)."""
         self._paused = True
 
+    @_guarded()
     def after_backward(self, missed: Optional[Sequence[int]]) -> None:
         """Explain the trainable parameters this backward pass gave no gradient (``missed``: registry indices)."""
         self._paused = False
@@ -391,6 +455,7 @@ class Diagnosis:
             self._analyze(missed)
         self._new_segment()
 
+    @_guarded(dict)
     def explain(self, check: StepCheck) -> dict[int, tuple[Optional[str], Optional[str]]]:
         """The engine's explainer: ``{registry index: (cause, detail)}`` for the step's missing parameters."""
         engine = self.engine
@@ -414,6 +479,7 @@ class Diagnosis:
             self._awaiting.discard(index)
         return out
 
+    @_guarded()
     def after_check(self, check: StepCheck) -> None:
         """A step was checked: its reasons are used up; count the window down and open a scheduled one."""
         if self._reasons:  # empty in the steady state: no per-parameter work there
@@ -462,7 +528,10 @@ class Diagnosis:
 
     def _retry_stale_modes(self) -> None:
         if self._stale_modes:
-            self._stale_modes = [mode for mode in self._stale_modes if not _remove_mode(mode)]
+            try:
+                self._stale_modes = [mode for mode in self._stale_modes if not _remove_mode(mode)]
+            except Exception:  # noqa: BLE001 - a mode marked off only passes calls through; try again later
+                pass
 
     def _tables(self) -> None:
         """Parameter and module lookups for the bound model (rebuilt when the registry grew)."""
@@ -508,13 +577,19 @@ class Diagnosis:
     def _on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling() or self._paused or not self._training():
             return
+        try:
+            self._count_run(module, sys._getframe(1))
+        except Exception as err:  # noqa: BLE001 - the guard never breaks the user's forward pass
+            self._fail(err)
+
+    def _count_run(self, module: torch.nn.Module, caller: FrameType) -> None:
         runs = self._runs.get(id(module))
         if runs is None:
             runs = self._runs[id(module)] = [0, 0, None]
         if torch.is_grad_enabled():
             runs[0] += 1
             return
-        found = user_frames(sys._getframe(1), find_checkpoint=True)
+        found = user_frames(caller, find_checkpoint=True)
         if found is IN_FUNCTION:  # inside a custom autograd.Function's forward: the Function records the graph
             runs[0] += 1
             return
@@ -537,11 +612,18 @@ class Diagnosis:
                 used.add(id(a))
 
     def _record(
-        self, kind: str, op: str, args: Sequence[Any], kwargs: dict[str, Any], extra: Optional[tuple] = None
+        self,
+        kind: str,
+        op: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        caller: FrameType,
+        extra: Optional[tuple] = None,
     ) -> None:
+        """Record a cut at the user's frames around ``caller`` (the frame that called the torch function)."""
         if not self._training():  # an evaluation loop between training steps
             return
-        found = user_frames(sys._getframe(2), find_checkpoint=kind == _NO_GRAD)
+        found = user_frames(caller, find_checkpoint=kind == _NO_GRAD)
         if found is None:  # the framework's or an optimizer's own call
             return
         if found is IN_FUNCTION:  # autograd is off inside a custom Function's forward, by design: a use, not a cut

@@ -235,3 +235,19 @@ def test_plain_loop_evaluation_between_steps_is_not_a_no_grad_cause():
         optimizer.zero_grad()
     engine.end_diagnosis()
     assert engine.report().params["val_head.weight"].cause == "unused"
+
+
+def test_an_internal_diagnosis_error_never_breaks_the_run(tmp_path, monkeypatch, recwarn):
+    from lightning_gradguard import diagnosis
+
+    def broken(self, args, kwargs):
+        raise RuntimeError("planted bug inside GradGuard")
+
+    monkeypatch.setattr(diagnosis.Diagnosis, "_note_use", broken)
+    model = Unused()
+    report = fit(model, regression_data(), tmp_path)
+    assert report.missing == ["unused.weight", "unused.bias"]  # detection goes on
+    assert report.params["unused.weight"].none_steps == 3
+    assert report.params["unused.weight"].cause is None  # diagnosis turned itself off: no guess
+    assert any("internal error in the diagnosis" in str(w.message) for w in recwarn)
+    assert instruments_removed(model)
