@@ -451,7 +451,9 @@ class GradGuardEngine:
     # ------------------------------------------------------------------ helpers
     def _as_index(self, indices: list[int], device: Optional[torch.device] = None) -> Tensor:
         device = device or torch.device("cpu")
-        if len(indices) > 64:  # big index lists repeat every step (all parameters of an optimizer): cache them
+        # big index lists repeat every step (all parameters of an optimizer): cache them; and on an accelerator
+        # every list, because a blocking host-to-device copy would synchronize the device at every step
+        if indices and (len(indices) > 64 or device.type != "cpu"):
             # the registry hands back the very same list each step: find it by identity before hashing 10k ints
             same = self._index_cache.get((device, id(indices)))
             if same is not None and same[0] is indices:
@@ -461,7 +463,10 @@ class GradGuardEngine:
             if cached is None:
                 if len(self._index_cache) > 64:  # fresh lists (missing, measured) must not pile up
                     self._index_cache.clear()
-                cached = self._index_cache[key] = torch.tensor(indices, dtype=torch.int64, device=device)
+                cached = torch.tensor(indices, dtype=torch.int64)
+                if device.type != "cpu":  # pageable memory is staged before the call returns: no device sync
+                    cached = cached.to(device, non_blocking=True)
+                self._index_cache[key] = cached
             self._index_cache[(device, id(indices))] = (indices, cached)  # holding the list keeps its id unique
             return cached
         return torch.tensor(indices, dtype=torch.int64, device=device)
