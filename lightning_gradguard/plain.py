@@ -227,6 +227,7 @@ class LoopGuard:
         if self._closed:
             return report
         self._closed = True
+        self.engine.end_diagnosis()  # a window still open (the loop raised or ended early): instruments come out
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -247,7 +248,9 @@ class LoopGuard:
             _, params = self.engine.registry.optimizer_params(optimizer)
             trainable.update(id(p) for p in params if p.requires_grad)
         if not trainable:
+            self.engine.end_diagnosis()
             raise ValueError("the optimizers hold no trainable parameter: nothing for GradGuard to check")
+        self.engine.audit(self.optimizers)  # unregistered tensors, parameters in no optimizer
         self._measure_every_step = self.config.nonfinite_check == "every_step" or (
             self.config.nonfinite_check == "auto" and any(p.device.type != "cpu" for p in self.engine.registry.params)
         )

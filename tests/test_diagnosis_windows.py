@@ -251,3 +251,42 @@ def test_an_internal_diagnosis_error_never_breaks_the_run(tmp_path, monkeypatch,
     assert report.params["unused.weight"].cause is None  # diagnosis turned itself off: no guess
     assert any("internal error in the diagnosis" in str(w.message) for w in recwarn)
     assert instruments_removed(model)
+
+
+class PlainWithExtras(PlainModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = [nn.Linear(IN_DIM, 1)]  # modules in a plain list: a static finding
+
+
+def test_plain_pytorch_adapter_gets_causes_findings_and_cleans_up():
+    from lightning_gradguard import watch
+
+    model = PlainWithExtras()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False)
+    try:
+        for _ in range(3):
+            loss = F.mse_loss(model(torch.randn(2, IN_DIM)), torch.randn(2, 1))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        report = guard.close()
+    assert report.missing == ["encoder.weight", "encoder.bias"]
+    assert report.params["encoder.bias"].cause == "detached"
+    assert planted_at(PlainModel.forward, "h.detach()") in report.params["encoder.bias"].detail
+    assert [(f.kind, f.name) for f in report.findings] == [("unregistered", "extra")]
+    assert instruments_removed(model)
+
+
+def test_plain_pytorch_loop_that_raises_inside_the_window_leaves_no_instrument():
+    from lightning_gradguard import watch
+
+    model = PlainModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="the loop's own bug"):
+        with watch(model, optimizer, summary=False):
+            model(torch.randn(2, IN_DIM)).sum().backward()
+            raise ValueError("the loop's own bug")
+    assert instruments_removed(model)
