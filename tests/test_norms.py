@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from lightning_gradguard import GradGuard, GradGuardEngine, GuardConfig
+from lightning_gradguard import norms as norms_module
 from lightning_gradguard.metrics import step_metrics
 from lightning_gradguard.norms import SMALL_NUMEL, per_param_norms
 
@@ -139,6 +140,24 @@ def test_dtensor_gradients_give_local_shard_norms_flagged_local(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 3.0])
+def test_accelerator_split_of_large_tensors_keeps_positions_and_values(monkeypatch, norm_type):
+    """The accelerator path (large tensors: a reduction each; the rest: fused), run on CPU tensors."""
+    monkeypatch.setattr(norms_module, "LARGE_NUMEL", 100)
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(n, generator=g) for n in (5, 300, 7, 100, 99, 1000)]
+    positions = [10, 11, 12, 13, 14, 15]
+    groups = norms_module._accelerator_groups(tensors, positions, norm_type, local=True)
+    assert [g.positions for g in groups] == [[11, 13, 15], [10, 12, 14]]
+    assert all(g.local and g.norms.dtype == torch.float32 for g in groups)
+    got = {p: v for g in groups for p, v in zip(g.positions, g.norms.tolist())}
+    for position, tensor in zip(positions, tensors):
+        assert got[position] == pytest.approx(reference(tensor, norm_type), rel=1e-5)
+    half = [t.bfloat16() for t in tensors]
+    for group in norms_module._accelerator_groups(half, positions, norm_type, local=False):
+        assert group.norms.dtype == torch.float32
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_grads_on_two_devices_keep_their_device():
     grads = [torch.randn(5), torch.randn(5, device="cuda"), torch.randn(3, device="cuda").half()]
@@ -198,7 +217,7 @@ def test_engine_measures_mixed_dtype_model_and_counts_nonfinite():
 
 
 # ------------------------------------------------------------ no host reads on steps that do not log
-def test_non_logging_steps_never_read_a_device_value():
+def test_non_logging_steps_never_read_a_device_value(monkeypatch):
     """Gradients on the ``meta`` device have no data: any host read (``.item()``, ``.tolist()``, ``.cpu()``,
     ``bool()``, ``nonzero()``) raises. The engine runs whole accumulation windows on them, norms and non-finite
     counts included, with a parameter that never gets a gradient and one that gets it only sometimes; only the
@@ -216,6 +235,7 @@ def test_non_logging_steps_never_read_a_device_value():
             h = self.trunk(x)
             return self.branch(h) if use_branch else h
 
+    monkeypatch.setattr(norms_module, "LARGE_NUMEL", 16)  # the per-tensor reduction path runs too
     model = Branchy().to("meta")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = GradGuardEngine(GuardConfig.create(), warn=lambda message: None)
