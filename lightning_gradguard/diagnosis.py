@@ -669,6 +669,12 @@ class Diagnosis:
             event.roots, event.leaves = [], set()  # never keep the graph alive past the analysis
         for i in targets:
             event = labels.get(i)
+            used = id(params[i]) in self._used
+            if event is not None and event.kind == _NO_GRAD and event.checkpoint is None and used:
+                # also used with autograd on, and no with-no_grad block of the user's around the no-grad use: the
+                # library turned autograd off for a side computation (nn.Embedding(max_norm=...) renormalizing)
+                if grad_disabling_statement(event.frames) is None:
+                    event = None
             if event is not None:
                 self._mb_reasons[i] = (_EVENT, event)
             elif self._trace_cuts and id(params[i]) in self._used:

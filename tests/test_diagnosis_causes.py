@@ -122,6 +122,20 @@ class MLPCustomFunctionLeftOut(Regression):
         return ScaleFunction.apply(x, self.proj) + self.bias
 
 
+class EmbeddingMaxNormLeftOut(Classification):
+    """``nn.Embedding(max_norm=...)`` renormalizes its rows under no_grad inside PyTorch: not the user's no_grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.side = nn.Embedding(VOCAB, HIDDEN, max_norm=1.0)
+        self.classify = nn.Linear(HIDDEN, 2)
+
+    def forward(self, tokens):
+        side = self.side(tokens)  # planted: computed, then left out of the loss  # noqa: F841
+        return self.classify(self.embed(tokens).mean(dim=1))
+
+
 def test_unused_layer_in_an_mlp(tmp_path):
     report = fit(MLPUnusedLayer(), regression_data(), tmp_path)
     # no line cuts anything here: the detail points at where the layer is defined
@@ -427,3 +441,9 @@ def test_custom_autograd_function_result_left_out_is_unused_not_no_grad(tmp_path
     report = fit(MLPCustomFunctionLeftOut(), regression_data(), tmp_path)
     assert_flagged(report, {"side"}, "unused")
     assert "never reached the loss" in report.params["side"].detail
+
+
+def test_embedding_with_max_norm_left_out_is_unused_not_no_grad(tmp_path):
+    report = fit(EmbeddingMaxNormLeftOut(), token_data(), tmp_path)
+    assert_flagged(report, {"side.weight"}, "unused")
+    assert "never reached the loss" in report.params["side.weight"].detail
