@@ -41,13 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard.engine import StepCheck
-from lightning_gradguard.metrics import PREFIX
 from lightning_gradguard.plain import LoopGuard
 from lightning_gradguard.precision import LossScaleTracker
 from lightning_gradguard.report import GradReport
-from lightning_gradguard.sinks.tensorboard import tensorboard_writers
-
-AMP_SKIPPED_TAG = f"{PREFIX}/amp_skipped_steps"
+from lightning_gradguard.sinks.tensorboard import AMP_SKIPPED_TAG, tensorboard_writers
 
 
 class FabricGuard(LoopGuard):
@@ -220,4 +217,4 @@ def _is_fabric_module(module: Any) -> bool:
     return any(cls.__name__ == "_FabricModule" for cls in type(module).__mro__)
 
 
-__all__ = ["AMP_SKIPPED_TAG", "FabricGuard", "watch_fabric"]
+__all__ = ["FabricGuard", "watch_fabric"]

@@ -285,3 +285,21 @@ def test_tensorboard_server_serves_scalars_layout_and_report(make_trainer, tmp_p
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_amp_run_layout_has_the_skipped_steps_chart(make_trainer, tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    trainer = make_trainer(
+        callbacks=[GradGuard(summary=False)], logger=logger, log_every_n_steps=1,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+    )  # fmt: skip
+    trainer.fit(HealthyMLP(), RegressionData(n_batches=2))
+    acc = read(logger.log_dir)
+    overview = [chart.title for chart in layout_of(acc).category[0].chart]
+    assert "steps skipped by the AMP gradient scaler" in overview
+    if "gradguard/amp_skipped_steps" in acc.Tags()["scalars"]:  # written by the callback's precision context
+        chart = next(c for c in layout_of(acc).category[0].chart if c.title.startswith("steps skipped"))
+        assert re.match(chart.multiline.tag[0], "gradguard/amp_skipped_steps")
