@@ -168,6 +168,7 @@ class RankLedger:
         self._hooks: list[Any] = []
         self._hooked: set[int] = set()
         self._seen: list[bool] = []  # the current column: parameters autograd reached on this rank
+        self._reached = 0  # how many entries of _seen are True
         self._engine_missed: Optional[set[int]] = None  # the current column: what the engine saw no gradient for
         self._open: list[tuple[set[int], set[int]]] = []  # this window's columns: (autograd missed, engine missed)
         self._closed: list[tuple[set[int], set[int], list[int]]] = []  # ... and the parameters checked at its step
@@ -213,19 +214,25 @@ class RankLedger:
 
     def _arrival_hook(self, index: int) -> Any:
         def arrived(_: Tensor) -> None:
-            if index < len(self._seen):
-                self._seen[index] = True
+            seen = self._seen
+            if index < len(seen) and not seen[index]:
+                seen[index] = True
+                self._reached += 1
 
         return arrived
 
     def _new_column(self) -> None:
         self._seen = [False] * len(self.engine.registry)
+        self._reached = 0
         self._engine_missed = None
 
     def _end_column(self) -> None:
         if self._engine_missed is None:  # no backward pass in this column: nothing to correct
             return
-        missed = {i for i, reached in enumerate(self._seen) if not reached}
+        if self._reached == len(self._hooked) == len(self._seen):  # the common case: every parameter arrived
+            missed: set[int] = set()
+        else:
+            missed = {i for i, reached in enumerate(self._seen) if not reached}
         missed.update(range(len(self._seen), len(self.engine.registry)))
         self._open.append((missed, self._engine_missed))
         self._engine_missed = None

@@ -262,3 +262,46 @@ def test_flag_packing_round_trips_through_a_sum(world):
         assert ranks_in(int(cells[0, 0])) == [r for r in range(world) if flags[r][0, 0]]
     else:
         assert torch.equal(cells, torch.stack(flags).sum(0))
+
+
+# ---------------------------------------------------------------------- strategy detection (no processes needed)
+def test_strategies_are_recognized_from_real_strategy_objects():
+    from types import SimpleNamespace
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from lightning_gradguard.strategies import describe_strategy
+
+    single = describe_strategy(Trainer(accelerator="cpu", devices=1, logger=False))
+    assert (single.name, single.world_size, single.unchecked()) == ("single", 1, None)
+    ddp = describe_strategy(Trainer(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true",
+                                    logger=False))
+    assert (ddp.name, ddp.world_size, ddp.find_unused_parameters, ddp.local_micro_batches) == ("ddp", 2, True, True)
+    plain = describe_strategy(Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False))
+    assert (plain.name, plain.find_unused_parameters) == ("ddp", False)
+    fsdp = describe_strategy(SimpleNamespace(strategy=FSDPStrategy(), world_size=2, global_rank=1))
+    assert (fsdp.name, fsdp.use_orig_params, fsdp.none_is_local, fsdp.shard_local_grads) == ("fsdp", True, True, True)
+    assert "zero gradient" in fsdp.unchecked()
+    fsdp2 = describe_strategy(SimpleNamespace(strategy=ModelParallelStrategy(), world_size=2, global_rank=0))
+    assert (fsdp2.name, fsdp2.none_is_local, fsdp2.shard_local_grads) == ("fsdp2", False, True)
+
+
+def test_deepspeed_is_stated_once_and_nothing_is_reported_missing(make_trainer, monkeypatch, recwarn):
+    # Lightning's DeepSpeedStrategy needs deepspeed and a GPU; the guard's behaviour under it is what it does with
+    # the strategy description, so this test hands it DeepSpeed's and runs a real fit
+    from models import UnusedLayerMLP, gradguard_warnings, regression_loader
+
+    import lightning_gradguard.context as context
+    from lightning_gradguard.strategies import StrategyInfo
+
+    monkeypatch.setattr(context, "describe_strategy", lambda trainer: StrategyInfo("deepspeed", 1, 0, zero_stage=2))
+    guard = GradGuard(summary=False)
+    make_trainer(callbacks=[guard]).fit(UnusedLayerMLP(), regression_loader(3))
+    report = guard.report()
+    assert report.params == {} and report.missing == []  # never a false None for every parameter
+    assert report.distributed.strategy == "deepspeed"
+    assert report.distributed.unchecked.startswith("under DeepSpeed (ZeRO stage 2) gradients live in")
+    assert "does not check missing gradients" in report.summary()
+    said = [w for w in gradguard_warnings(recwarn) if "DeepSpeed" in w]
+    assert len(said) == 1
