@@ -50,6 +50,23 @@ class Finding:
 
 
 @dataclass
+class DistributedInfo:
+    """What the guard knows about a multi-process (or sharded) run; in the report only for such runs.
+
+    ``strategy``: ``"ddp"``, ``"fsdp"``, ``"fsdp2"``, ``"deepspeed"``...; ``world_size``: the number of ranks.
+    ``rank_dependent``: parameters that some ranks' backward passes reached in a micro-batch and others' did not
+    (DDP), by name: ``{"ranks": [the ranks that gave it none], "micro_batches": how many such micro-batches}``;
+    ``"ranks"`` is None beyond 52 ranks, where only the count is kept.
+    ``unchecked``: what the guard could not check under this strategy (None when it checked everything).
+    """
+
+    strategy: str
+    world_size: int
+    rank_dependent: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unchecked: Optional[str] = None
+
+
+@dataclass
 class GradReport:
     """Everything the guard found in one run.
 
@@ -66,6 +83,9 @@ class GradReport:
     micro_batches: int = 0
     params: dict[str, ParamReport] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
+    # optional parts, present in to_dict() only when they apply (16-mixed with a GradScaler; a distributed run)
+    amp_skipped_steps: Optional[int] = None  # optimizer steps the AMP GradScaler skipped (gradient overflow)
+    distributed: Optional[DistributedInfo] = None
 
     @property
     def missing(self) -> list[str]:
@@ -83,17 +103,27 @@ class GradReport:
 
     @property
     def ok(self) -> bool:
-        """True when every checked parameter received a finite gradient at every step and nothing was found."""
-        return not (self.missing or self.nonfinite or self.findings)
+        """True when every checked parameter received a finite gradient at every step and nothing was found.
+
+        Under an AMP GradScaler an overflowing (non-finite) gradient makes the scaler skip that step and lower the
+        scale, which is how loss scaling works; it counts against ``ok`` only when the scaler skipped every step.
+        """
+        benign_overflow = self.amp_skipped_steps is not None and self.amp_skipped_steps < self.steps
+        return not (self.missing or (self.nonfinite and not benign_overflow) or self.findings)
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "steps": self.steps,
             "micro_batches": self.micro_batches,
             "params": {name: asdict(p) for name, p in self.params.items()},
             "findings": [asdict(f) for f in self.findings],
         }
+        if self.amp_skipped_steps is not None:
+            data["amp_skipped_steps"] = self.amp_skipped_steps
+        if self.distributed is not None:
+            data["distributed"] = asdict(self.distributed)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GradReport:
@@ -109,6 +139,8 @@ class GradReport:
                 micro_batches=int(data["micro_batches"]),
                 params={name: ParamReport(**p) for name, p in data["params"].items()},
                 findings=[Finding(**f) for f in data.get("findings", [])],
+                amp_skipped_steps=data.get("amp_skipped_steps"),
+                distributed=DistributedInfo(**data["distributed"]) if data.get("distributed") else None,
             )
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"not a GradGuard report: {err!r}") from err
@@ -135,12 +167,13 @@ class GradReport:
     def summary(self) -> str:
         """A one-line verdict when everything is fine, otherwise the table (see :meth:`format_table`)."""
         if not self.steps:
-            return "GradGuard: no optimizer step was checked"
-        if self.ok and not self.intermittent:
+            return "GradGuard: no optimizer step was checked" + "".join(f"; {note}" for note in self._notes())
+        if self.ok and not self.intermittent and not self._rank_dependent_lines():
             n = len(self.params)
             return (
                 f"GradGuard: all {n} trainable parameter{'s' if n != 1 else ''} received a gradient at each of "
                 f"{self.steps} optimizer step{'s' if self.steps != 1 else ''}"
+                + "".join(f"; {note}" for note in self._notes())
             )
         return self.format_table()
 
@@ -174,7 +207,34 @@ class GradReport:
         if self.findings:
             lines.append("Findings:")
             lines.extend(f"- [{f.kind}] {f.name}: {f.detail}" for f in self.findings)
+        rank_lines = self._rank_dependent_lines()
+        if rank_lines:
+            lines.append("Rank-dependent gradients (no gradient on some ranks only):")
+            lines.extend(rank_lines)
+        lines.extend(f"Note: {note}" for note in self._notes())
         return "\n".join(lines)
+
+    def _notes(self) -> list[str]:
+        notes = []
+        if self.amp_skipped_steps:
+            notes.append(
+                f"the AMP GradScaler skipped {self.amp_skipped_steps} of {self.steps} optimizer steps because a "
+                "gradient overflowed (non-finite gradients at those steps are the scaler's business; it lowers "
+                "the loss scale and retries)"
+            )
+        if self.distributed is not None and self.distributed.unchecked:
+            notes.append(self.distributed.unchecked)
+        return notes
+
+    def _rank_dependent_lines(self) -> list[str]:
+        if self.distributed is None:
+            return []
+        return [
+            f"- {name}: no gradient on rank{'s' if len(info['ranks']) != 1 else ''} "
+            f"{', '.join(map(str, info['ranks']))} in {info['micro_batches']} micro-batch"
+            f"{'es' if info['micro_batches'] != 1 else ''} in which other ranks gave it one"
+            for name, info in self.distributed.rank_dependent.items()
+        ]
 
     def _headline(self) -> str:
         parts = [f"GradGuard: {self.steps} optimizer steps, {self.micro_batches} backward passes"]
