@@ -160,6 +160,12 @@ class TrainingContext:
         """End of fit, on every rank: settle the scaler's last step and make the final counts global."""
         self.settle()
         self.reduce(())
+        self.release()
+
+    def release(self) -> None:
+        """Take the per-parameter hooks off the model (end of fit, or a fit that raised); the report stays."""
+        if self.ledger is not None:
+            self.ledger.release_hooks()
 
     # ------------------------------------------------------------------ report, checkpoint, exceptions
     def add_to_report(self, report: GradReport) -> None:

@@ -186,15 +186,21 @@ class RankLedger:
                 engine.strict_vote = self.vote
 
     def detach(self) -> None:
-        """Remove the ledger's hooks from the engine (a new fit builds a new ledger)."""
+        """Remove the ledger's hooks from the engine and the parameters (a new fit builds a new ledger)."""
+        self.release_hooks()
+        if self.engine.strict_vote == self.vote:
+            self.engine.strict_vote = None
+        self.engine.skip_empty_shards = False
+
+    def release_hooks(self) -> None:
+        """Take the per-parameter autograd hooks off (end of fit: the model may train on without the guard);
+        what the ledger learned stays readable."""
         if self.engine.arrival_observer == self._observe:
             self.engine.arrival_observer = None
         for handle in self._hooks:
             handle.remove()
         self._hooks, self._hooked = [], set()
-        if self.engine.strict_vote == self.vote:
-            self.engine.strict_vote = None
-        self.engine.skip_empty_shards = False
+        self._seen = []
 
     # ------------------------------------------------------------------ recording (no communication)
     def start_micro_batch(self) -> None:

@@ -143,9 +143,11 @@ def usage_table(root: str) -> dict[str, Any]:
     guard = GradGuard(summary=False, log_every_n_steps=2)
     logger = RecordingLogger()
     t = trainer(root, callbacks=[guard], accumulate_grad_batches=ACCUMULATE, logger=logger, log_every_n_steps=2)
-    t.fit(UsageModel(), loader(4 * ACCUMULATE, seed=t.global_rank))
+    model = UsageModel()
+    t.fit(model, loader(4 * ACCUMULATE, seed=t.global_rank))
     report = guard.report()
     return {
+        "hooks_left": sum(bool(getattr(p, "_post_accumulate_grad_hooks", None)) for p in model.parameters()),
         "counts": counts(report),
         "distributed": report.to_dict().get("distributed"),
         "reductions": guard._context.ledger.reductions,

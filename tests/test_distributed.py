@@ -111,6 +111,7 @@ def test_ddp_counts_equal_a_single_process_run_over_the_same_data(ddp, make_trai
     numbers = {name: c[:5] for name, c in single.items()}  # a cause may be known to one run and not the other
     assert {name: c[:5] for name, c in rank0["counts"].items()} == numbers
     assert rank1["counts"] == rank0["counts"]  # every rank ends with the global counts
+    assert rank0["hooks_left"] == rank1["hooks_left"] == 0  # the per-parameter hooks are gone after fit
     # spelled out: 4 steps of 3 micro-batches
     assert single["branches.shared_even.weight"][:4] == [4, 0, 12, 4]
     assert single["branches.rank0_only.weight"][:4] == [4, 0, 12, 0]
