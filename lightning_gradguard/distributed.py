@@ -362,8 +362,13 @@ class RankLedger:
         cells = unpack_flags(words, len(columns), self.world_size)  # [C, P]: ranks whose backward reached it
         checked = torch.zeros_like(arrived)
         engine_none = torch.zeros_like(arrived)
+        rows: dict[int, Tensor] = {}  # the checked lists repeat (one per optimizer): build each mask once
         for c, (_, engine_missed, indices) in enumerate(columns):
-            checked[c, indices] = True
+            row = rows.get(id(indices))
+            if row is None:
+                row = rows[id(indices)] = torch.zeros(arrived.shape[1], dtype=torch.bool)
+                row[indices] = True
+            checked[c] = row
             if engine_missed:
                 engine_none[c, list(engine_missed)] = True
         anywhere = cells != 0
