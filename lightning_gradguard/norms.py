@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - older torch or builds without distribu
         DTensor = None  # type: ignore[assignment,misc]
 
 SMALL_NUMEL = 256  # CPU tensors up to this size are reduced from one flat copy instead of one dispatch each
+SEGMENT_MIN_TENSORS = 32  # ... and only when there are at least this many of them
 LARGE_NUMEL = 1 << 22  # accelerator tensors from this size (16 MB in float32) get a reduction kernel of their own
 _SEGMENT_CACHE_SIZE = 8
 
@@ -151,7 +152,7 @@ def _accelerator_groups(tensors: list[Tensor], positions: list[int], norm_type: 
 
 def _cpu_groups(tensors: list[Tensor], positions: list[int], norm_type: float, local: bool) -> list[NormGroup]:
     small = [i for i, t in enumerate(tensors) if t.numel() <= SMALL_NUMEL]
-    if len(small) < 8:  # not worth a copy
+    if len(small) < SEGMENT_MIN_TENSORS:  # a few dispatches cost less than the copy and the segment reduction
         return [NormGroup(positions, _fused_norms(tensors, tensors[0].device, norm_type), local)]
     groups = [NormGroup([positions[i] for i in small], _segment_norms([tensors[i] for i in small], norm_type), local)]
     if len(small) < len(tensors):

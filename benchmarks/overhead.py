@@ -1,0 +1,246 @@
+"""Training-step overhead of GradGuard against no callback and against Lightning's documented recipe.
+
+One GPT model (``benchmarks/gpt.py``) is trained by a series of short ``Trainer.fit`` runs that go round-robin over
+the variants, so that drifting background load and clock speed hit every variant alike:
+
+* ``none``: no callback;
+* ``defaults``: ``GradGuard()``, logging at the Trainer's cadence (``--log-every``);
+* ``every_step``: ``GradGuard(log_every_n_steps=1)``: norms of every parameter tensor written at every step;
+* ``recipe``: Lightning's recipe, ``self.log_dict(grad_norm(self, norm_type=2))`` in ``on_before_optimizer_step``.
+
+Every variant has the same ``TensorBoardLogger`` (a temporary directory) and ``Trainer(log_every_n_steps=...)``.
+The step time is the interval between consecutive ``on_train_batch_start`` calls, so it includes everything
+Lightning does after ``on_train_batch_end`` (the recipe's metric writes happen there). On CUDA the intervals come
+from CUDA events recorded in the stream, without synchronizing, so the CPU can run ahead of the GPU as it does in
+real training and a host synchronization shows up as the gap it causes. On the CPU they are this process's CPU
+time by default (``--clock cpu``; all its threads, TensorBoard's writer included), so that other processes on a
+shared machine do not decide the result; ``--clock wall`` uses ``time.perf_counter``. The first ``--warmup`` steps of each fit
+are discarded.
+
+Usage::
+
+    python benchmarks/overhead.py --preset cpu          # 2-core CPU: under 3 minutes
+    python benchmarks/overhead.py --preset gpu          # one GPU, GPT-2 small, bf16-mixed
+    python benchmarks/overhead.py --preset tiny --device cpu --rounds 1 --steps 3   # smoke test
+
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpt import GPT, PRESETS, token_batches  # noqa: E402
+
+from lightning_gradguard import GradGuard  # noqa: E402
+
+VARIANTS = ("none", "defaults", "every_step", "recipe")
+
+# (rounds, timed steps per fit, warm-up steps per fit, Trainer log_every_n_steps)
+PRESET_RUNS = {"gpu": (4, 30, 5, 10), "cpu": (3, 12, 3, 10), "tiny": (1, 3, 1, 2)}
+
+
+class StepTimer(Callback):
+    """Start-to-start intervals of training batches: CUDA events on the GPU; on the CPU this process's CPU time
+    (``clock="cpu"``: immune to the time a shared machine's other processes take) or ``perf_counter``."""
+
+    def __init__(self, cuda: bool, clock: str = "cpu") -> None:
+        self.cuda = cuda
+        self.clock = time.process_time if clock == "cpu" else time.perf_counter
+        self.marks: list[Any] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(self.clock())
+
+    def intervals_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def variant_callbacks(variant: str) -> list[Callback]:
+    if variant == "defaults":
+        return [GradGuard(summary=False)]
+    if variant == "every_step":
+        return [GradGuard(log_every_n_steps=1, summary=False)]
+    return []
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    config = PRESETS[args.preset]
+    rounds, steps, warmup, log_every = PRESET_RUNS[args.preset]
+    rounds = args.rounds or rounds
+    steps = args.steps or steps
+    warmup = args.warmup if args.warmup is not None else warmup
+    log_every = args.log_every or log_every
+    cuda = args.device == "cuda"
+    precision = config.precision if cuda else "32-true"
+    variants = args.variants
+
+    torch.manual_seed(0)
+    model = GPT(config)
+    n_tensors = len(list(model.parameters()))
+    n_params = sum(p.numel() for p in model.parameters())
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    first: dict[str, list[float]] = {v: [] for v in variants}  # the warm-up steps of each fit, summed
+    fit_s: dict[str, list[float]] = {v: [] for v in variants}  # whole fits: set-up, steps, end-of-fit report
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            order = variants[r % len(variants):] + variants[: r % len(variants)]
+            for variant in order:
+                timer = StepTimer(cuda, args.clock)
+                model.grad_norm_recipe = variant == "recipe"
+                trainer = Trainer(
+                    accelerator="gpu" if cuda else "cpu",
+                    devices=1,
+                    precision=precision,
+                    max_steps=warmup + steps + 1,  # +1: the last interval ends at the next batch start
+                    logger=TensorBoardLogger(tmp, name=variant),
+                    log_every_n_steps=log_every,
+                    callbacks=[timer, *variant_callbacks(variant)],
+                    enable_checkpointing=False,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    num_sanity_val_steps=0,
+                )
+                t = time.perf_counter()
+                trainer.fit(model, token_batches(config, warmup + steps + 1, seed=r))
+                fit_s[variant].append(time.perf_counter() - t)
+                intervals = timer.intervals_ms()
+                measured = intervals[warmup:]
+                times[variant].extend(measured)
+                first[variant].append(sum(intervals[:warmup]))
+                if args.verbose:
+                    print(f"  round {r} {variant:<10} median {statistics.median(measured):8.2f} ms", flush=True)
+
+    base = statistics.median(times["none"]) if "none" in times else None
+    rows = {}
+    for variant, values in times.items():
+        median = statistics.median(values)
+        rows[variant] = {
+            "median_ms": median,
+            "p10_ms": _quantile(values, 0.1),
+            "p90_ms": _quantile(values, 0.9),
+            "steps": len(values),
+            "ratio": median / base if base else None,
+            "warmup_steps_ms": statistics.median(first[variant]),
+            "fit_s": statistics.median(fit_s[variant]),
+        }
+    return {
+        "preset": args.preset,
+        "device": _device_name(cuda),
+        "torch": torch.__version__,
+        "precision": precision,
+        "tensors": n_tensors,
+        "params": n_params,
+        "rounds": rounds,
+        "steps_per_fit": steps,
+        "warmup_per_fit": warmup,
+        "log_every_n_steps": log_every,
+        "clock": "cuda events" if cuda else args.clock,
+        "wall_s": time.perf_counter() - started,
+        "variants": rows,
+    }
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+def _device_name(cuda: bool) -> str:
+    if cuda:
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(
+        f"\nGPT preset {result['preset']!r}: {result['tensors']} parameter tensors, {result['params']:,} parameters, "
+        f"{result['precision']}, on {result['device']} (torch {result['torch']})"
+    )
+    print(
+        f"{result['rounds']} rounds x {result['steps_per_fit']} timed steps per variant (after "
+        f"{result['warmup_per_fit']} warm-up steps per fit), Trainer(log_every_n_steps={result['log_every_n_steps']}),"
+        f" {result['wall_s']:.0f} s, clock: {result['clock']}"
+    )
+    print(f"  {'variant':<11} {'median ms':>10} {'p10':>8} {'p90':>8} {'steps':>6} {'vs none':>8} "
+          f"{'warm-up ms':>11} {'fit s':>7}")
+    for variant, row in result["variants"].items():
+        ratio = f"{row['ratio']:.3f}x" if row["ratio"] else "-"
+        print(
+            f"  {variant:<11} {row['median_ms']:10.2f} {row['p10_ms']:8.2f} {row['p90_ms']:8.2f} {row['steps']:>6} "
+            f"{ratio:>8} {row['warmup_steps_ms']:11.1f} {row['fit_s']:7.2f}"
+        )
+    print("  (warm-up ms: the first steps of each fit, GradGuard's diagnosis window included; fit s: a whole fit)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda for the gpu preset")
+    parser.add_argument("--rounds", type=int, help="round-robin passes over the variants")
+    parser.add_argument("--steps", type=int, help="timed steps per fit")
+    parser.add_argument("--warmup", type=int, help="discarded steps at the start of each fit")
+    parser.add_argument("--log-every", type=int, help="Trainer(log_every_n_steps=...) for every variant")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default on the CPU: 1)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="CPU device only: this process's CPU time (default; robust on a shared machine) or wall")
+    parser.add_argument("--json", help="write the results here (default: $OUT/overhead-<preset>.json when $OUT is set)")
+    parser.add_argument("--verbose", action="store_true", help="print each fit's median")
+    args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if args.preset == "gpu" else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1  # on a shared machine a second intra-op thread mostly waits for a busy core
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if "none" not in args.variants:
+        args.variants = ["none", *args.variants]
+    for noisy in (".*does not have many workers.*", ".*smaller than the logging interval.*", ".*GradGuard.*",
+                  ".*treespec.*", ".*TensorFloat32.*", ".*LeafSpec.*"):
+        warnings.filterwarnings("ignore", message=noisy)
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    result = run(args)
+    print_table(result)
+    path = args.json
+    if path is None and os.environ.get("OUT"):
+        path = os.path.join(os.environ["OUT"], f"overhead-{args.preset}.json")
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

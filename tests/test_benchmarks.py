@@ -1,0 +1,84 @@
+"""The benchmark scripts run (CPU smoke modes) and report what they claim; speed itself is never asserted here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load(name: str):
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(BENCHMARKS)
+
+
+def test_gpt_presets_have_the_documented_shapes():
+    import torch
+
+    gpt = load("gpt")
+    with torch.device("meta"):
+        model = gpt.GPT(gpt.PRESETS["gpu"])
+    params = list(model.parameters())
+    assert len(params) == 149 and sum(p.numel() for p in params) == 163_037_184  # the issue's GPT-2-small step
+    assert gpt.PRESETS["gpu"].precision == "bf16-mixed" and gpt.PRESETS["gpu"].batch_size == 8
+
+
+def test_overhead_smoke_run_reports_every_variant(tmp_path, capsys):
+    overhead = load("overhead")
+    out = tmp_path / "overhead.json"
+    assert overhead.main(["--preset", "tiny", "--device", "cpu", "--rounds", "1", "--steps", "2", "--warmup", "1",
+                          "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"none", "defaults", "every_step", "recipe"}
+    assert all(row["steps"] == 2 for row in result["variants"].values())
+    assert result["variants"]["none"]["ratio"] == 1.0
+    assert "vs none" in capsys.readouterr().out
+
+
+def test_norm_throughput_smoke_run_agrees_with_vector_norm(tmp_path):
+    throughput = load("norm_throughput")
+    out = tmp_path / "norms.json"
+    assert throughput.main(["--preset", "tiny", "--device", "cpu", "--iters", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["tensors"] == 17 and result["max_relative_error"] < 1e-5
+    assert set(result["methods"]) == {"gradguard", "gradguard+count", "foreach", "loop"}
+
+
+def test_sync_check_smoke_run_passes_and_verifies_logged_norms(tmp_path):
+    sync_check = load("sync_check")
+    out = tmp_path / "sync.json"
+    assert sync_check.main(["--preset", "tiny", "--device", "cpu", "--steps", "8", "--log-every", "4",
+                            "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    baseline, guarded = result["phases"]
+    assert result["passed"] and guarded["steps"] == 8 and guarded["logging_steps"] == [3, 7]
+    assert guarded["norm_check"]["compared"] == 2 * 17 and guarded["norm_check"]["missing_count"] == 0
+
+
+def test_scaling_smoke_run(tmp_path):
+    scaling = load("scaling")
+    out = tmp_path / "scaling.json"
+    assert scaling.main(["--sizes", "40", "--steps", "2", "--log-steps", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    row = result["sizes"][0]
+    assert row["tensors"] == 40 and row["defaults"]["logged_series"] > 0
+    assert result["diagnosis"][0]["cause"] == "unused"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+def test_gpu_check_script_is_valid_bash():
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", os.path.join(BENCHMARKS, "gpu_check.sh")]).returncode == 0
