@@ -167,9 +167,12 @@ class GradGuardEngine:
         cleared them, so the micro-batches since its last step (another optimizer's backward in a GAN loop, a
         step the AMP scaler skipped) contribute nothing to its next step and must not count against it.
         """
+        now = (self._micro_batch, self.backwards)
+        if self._last_step.get(id(optimizer)) == now:
+            return  # nothing happened since its last step: the window is fresh (the common zero_grad-each-step loop)
         indices, _ = self.registry.optimizer_params(optimizer)
         self._grow()
-        self._last_step[id(optimizer)] = (self._micro_batch, self.backwards)
+        self._last_step[id(optimizer)] = now
         if indices:
             idx = self._as_index(indices)
             self._arrived[idx] = 0
