@@ -254,14 +254,19 @@ def strict_together(root: str) -> dict[str, Any]:
 
 @scenario
 def plain_ddp_unused(root: str) -> dict[str, Any]:
-    """Plain ``ddp`` with an unused layer: Lightning's error must name the parameters (Lightning #17212)."""
+    """Plain ``ddp`` with an unused layer: Lightning's error must name the parameters (Lightning #17212).
+
+    Logging at every step puts GradGuard's reduction between DDP's unfinished reduction and Lightning's error: it
+    must neither hang nor change the error.
+    """
     guard = GradGuard(summary=False)
-    t = trainer(root, strategy="ddp", callbacks=[guard])
+    t = trainer(root, strategy="ddp", callbacks=[guard], logger=RecordingLogger(), log_every_n_steps=1)
     try:
         t.fit(UnusedEverywhere(), loader(4, seed=50 + t.global_rank))
     except Exception as err:  # noqa: BLE001 - the scenario reports what the user would see
         report = guard.report()
-        return {"error": str(err), "type": type(err).__name__, "missing": report.missing, "counts": counts(report)}
+        return {"error": str(err), "type": type(err).__name__, "missing": report.missing, "counts": counts(report),
+                "reductions": guard._context.ledger.reductions}
     return {"error": None}
 
 

@@ -198,6 +198,7 @@ def test_plain_ddp_unused_parameter_error_names_the_parameters(ddp):
         assert f"on rank {rank}" in message
         assert result["missing"] == ["unused.weight", "unused.bias"]
         assert result["counts"]["unused.weight"][:2] == [1, 1]
+        assert result["reductions"] == 1  # GradGuard's logging-step reduction ran after step 0, and did not hang
 
 
 # ---------------------------------------------------------------------- FSDP1 (plain torch) and FSDP2 (Lightning)
