@@ -349,9 +349,9 @@ class LoopGuard:
         step = self.global_step
         self.global_step += 1
         log = self.writer is not None and "log" not in self._disabled and (step + 1) % self.log_every_n_steps == 0
-        check = self.engine.check_step(
-            optimizer, step=step, measure=log or self._measure_every_step, grad_scale=grad_scale
-        )
+        # the scale only when there is one: plain fp32 loops use the engine's basic signature
+        scaled = {"grad_scale": grad_scale} if grad_scale is not None else {}
+        check = self.engine.check_step(optimizer, step=step, measure=log or self._measure_every_step, **scaled)
         if log:
             self._log(check, step)
         self._dashboard_check(check, step)
