@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_gradguard.config import GuardConfig
+from lightning_gradguard.context import TrainingContext
 from lightning_gradguard.engine import GradGuardEngine, StepCheck
 from lightning_gradguard.errors import GradGuardError
 from lightning_gradguard.metrics import stage_metrics
@@ -142,6 +143,10 @@ class GradGuard(Callback):
         self._measure_every_step = self.config.nonfinite_check == "every_step"
         self.report_path: Optional[str] = None
         self._dashboard: Optional[TensorBoardDashboard] = None  # set when a TensorBoardLogger is in trainer.loggers
+        # precision and strategy knowledge for the current fit (lightning_gradguard.context)
+        self._context: Optional[TrainingContext] = None
+        self._context_state: dict[str, Any] = {}  # restored from a checkpoint until the fit builds its context
+        self._reduce_due = False  # the cross-rank reduction is due at the end of this batch
 
     # ------------------------------------------------------------------ public
     def report(self) -> GradReport:
@@ -153,10 +158,12 @@ class GradGuard(Callback):
         return self._generate_state_key(allow_none=self.config.allow_none, strict=self.config.strict)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.engine.state_dict()
+        extra = self._context.state_dict() if self._context is not None else self._context_state
+        return {**self.engine.state_dict(), **extra}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.load_state_dict(state_dict)
+        self._context_state = {k: v for k, v in state_dict.items() if k == "amp_skipped_steps"}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The state key includes allow_none and strict, so resuming with `strict=True` turned on (to stop at the
@@ -168,7 +175,7 @@ class GradGuard(Callback):
             return
         ours = [key for key in states if isinstance(key, str) and key.startswith(f"{type(self).__qualname__}{{")]
         if len(ours) == 1:
-            self.engine.load_state_dict(copy.deepcopy(states[ours[0]]))
+            self.load_state_dict(copy.deepcopy(states[ours[0]]))
 
     # ------------------------------------------------------------------ Trainer hooks
     @_feature("check")
@@ -179,8 +186,20 @@ class GradGuard(Callback):
         self._batches_started = None
         if self.config.nonfinite_check == "auto":
             self._measure_every_step = any(p.device.type != "cpu" for p in self.engine.registry.params)
+        self._start_context(trainer)
         self._start_dashboard(trainer)
         self._audit(trainer)
+
+    def _start_context(self, trainer: Trainer) -> None:
+        # precision (AMP loss scale) and strategy (DDP, FSDP, DeepSpeed): what a gradient means in this fit
+        if self._context is not None:  # a reused guard: counts carry on, and so do the skipped AMP steps
+            self._context_state = self._context.state_dict()
+            self._context.detach()
+        self._context = TrainingContext.from_trainer(
+            trainer, self.engine, warn=lambda message: rank_zero_warn(message), restored=self._context_state
+        )
+        if self._context.measure_every_step and self.config.nonfinite_check == "auto":
+            self._measure_every_step = True
 
     @_feature("audit")
     def _audit(self, trainer: Trainer) -> None:
@@ -188,7 +207,14 @@ class GradGuard(Callback):
 
     @_feature("diagnosis")
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._explain_exception(trainer, exception)
         self.engine.end_diagnosis()  # a step raised: no diagnosis instrument may outlive it
+
+    @_feature("distributed")
+    def _explain_exception(self, trainer: Trainer, exception: BaseException) -> None:
+        if self._context is not None:  # DDP's unused-parameter error: add the names Lightning's message drops
+            self._context.on_exception(trainer, exception)
+            self._context.release()
 
     @_feature("check")
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -199,6 +225,8 @@ class GradGuard(Callback):
             self.engine.cancel_micro_batch()
         self._batches_started = started
         self.engine.start_micro_batch()
+        if self._context is not None:  # under DDP, each micro-batch's own gradients are recorded per rank
+            self._context.start_micro_batch()
 
     @_feature("check")
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
@@ -222,30 +250,57 @@ class GradGuard(Callback):
 
     @_feature("check")
     def _check(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        log = "log" not in self._disabled and self._should_log(trainer)
+        context = self._context
+        if context is not None and not context.checks_gradients:  # DeepSpeed: p.grad is not where gradients are
+            return
+        should_log = self._should_log(trainer)
+        log = "log" not in self._disabled and should_log
+        measure = log or self._measure_every_step
         check = self.engine.check_step(
             optimizer,
             step=trainer.global_step,
             accumulate=trainer.accumulate_grad_batches,
-            measure=log or self._measure_every_step,
+            measure=measure,
+            grad_scale=context.grad_scale(optimizer) if context is not None else None,
         )
+        if context is not None:
+            context.after_check(check, measured=measure)
+            stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
+            every = self.config.log_every_n_steps or trainer.log_every_n_steps
+            # decided alike on every rank (never from this rank's own state): the reduction is a collective
+            self._reduce_due = self._reduce_due or should_log or context.reduce_due(stepped, every)
         self._dashboard_check(trainer, check)
         if log:
             self._pending_logs.append(check)
             self._log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
 
-    @_feature("log")
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._reduce(trainer)  # its own feature: if logging fails on one rank, the others must not wait for it
+        self._log_batch_end(trainer)
+
+    @_feature("log")
+    def _log_batch_end(self, trainer: Trainer) -> None:
         self._flush_logs(trainer)
+
+    @_feature("distributed")
+    def _reduce(self, trainer: Trainer) -> None:
+        if self._context is None:
+            return
+        self._context.settle()  # the AMP scaler has finished this batch's steps
+        if self._reduce_due:  # the one collective of a logging step: counts and norms become global
+            self._reduce_due = False
+            self._context.reduce(self._pending_logs)
 
     def _flush_logs(self, trainer: Trainer, wait: bool = False) -> None:
         if self._pending_logs:
             checks, self._pending_logs = self._pending_logs, []
-            # the copy to the host starts now and is written once it has landed (on the CPU: right away), so
-            # the GPU never waits for logging
-            self._unwritten.append((stage_metrics(self.engine, checks), self._log_step or 0))
+            if trainer.is_global_zero:  # the counts and norms are global by now: rank zero writes them
+                scalars = self._context.log_scalars() if self._context is not None else None
+                # the copy to the host starts now and is written once it has landed (on the CPU: right away), so
+                # the GPU never waits for logging
+                self._unwritten.append((stage_metrics(self.engine, checks, scalars), self._log_step or 0))
         while self._unwritten and (wait or self._unwritten[0][0].ready()):
             staged, step = self._unwritten.pop(0)
             if trainer.loggers:
@@ -260,14 +315,22 @@ class GradGuard(Callback):
         self.engine.end_diagnosis()
         self._finish_logs(trainer)  # logging steps whose values were still in flight
         self._pending_logs = []
+        self._finish_context()
         report = self.engine.report()  # every rank reads its device counters: a local, not collective, copy
+        # Trainer.log_dir broadcasts from rank zero (a collective): every rank must ask, or rank zero waits forever
+        log_dir = trainer.log_dir if trainer.loggers else None
         if not trainer.is_global_zero:
             return
         if self.summary:
             print_summary(report)
-        if trainer.loggers:
-            self.report_path = write_report(report, trainer.log_dir)
+        if log_dir is not None:
+            self.report_path = write_report(report, log_dir)
         self._dashboard_report(trainer, report, None)
+
+    @_feature("distributed")
+    def _finish_context(self) -> None:
+        if self._context is not None:  # every rank: the last steps' counts become global (a collective)
+            self._context.finish()
 
     # ------------------------------------------------------------------ TensorBoard dashboard (rank zero)
     @_feature("dashboard")

@@ -80,6 +80,11 @@ class GradGuardEngine:
         self.module: Optional[torch.nn.Module] = None
         self.diagnosis: Optional[Diagnosis] = None  # created by bind(module=...): explains unused/no_grad/detached
         self.leftover: set[int] = set()  # parameters whose .grad was found to be a leftover no backward touched
+        # strategy adapters (lightning_gradguard.distributed); all optional, all off in a single process
+        self.skip_empty_shards = False  # FSDP1: a parameter with no data on this rank is not checked on this rank
+        self.arrival_observer: Optional[Callable[[int, list[int]], None]] = None  # (micro-batch, indices missed)
+        self.strict_vote: Optional[Callable[[list[int]], list[int]]] = None  # strict decision taken by all ranks
+        self.report_hooks: list[Callable[[GradReport], None]] = []  # add what the adapters know to a report
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -199,6 +204,8 @@ class GradGuardEngine:
         self._tracking = True
         self._grow()
         missed = self.arrivals.after_backward(self.registry.params)
+        if self.arrival_observer is not None:
+            self.arrival_observer(self._micro_batch, missed)
         if self.diagnosis is not None:
             self.diagnosis.after_backward(missed)
         arrived = torch.ones(len(self.registry), dtype=torch.bool)
@@ -216,6 +223,7 @@ class GradGuardEngine:
         step: int,
         accumulate: Optional[int] = None,
         measure: bool = False,
+        grad_scale: Optional[Tensor] = None,
     ) -> StepCheck:
         """Check the parameters ``optimizer`` is about to update; call right before ``optimizer.step()``.
 
@@ -224,6 +232,8 @@ class GradGuardEngine:
             step: the global step, for messages and the report.
             accumulate: the ``accumulate_grad_batches`` in effect, for messages.
             measure: also compute per-parameter norms and non-finite counts (on the device, no sync).
+            grad_scale: the loss scale the gradients still carry (AMP with a fused optimizer), as a tensor;
+                norms are divided by it.
 
         Raises:
             GradGuardError: in strict mode, when a checked parameter has no gradient.
@@ -242,7 +252,9 @@ class GradGuardEngine:
         # positions (into this optimizer's list) of parameters without .grad; frozen ones are not checked
         # `is None`, never list.count(None)/`None in grads`: those call Tensor.__eq__ (~8 us per tensor)
         none_pos = [j for j, g in enumerate(grads) if g is None]
-        frozen = {j for j in none_pos if not params[j].requires_grad}
+        # ... nor, under FSDP1, those whose shard on this rank is empty (their .grad is None there by design)
+        empty = self.skip_empty_shards
+        frozen = {j for j in none_pos if not params[j].requires_grad or (empty and not params[j].numel())}
         if frozen:
             none_pos = [j for j in none_pos if j not in frozen]
             positions = [j for j in range(len(indices)) if j not in frozen]
@@ -306,21 +318,30 @@ class GradGuardEngine:
         if measure:
             present = [j for j in positions if grads[j] is not None and indices[j] not in missing_set]
             if present:
-                result.norms = self._measure([indices[j] for j in present], [grads[j] for j in present])
+                result.norms = self._measure(
+                    [indices[j] for j in present], [grads[j] for j in present], grad_scale
+                )
         if (missing or intermittent) and self.explainer is not None:
             for index, (cause, detail) in self.explainer(result).items():
                 self._set_cause(index, cause, detail)
         if self.diagnosis is not None:
             self.diagnosis.after_check(result)
-        if missing:
+        if self.config.strict and self.strict_vote is not None:
+            # shard-local gradients: ranks see different Nones, and all must raise together or none may
+            result.missing = self.strict_vote(missing)
+        if result.missing:
             self._on_missing(result)
         return result
 
-    def _measure(self, indices: list[int], grads: list[Tensor]) -> list[tuple[list[int], NormGroup]]:
+    def _measure(
+        self, indices: list[int], grads: list[Tensor], grad_scale: Optional[Tensor] = None
+    ) -> list[tuple[list[int], NormGroup]]:
         out = []
         for group in per_param_norms(grads, self.config.norm_type):
             reg = [indices[p] for p in group.positions]
             device = group.norms.device
+            if grad_scale is not None:  # the norm of unscaled gradients; Inf/NaN stay what they are
+                group.norms = group.norms / grad_scale.to(device=device, dtype=group.norms.dtype, non_blocking=True)
             counter = self._nonfinite.get(device)
             if counter is None:
                 counter = self._nonfinite[device] = torch.zeros(len(self.registry), dtype=torch.int64, device=device)
@@ -406,7 +427,10 @@ class GradGuardEngine:
             if p.missing or p.intermittent:
                 p.cause, p.detail = cause, detail
             params[name] = p
-        return GradReport(self.steps, self.backwards, params, list(self.findings))
+        report = GradReport(self.steps, self.backwards, params, list(self.findings))
+        for hook in self.report_hooks:
+            hook(report)
+        return report
 
     # ------------------------------------------------------------------ resumable state
     def state_dict(self) -> dict[str, Any]:
