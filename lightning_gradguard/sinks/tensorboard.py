@@ -4,13 +4,14 @@ Everything goes through a ``SummaryWriter`` (``torch.utils.tensorboard``'s or te
 ``experiment`` of Lightning's ``TensorBoardLogger``, or the writer a plain loop passes in), so the dashboard
 lives in the same run directory as the scalars that :mod:`lightning_gradguard.metrics` writes:
 
-* a custom-scalars layout (TensorBoard's "Custom Scalars" tab) written once when training starts: one chart
-  for the total norm, one for the counts of parameters without a gradient or with a non-finite one, one for
-  skipped AMP steps when a gradient scaler is in use, and one chart of gradient norms and one of cumulative
-  None counts per top-level module;
-* the report (table, causes, source lines, hints) as a markdown text entry under ``gradguard/report``, at the
-  first step with a missing gradient and at the end of training. The entry carries the report as JSON in an
-  HTML comment, which TensorBoard does not display, so ``gradguard report`` can read a log directory back;
+* a custom-scalars layout (TensorBoard's "Custom Scalars" tab) written once when training starts: charts of
+  the total norm, of the number of parameters without a gradient, of the cumulative steps without a gradient of
+  each parameter that missed one, of the number with a non-finite gradient, of skipped AMP steps when a gradient
+  scaler is in use; then one chart of gradient norms and one of steps without a gradient per top-level module;
+* the report (causes with their source lines, the table, hints) as a markdown text entry under
+  ``gradguard/report``, at the first step with a missing gradient, when strict mode stops training, and at the
+  end of training. The entry carries the report as JSON in an HTML comment, which TensorBoard does not display,
+  so ``gradguard report`` can read a log directory back;
 * optional gradient histograms (``gradguard/grad_hist/...``) on their own, sparser cadence;
 * an optional gradient-flow image (``gradguard/gradient_flow``): per parameter (or per module for big models)
   the mean and the max absolute gradient on a log scale, with the parameters that had no gradient marked in
