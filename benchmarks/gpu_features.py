@@ -168,6 +168,9 @@ def amp_precision(device: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the checks
+_AMP_NORMS: dict[bool, list[dict[str, float]]] = {}  # logged norms of the 16-mixed runs, by `fused`
+
+
 def check_amp_overflow(device: str, fused: bool = False) -> dict[str, Any]:
     """16-mixed with an overflow planted at batch 2: one skipped step, unscaled norms, nothing missing."""
     torch.manual_seed(0)
@@ -185,6 +188,7 @@ def check_amp_overflow(device: str, fused: bool = False) -> dict[str, Any]:
         "max_relative_norm_error": error,
         "norms": logger.norms(),
     }
+    _AMP_NORMS[fused] = result["norms"]
     result["passed"] = (
         report.amp_skipped_steps == 1 and not report.missing and error < 1e-3
         and result["scale_after"] == INIT_SCALE / 2 and result["nonfinite_params_at_each_step"][2] > 0
@@ -195,8 +199,9 @@ def check_amp_overflow(device: str, fused: bool = False) -> dict[str, Any]:
 def check_fused_adam(device: str) -> dict[str, Any]:
     """Fused Adam under 16-mixed: Lightning does not unscale before the hook; the logged norms must be unscaled."""
     fused = check_amp_overflow(device, fused=True)
-    plain = check_amp_overflow(device, fused=False)
-    agreement = max_relative_error(fused.pop("norms"), plain.pop("norms"))
+    if False not in _AMP_NORMS:  # the non-fused run of the first check, unless it was skipped
+        check_amp_overflow(device, fused=False)
+    agreement = max_relative_error(fused.pop("norms"), _AMP_NORMS[False])
     fused["max_relative_difference_to_non_fused_run"] = agreement
     fused["passed"] = fused["passed"] and agreement < 1e-2
     return fused
@@ -319,7 +324,8 @@ def main(argv: list[str]) -> int:
         results[name] = result
         verdict = {True: "pass", False: "FAIL", None: "skipped"}[result.get("passed")]
         failed |= result.get("passed") is False
-        figures = {k: v for k, v in result.items() if k not in ("passed", "norms", "params", "error")}
+        result.pop("norms", None)
+        figures = {k: v for k, v in result.items() if k not in ("passed", "params", "error")}
         print(f"| {name} | {verdict} | {json.dumps(figures, default=str)} |")
         if "error" in result:
             print(result["error"], file=sys.stderr)

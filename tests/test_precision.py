@@ -274,3 +274,23 @@ def test_amp_skipped_steps_survive_a_checkpoint(make_trainer, tmp_path):
     report = resumed.report()
     assert (report.steps, report.amp_skipped_steps) == (6, 2)
     assert report.params["l1.weight"].nonfinite_steps == 2
+
+
+def test_gpu_feature_script_passes_its_checks_on_the_cpu(tmp_path):
+    # benchmarks/gpu_features.py runs on a GPU machine; on the CPU it runs every check but FSDP, which is how the
+    # script itself is kept correct between GPU runs
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_features.py"
+    spec = importlib.util.spec_from_file_location("gpu_features", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "features.json"
+    assert module.main(["--device", "cpu", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["16-mixed, planted overflow"]["amp_skipped_steps"] == 1
+    assert results["16-mixed, fused Adam"]["max_relative_norm_error"] < 1e-5
+    assert results["FSDPStrategy, planted unused layer"]["passed"] is None  # skipped without a GPU
+    assert results["torch.compile"]["with_guard"]["graphs"] == results["torch.compile"]["without_guard"]["graphs"]
