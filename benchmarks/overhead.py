@@ -50,7 +50,7 @@ from lightning_gradguard import GradGuard  # noqa: E402
 VARIANTS = ("none", "defaults", "every_step", "recipe")
 
 # (rounds, timed steps per fit, warm-up steps per fit, Trainer log_every_n_steps)
-PRESET_RUNS = {"gpu": (4, 30, 5, 10), "cpu": (3, 12, 3, 10), "tiny": (1, 3, 1, 2)}
+PRESET_RUNS = {"gpu": (4, 30, 5, 10), "cpu": (8, 15, 3, 10), "tiny": (1, 3, 1, 2)}
 
 
 class StepTimer(Callback):

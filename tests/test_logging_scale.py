@@ -150,3 +150,22 @@ def test_module_norms_are_the_norm_of_their_parameters_norms(norm_type):
                  for n, p in model.named_parameters() if n.startswith(f"blocks.{block}.")]
         expected = max(norms) if math.isinf(norm_type) else sum(v**norm_type for v in norms) ** (1 / norm_type)
         assert metrics[f"gradguard/module_norm/blocks.{block}"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("prefix", ["", "run1"])
+def test_tensorboard_reads_back_every_scalar_of_a_step(make_trainer, tmp_path, prefix):
+    """All of a step's scalars go into one TensorBoard event (or through log_metrics when the logger adds a
+    prefix); TensorBoard's reader sees the same tags and values either way."""
+    from models import HealthyMLP
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb", prefix=prefix)
+    model = HealthyMLP()
+    trainer = make_trainer(callbacks=[GradGuard(summary=False)], logger=logger, log_every_n_steps=2)
+    trainer.fit(model, regression_loader(4))
+    steps = scalars_by_step(logger.log_dir)
+    join = f"{prefix}-" if prefix else ""
+    assert sorted(steps) == [1, 3]
+    for metrics in steps.values():
+        assert {tag for tag in metrics} >= {f"{join}gradguard/{name}" for name in
+                                            ("total_norm", "none_params", "norm/l1.weight", "norm/l2.bias")}
+        assert metrics[f"{join}gradguard/none_params"] == 0
