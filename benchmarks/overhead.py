@@ -1,7 +1,6 @@
 """Training-step overhead of GradGuard against no callback and against Lightning's documented recipe.
 
-One GPT model (``benchmarks/gpt.py``) is trained by a series of short ``Trainer.fit`` runs that go round-robin over
-the variants, so that drifting background load and clock speed hit every variant alike:
+One GPT model (``benchmarks/gpt.py``) is trained under Lightning with four variants:
 
 * ``none``: no callback;
 * ``defaults``: ``GradGuard()``, logging at the Trainer's cadence (``--log-every``);
@@ -9,18 +8,28 @@ the variants, so that drifting background load and clock speed hit every variant
 * ``recipe``: Lightning's recipe, ``self.log_dict(grad_norm(self, norm_type=2))`` in ``on_before_optimizer_step``.
 
 Every variant has the same ``TensorBoardLogger`` (a temporary directory) and ``Trainer(log_every_n_steps=...)``.
+Two ways to alternate them (``--mode``):
+
+* ``interleave`` (default on the CPU): one fit in which the variants take turns batch by batch (a dispatcher
+  callback hands each batch's hooks to that batch's GradGuard only and sets the recipe flag for the recipe's
+  batches), so that the background load of a shared machine hits every variant alike. A GradGuard then sees
+  every fourth batch; with ``--log-every 10`` ``defaults`` writes on every fifth of its own steps, twice
+  Lightning's default density.
+* ``fits`` (default on CUDA): short fits, one variant each, round-robin, ``--rounds`` times: no interplay between
+  variants (on a GPU a synchronization in one batch would also delay the start of the next).
+
 The step time is the interval between consecutive ``on_train_batch_start`` calls, so it includes everything
 Lightning does after ``on_train_batch_end`` (the recipe's metric writes happen there). On CUDA the intervals come
 from CUDA events recorded in the stream, without synchronizing, so the CPU can run ahead of the GPU as it does in
 real training and a host synchronization shows up as the gap it causes. On the CPU they are this process's CPU
-time by default (``--clock cpu``; all its threads, TensorBoard's writer included), so that other processes on a
-shared machine do not decide the result; ``--clock wall`` uses ``time.perf_counter``. The first ``--warmup`` steps of each fit
-are discarded.
+time by default (``--clock cpu``: all its threads, TensorBoard's writer included), so that other processes on a
+shared machine weigh less; ``--clock wall`` uses ``time.perf_counter``. The first ``--warmup`` steps of each
+variant (each fit) are reported apart: they hold GradGuard's diagnosis window.
 
 Usage::
 
-    python benchmarks/overhead.py --preset cpu          # 2-core CPU: under 3 minutes
-    python benchmarks/overhead.py --preset gpu          # one GPU, GPT-2 small, bf16-mixed
+    python benchmarks/overhead.py --preset cpu          # 2-core CPU: about 1.5 minutes
+    python benchmarks/overhead.py --preset gpu          # one GPU, GPT-2 small (163M), bf16-mixed
     python benchmarks/overhead.py --preset tiny --device cpu --rounds 1 --steps 3   # smoke test
 
 """
@@ -49,8 +58,8 @@ from lightning_gradguard import GradGuard  # noqa: E402
 
 VARIANTS = ("none", "defaults", "every_step", "recipe")
 
-# (rounds, timed steps per fit, warm-up steps per fit, Trainer log_every_n_steps)
-PRESET_RUNS = {"gpu": (4, 30, 5, 10), "cpu": (8, 15, 3, 10), "tiny": (1, 3, 1, 2)}
+# (rounds, timed steps per variant and round, warm-up steps per variant (and fit), Trainer log_every_n_steps)
+PRESET_RUNS = {"gpu": (4, 30, 5, 10), "cpu": (8, 25, 3, 10), "tiny": (1, 3, 1, 2)}
 
 
 class StepTimer(Callback):
@@ -85,66 +94,150 @@ def variant_callbacks(variant: str) -> list[Callback]:
     return []
 
 
+_PER_BATCH_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_zero_grad",
+                    "on_before_optimizer_step", "on_train_batch_end")
+_LIFECYCLE_HOOKS = ("setup", "on_fit_start", "on_train_start", "on_train_epoch_start", "on_train_epoch_end",
+                    "on_train_end", "on_fit_end", "teardown", "on_exception")
+
+
+class Dispatcher(Callback):
+    """Runs the variants in turn, one training batch each, inside a single fit.
+
+    Each batch belongs to one variant: the GradGuard of that variant gets the batch's hooks (the others do not see
+    the batch at all), and the recipe flag of the model is set for the recipe's batches. Background load then hits
+    every variant alike, which short fits in turn cannot promise on a shared machine.
+    """
+
+    def __init__(self, variants: list[str], callbacks: dict[str, list[Callback]]) -> None:
+        self.variants = variants
+        self.callbacks = callbacks
+        self.active: Optional[str] = None
+
+    def variant_at(self, batch: int) -> str:
+        return self.variants[batch % len(self.variants)]
+
+    def _all(self) -> list[Callback]:
+        return [cb for cbs in self.callbacks.values() for cb in cbs]
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+        self.active = self.variant_at(trainer.fit_loop.epoch_loop._batches_that_stepped)
+        pl_module.grad_norm_recipe = self.active == "recipe"
+        for cb in self.callbacks.get(self.active, []):
+            cb.on_train_batch_start(trainer, pl_module, *args)
+
+
+def _forward_per_batch(name: str) -> Any:
+    def hook(self: Dispatcher, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+        for cb in self.callbacks.get(self.active or "", []):
+            getattr(cb, name)(trainer, pl_module, *args)
+
+    return hook
+
+
+def _forward_lifecycle(name: str) -> Any:
+    def hook(self: Dispatcher, *args: Any, **kwargs: Any) -> None:
+        for cb in self._all():
+            getattr(cb, name)(*args, **kwargs)
+
+    return hook
+
+
+for _name in _PER_BATCH_HOOKS[1:]:
+    setattr(Dispatcher, _name, _forward_per_batch(_name))
+for _name in _LIFECYCLE_HOOKS:
+    setattr(Dispatcher, _name, _forward_lifecycle(_name))
+
+
+def _trainer(args: argparse.Namespace, precision: str, max_steps: int, logger: Any, callbacks: list) -> Trainer:
+    return Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        max_steps=max_steps,
+        logger=logger,
+        log_every_n_steps=args.log_every,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def _run_fits(args: argparse.Namespace, model: GPT, precision: str, tmp: str) -> dict[str, dict[str, list[float]]]:
+    """Short fits, one variant each, round-robin: no interplay between variants (best on a dedicated GPU)."""
+    variants, cuda = args.variants, args.device == "cuda"
+    out: dict[str, dict[str, list[float]]] = {v: {"steps": [], "warmup": [], "fit_s": []} for v in variants}
+    for r in range(args.rounds):
+        for variant in variants[r % len(variants):] + variants[: r % len(variants)]:
+            timer = StepTimer(cuda, args.clock)
+            model.grad_norm_recipe = variant == "recipe"
+            trainer = _trainer(args, precision, args.warmup + args.steps + 1,  # +1: the last interval's end
+                               TensorBoardLogger(tmp, name=variant), [timer, *variant_callbacks(variant)])
+            t = time.perf_counter()
+            trainer.fit(model, token_batches(model.config, args.warmup + args.steps + 1, seed=r))
+            out[variant]["fit_s"].append(time.perf_counter() - t)
+            intervals = timer.intervals_ms()
+            out[variant]["steps"].extend(intervals[args.warmup:])
+            out[variant]["warmup"].append(sum(intervals[: args.warmup]))
+            if args.verbose:
+                print(f"  round {r} {variant:<10} median {statistics.median(intervals[args.warmup:]):8.2f} ms",
+                      flush=True)
+    return out
+
+
+def _run_interleaved(args: argparse.Namespace, model: GPT, precision: str, tmp: str) -> dict[str, dict[str, list]]:
+    """One fit; the variants take turns batch by batch (best on a shared CPU)."""
+    variants, cuda = args.variants, args.device == "cuda"
+    n = len(variants)
+    total = n * (args.warmup + args.rounds * args.steps)
+    timer = StepTimer(cuda, args.clock)
+    dispatcher = Dispatcher(variants, {v: variant_callbacks(v) for v in variants})
+    trainer = _trainer(args, precision, total + 1, TensorBoardLogger(tmp, name="interleaved"), [timer, dispatcher])
+    trainer.fit(model, token_batches(model.config, total + 1))
+    out: dict[str, dict[str, list]] = {v: {"steps": [], "warmup": [0.0], "fit_s": []} for v in variants}
+    for i, interval in enumerate(timer.intervals_ms()):
+        variant = dispatcher.variant_at(i)
+        if i < n * args.warmup:
+            out[variant]["warmup"][0] += interval
+        else:
+            out[variant]["steps"].append(interval)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     config = PRESETS[args.preset]
     rounds, steps, warmup, log_every = PRESET_RUNS[args.preset]
-    rounds = args.rounds or rounds
-    steps = args.steps or steps
-    warmup = args.warmup if args.warmup is not None else warmup
-    log_every = args.log_every or log_every
+    args.rounds = args.rounds or rounds
+    args.steps = args.steps or steps
+    args.warmup = args.warmup if args.warmup is not None else warmup
+    args.log_every = args.log_every or log_every
+    args.mode = args.mode or ("fits" if args.device == "cuda" else "interleave")
     cuda = args.device == "cuda"
     precision = config.precision if cuda else "32-true"
-    variants = args.variants
 
     torch.manual_seed(0)
     model = GPT(config)
     n_tensors = len(list(model.parameters()))
     n_params = sum(p.numel() for p in model.parameters())
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    first: dict[str, list[float]] = {v: [] for v in variants}  # the warm-up steps of each fit, summed
-    fit_s: dict[str, list[float]] = {v: [] for v in variants}  # whole fits: set-up, steps, end-of-fit report
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(rounds):
-            order = variants[r % len(variants):] + variants[: r % len(variants)]
-            for variant in order:
-                timer = StepTimer(cuda, args.clock)
-                model.grad_norm_recipe = variant == "recipe"
-                trainer = Trainer(
-                    accelerator="gpu" if cuda else "cpu",
-                    devices=1,
-                    precision=precision,
-                    max_steps=warmup + steps + 1,  # +1: the last interval ends at the next batch start
-                    logger=TensorBoardLogger(tmp, name=variant),
-                    log_every_n_steps=log_every,
-                    callbacks=[timer, *variant_callbacks(variant)],
-                    enable_checkpointing=False,
-                    enable_progress_bar=False,
-                    enable_model_summary=False,
-                    num_sanity_val_steps=0,
-                )
-                t = time.perf_counter()
-                trainer.fit(model, token_batches(config, warmup + steps + 1, seed=r))
-                fit_s[variant].append(time.perf_counter() - t)
-                intervals = timer.intervals_ms()
-                measured = intervals[warmup:]
-                times[variant].extend(measured)
-                first[variant].append(sum(intervals[:warmup]))
-                if args.verbose:
-                    print(f"  round {r} {variant:<10} median {statistics.median(measured):8.2f} ms", flush=True)
+        runner = _run_fits if args.mode == "fits" else _run_interleaved
+        measured = runner(args, model, precision, tmp)
 
-    base = statistics.median(times["none"]) if "none" in times else None
+    base = statistics.median(measured["none"]["steps"])
     rows = {}
-    for variant, values in times.items():
+    for variant, m in measured.items():
+        values = m["steps"]
         median = statistics.median(values)
         rows[variant] = {
             "median_ms": median,
             "p10_ms": _quantile(values, 0.1),
             "p90_ms": _quantile(values, 0.9),
             "steps": len(values),
-            "ratio": median / base if base else None,
-            "warmup_steps_ms": statistics.median(first[variant]),
-            "fit_s": statistics.median(fit_s[variant]),
+            "ratio": median / base,
+            "warmup_steps_ms": statistics.median(m["warmup"]),
+            "fit_s": statistics.median(m["fit_s"]) if m["fit_s"] else None,
         }
     return {
         "preset": args.preset,
@@ -153,10 +246,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "precision": precision,
         "tensors": n_tensors,
         "params": n_params,
-        "rounds": rounds,
-        "steps_per_fit": steps,
-        "warmup_per_fit": warmup,
-        "log_every_n_steps": log_every,
+        "mode": args.mode,
+        "rounds": args.rounds,
+        "steps_per_fit": args.steps,
+        "warmup_per_fit": args.warmup,
+        "log_every_n_steps": args.log_every,
         "clock": "cuda events" if cuda else args.clock,
         "wall_s": time.perf_counter() - started,
         "variants": rows,
@@ -180,9 +274,11 @@ def print_table(result: dict[str, Any]) -> None:
         f"\nGPT preset {result['preset']!r}: {result['tensors']} parameter tensors, {result['params']:,} parameters, "
         f"{result['precision']}, on {result['device']} (torch {result['torch']})"
     )
+    how = ("variants taking turns batch by batch in one fit" if result["mode"] == "interleave"
+           else "short fits, round-robin over the variants")
     print(
-        f"{result['rounds']} rounds x {result['steps_per_fit']} timed steps per variant (after "
-        f"{result['warmup_per_fit']} warm-up steps per fit), Trainer(log_every_n_steps={result['log_every_n_steps']}),"
+        f"{how}: {result['rounds']} x {result['steps_per_fit']} timed steps per variant (after "
+        f"{result['warmup_per_fit']} warm-up steps each), Trainer(log_every_n_steps={result['log_every_n_steps']}),"
         f" {result['wall_s']:.0f} s, clock: {result['clock']}"
     )
     print(f"  {'variant':<11} {'median ms':>10} {'p10':>8} {'p90':>8} {'steps':>6} {'vs none':>8} "
@@ -191,15 +287,18 @@ def print_table(result: dict[str, Any]) -> None:
         ratio = f"{row['ratio']:.3f}x" if row["ratio"] else "-"
         print(
             f"  {variant:<11} {row['median_ms']:10.2f} {row['p10_ms']:8.2f} {row['p90_ms']:8.2f} {row['steps']:>6} "
-            f"{ratio:>8} {row['warmup_steps_ms']:11.1f} {row['fit_s']:7.2f}"
+            f"{ratio:>8} {row['warmup_steps_ms']:11.1f} {row['fit_s'] or float('nan'):7.2f}"
         )
-    print("  (warm-up ms: the first steps of each fit, GradGuard's diagnosis window included; fit s: a whole fit)")
+    print("  (warm-up ms: a variant's first steps, GradGuard's diagnosis window included; fit s: a whole fit)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda for the gpu preset")
+    parser.add_argument("--mode", choices=("interleave", "fits"),
+                        help="interleave: one fit, variants take turns per batch (default on the CPU); "
+                             "fits: short fits round-robin (default on CUDA)")
     parser.add_argument("--rounds", type=int, help="round-robin passes over the variants")
     parser.add_argument("--steps", type=int, help="timed steps per fit")
     parser.add_argument("--warmup", type=int, help="discarded steps at the start of each fit")
@@ -221,6 +320,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     if "none" not in args.variants:
         args.variants = ["none", *args.variants]
+    args.variants = [v for v in VARIANTS if v in args.variants]
     for noisy in (".*does not have many workers.*", ".*smaller than the logging interval.*", ".*GradGuard.*",
                   ".*treespec.*", ".*TensorFloat32.*", ".*LeafSpec.*"):
         warnings.filterwarnings("ignore", message=noisy)

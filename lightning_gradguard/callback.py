@@ -155,7 +155,13 @@ class GradGuard(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(allow_none=self.config.allow_none, strict=self.config.strict)
+        # Lightning reads this at every hook call (profiler names): build it once, the config is frozen
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = self._generate_state_key(
+                allow_none=self.config.allow_none, strict=self.config.strict
+            )
+        return key
 
     def state_dict(self) -> dict[str, Any]:
         extra = self._context.state_dict() if self._context is not None else self._context_state
