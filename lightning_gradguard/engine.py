@@ -259,7 +259,7 @@ class GradGuardEngine:
             none_pos = [j for j in none_pos if j not in frozen]
             positions = [j for j in range(len(indices)) if j not in frozen]
         else:
-            positions = list(range(len(indices)))
+            positions = range(len(indices))  # a range, not a list: 10k parameters, every step
         checked = [indices[j] for j in positions] if frozen else indices
         if not checked:
             return StepCheck(step, window, backwards, accumulate, [], [], [])
@@ -316,11 +316,14 @@ class GradGuardEngine:
 
         result = StepCheck(step, window, backwards, accumulate, checked, missing, intermittent)
         if measure:
-            present = [j for j in positions if grads[j] is not None and indices[j] not in missing_set]
-            if present:
-                result.norms = self._measure(
-                    [indices[j] for j in present], [grads[j] for j in present], grad_scale
-                )
+            if not missing and not frozen:  # every gradient is there: measure the lists as they are
+                result.norms = self._measure(indices, grads, grad_scale)
+            else:
+                present = [j for j in positions if grads[j] is not None and indices[j] not in missing_set]
+                if present:
+                    result.norms = self._measure(
+                        [indices[j] for j in present], [grads[j] for j in present], grad_scale
+                    )
         if (missing or intermittent) and self.explainer is not None:
             for index, (cause, detail) in self.explainer(result).items():
                 self._set_cause(index, cause, detail)
