@@ -12,12 +12,13 @@ Tags live under one ``gradguard/`` prefix so they sort together in any logger:
 How many series a step writes (``GuardConfig.log_granularity``):
 
 * ``"param"``: a norm for every parameter tensor, and a ``none_steps`` series for every parameter that missed one;
-* ``"module"``: per-module norms at ``log_module_depth`` (or the deepest depth that fits the budget below);
-* ``"auto"`` (default): ``"param"`` while the model has at most ``max_logged_series - RESERVED_SERIES`` tensors.
-  Above that, TensorBoard stays readable: per-module norms at the deepest depth that fits, plus the ``TOP_K``
-  parameters with the largest norm at this step (a non-finite norm counts as the largest), plus ``none_steps``
-  for at most ``max_logged_series // 8`` parameters (the most often missing). A step then writes at most
-  ``max_logged_series`` metrics in all.
+* ``"module"``: per-module norms at ``log_module_depth`` (or the deepest depth that fits the budget), and the
+  capped ``none_steps`` of ``"auto"``;
+* ``"auto"`` (default): ``none_steps`` for at most ``max_logged_series // 8`` parameters (the most often missing),
+  and ``"param"`` while the model has at most ``max_logged_series - RESERVED_SERIES - max_logged_series // 8``
+  tensors (216 for the default 256). Above that, TensorBoard stays readable: per-module norms at the deepest
+  depth that fits, plus the ``TOP_K`` parameters with the largest norm at this step (a non-finite norm counts as
+  the largest). Either way a step writes at most ``max_logged_series`` metrics in all.
 
 The copy never blocks the training loop on an accelerator: :func:`stage_metrics` starts a non-blocking copy into
 pinned host memory and records a CUDA event; :meth:`StagedMetrics.ready` polls it, and the metrics are built once
@@ -75,12 +76,13 @@ class LogLayout:
 
     def __init__(self, names: Sequence[str], granularity: str, max_series: int, depth: Optional[int]) -> None:
         self.size = len(names)
-        if granularity == "auto":
-            granularity = "param" if len(names) <= max_series - RESERVED_SERIES else "module"
+        none_cap = max(max_series // 8, 1)
+        auto = granularity == "auto"
+        if auto:  # every tensor's norm, the capped none_steps and the scalars must fit in the budget
+            granularity = "param" if len(names) <= max_series - RESERVED_SERIES - none_cap else "module"
         self.per_param = granularity == "param"
-        capped = not self.per_param
-        self.none_cap: Optional[int] = max(max_series // 8, 1) if capped else None
-        self.top_k = min(TOP_K, max(max_series // 16, 1)) if capped and depth is None else 0
+        self.none_cap: Optional[int] = none_cap if auto or not self.per_param else None  # "param" asked: all
+        self.top_k = min(TOP_K, max(max_series // 16, 1)) if auto and not self.per_param else 0
         self.modules: list[str] = []
         self.module_ids: list[int] = []  # registry index -> position in `modules`
         if not self.per_param:

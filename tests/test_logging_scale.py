@@ -103,18 +103,21 @@ def run_engine_step(model: nn.Module, config: GuardConfig, poison: str = ""):
 
 def test_small_models_log_every_parameter_and_big_ones_aggregate():
     budget = 64
-    small = ManyLayers(blocks=4, per_block=(budget - RESERVED_SERIES) // 8)  # exactly budget - RESERVED tensors
+    fit = budget - RESERVED_SERIES - budget // 8  # 48 tensors: their norms, 8 none_steps and 8 scalars fit
+    small = ManyLayers(blocks=4, per_block=fit // 8)
     names = [n for n, _ in small.named_parameters()]
-    assert len(names) == budget - RESERVED_SERIES
-    assert LogLayout(names, "auto", budget, None).per_param
+    assert len(names) == fit
+    layout = LogLayout(names, "auto", budget, None)
+    assert layout.per_param and layout.none_cap == budget // 8 and layout.top_k == 0
     big_names = names + ["extra.weight"]
     layout = LogLayout(big_names, "auto", budget, None)
     assert not layout.per_param and layout.top_k == budget // 16 and layout.none_cap == budget // 8
-    # room for 64 - 8 - 8 - 4 = 44 modules: depth 3 (one per layer, 29) fits
-    assert layout.modules == [f"blocks.{b}.{i}" for b in range(4) for i in range(7)] + ["extra"]
-    assert LogLayout(big_names, "param", budget, None).per_param  # asked for: every tensor, no cap
+    # room for 64 - 8 - 8 - 4 = 44 modules: depth 3 (one per layer, 25) fits
+    assert layout.modules == [f"blocks.{b}.{i}" for b in range(4) for i in range(6)] + ["extra"]
+    asked = LogLayout(big_names, "param", budget, None)
+    assert asked.per_param and asked.none_cap is None  # asked for: every tensor, no cap
     explicit = LogLayout(big_names, "module", budget, 1)
-    assert explicit.modules == ["blocks", "extra"] and explicit.top_k == 0
+    assert explicit.modules == ["blocks", "extra"] and explicit.top_k == 0 and explicit.none_cap == budget // 8
 
 
 def test_explicit_param_granularity_logs_every_tensor_beyond_the_budget():
