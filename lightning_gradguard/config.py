@@ -31,11 +31,13 @@ class GuardConfig:
             cost a fraction of a percent, and ``"log_steps"`` on the CPU, where each tensor costs a synchronous
             dispatch.
         log_granularity: ``"param"`` logs one norm per parameter tensor, ``"module"`` per-module aggregates at
-            ``log_module_depth``; ``"auto"`` logs per parameter up to ``max_logged_series`` tensors and per
-            module (at the deepest depth that fits) above that.
+            ``log_module_depth``; ``"auto"`` logs per parameter while everything fits in ``max_logged_series``
+            (216 tensors for the default 256) and, above that, per-module norms at the deepest depth that fits
+            plus the 16 largest parameter norms by name (see :mod:`lightning_gradguard.metrics`).
         log_module_depth: module depth for ``"module"`` granularity (1 = top-level children); ``None`` picks the
-            deepest depth with at most ``max_logged_series`` modules.
-        max_logged_series: the most norm series one logging step writes under ``"auto"``.
+            deepest depth whose modules fit in ``max_logged_series``.
+        max_logged_series: the most metrics one logging step writes under ``"auto"`` (``none_steps`` series
+            are capped at an eighth of it, the most often missing parameters first).
         histogram_every_n_steps: write gradient histograms to TensorBoard every n optimizer steps; ``None`` never.
         gradient_flow_every_n_steps: draw the gradient-flow image (per-parameter mean and max gradient, missing
             gradients marked) to TensorBoard every n optimizer steps, and at the first missing gradient;
