@@ -46,6 +46,7 @@ LAYERS_PER_BLOCK = 10
 # CPU time of this process (all its threads): the machine may be shared, and time spent descheduled while other
 # processes run is not the guard's cost. ``--clock wall`` switches to time.perf_counter.
 clock = time.process_time
+READ_CLEARED = False  # --read-cleared: the plain-loop path, which snapshots every gradient before backward
 
 
 class ManyTensors(nn.Module):
@@ -80,7 +81,8 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     optimizer.zero_grad(set_to_none=True)  # Lightning zeroes inside the closure, after training_step
     if guard is not None:
         t = clock()
-        guard.engine.before_backward(loss)
+        # like the Lightning callback after Lightning's own zero_grad: the optimizer's gradients are known None
+        guard.engine.before_backward(loss, cleared=None if READ_CLEARED else optimizer)
         inside += clock() - t
     loss.backward()
     if guard is not None:
@@ -256,14 +258,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: less noise)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="cpu: this process's CPU time (robust on a shared machine); wall: perf_counter")
+    parser.add_argument("--read-cleared", action="store_true",
+                        help="snapshot every gradient before backward (plain loops) instead of skipping those the "
+                             "Lightning callback knows zero_grad set to None")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    global clock
+    global clock, READ_CLEARED
+    READ_CLEARED = args.read_cleared
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, "
-          f"clock={args.clock}")
+          f"clock={args.clock}, snapshot before backward: "
+          f"{'every gradient' if READ_CLEARED else 'skips those zero_grad set to None'}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:

@@ -26,9 +26,26 @@ class ArrivalTracker:
         self._versions: list[int] = []
         # grads of the parameters the last backward missed, to tell a leftover tensor from one assigned later
         self.last_missed: dict[int, tuple[Optional[weakref.ref], int]] = {}
+        self._others: dict[tuple[int, int], tuple[Sequence[int], list[int]]] = {}  # complements of `cleared`
 
-    def before_backward(self, params: Sequence[Tensor]) -> None:
-        before = [p.grad for p in params]
+    def before_backward(self, params: Sequence[Tensor], cleared: Optional[Sequence[int]] = None) -> None:
+        """Snapshot the gradients right before a backward pass.
+
+        Args:
+            params: every watched parameter.
+            cleared: indices into ``params`` whose gradients are known to be None (``zero_grad(set_to_none=True)``
+                just ran for them): they are not read. Reading ``.grad`` costs 0.05-0.2 us per parameter (0.2 once the
+                forward pass has pushed the parameters out of the cache): up to 2 ms for 10k tensors.
+                Two of them are read anyway; if either has a gradient, everything is read.
+
+        """
+        if cleared and params[cleared[0]].grad is None and params[cleared[-1]].grad is None:
+            others = self._complement(len(params), cleared)
+            before: list[Optional[Tensor]] = [None] * len(params)
+            for i in others:
+                before[i] = params[i].grad
+        else:
+            before = [p.grad for p in params]
         self._before = before
         # the common case right after zero_grad(set_to_none=True): nothing to version. Identity tests only, in C:
         # list.count(None) and `None in before` would call Tensor.__eq__ on every gradient (~8 us each).
@@ -36,6 +53,16 @@ class ArrivalTracker:
             self._versions = [-1 if g is None else g._version for g in before]
         else:
             self._versions = []
+
+    def _complement(self, n: int, cleared: Sequence[int]) -> list[int]:
+        key = (n, id(cleared))
+        hit = self._others.get(key)
+        if hit is None or hit[0] is not cleared:  # the registry hands back the same list while nothing changes
+            skip = set(cleared)
+            if len(self._others) > 8:
+                self._others.clear()
+            hit = self._others[key] = (cleared, [i for i in range(n) if i not in skip])
+        return hit[1]
 
     def after_backward(self, params: Sequence[Tensor]) -> list[int]:
         """Indices (into ``params``) of the parameters this backward gave no gradient."""

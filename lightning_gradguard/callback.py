@@ -29,6 +29,16 @@ def _batches_started(trainer: Trainer) -> Optional[int]:
     return getattr(progress, "started", None)
 
 
+def _zero_grad_sets_none(pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the ``zero_grad`` Lightning is about to run leaves every gradient of ``optimizer`` None: neither the
+    LightningModule's ``optimizer_zero_grad`` nor the optimizer's ``zero_grad`` is overridden, and torch's
+    ``zero_grad`` sets gradients to None by default."""
+    return (
+        type(pl_module).optimizer_zero_grad is LightningModule.optimizer_zero_grad
+        and type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
+    )
+
+
 def _feature(name: str) -> Callable[[F], F]:
     """Run a hook body as feature ``name``: a failure inside the guard is reported once and turns the feature off.
 
@@ -140,6 +150,7 @@ class GradGuard(Callback):
         self._log_step: Optional[int] = None
         self._unwritten: list[tuple[Any, int]] = []  # (StagedMetrics, step): values still on their way to the host
         self._batches_started: Optional[int] = None
+        self._cleared: Optional[torch.optim.Optimizer] = None  # its zero_grad(set_to_none) ran in this micro-batch
         self._measure_every_step = self.config.nonfinite_check == "every_step"
         self.report_path: Optional[str] = None
         self._dashboard: Optional[TensorBoardDashboard] = None  # set when a TensorBoardLogger is in trainer.loggers
@@ -230,13 +241,24 @@ class GradGuard(Callback):
         if started is not None and started == self._batches_started:
             self.engine.cancel_micro_batch()
         self._batches_started = started
+        self._cleared = None
         self.engine.start_micro_batch()
         if self._context is not None:  # under DDP, each micro-batch's own gradients are recorded per rank
             self._context.start_micro_batch()
 
     @_feature("check")
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        self.engine.before_backward(loss)
+        cleared, self._cleared = self._cleared, None
+        self.engine.before_backward(loss, cleared=cleared)
+
+    @_feature("check")
+    def on_before_zero_grad(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Lightning zeroes the gradients right before this micro-batch's backward pass; when that sets every one of
+        # `optimizer`'s to None, the snapshot before backward does not need to read them (10k tensors: 0.5-2 ms)
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the user's
+        self._cleared = optimizer if _zero_grad_sets_none(pl_module, optimizer) else None
 
     @_feature("check")
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:

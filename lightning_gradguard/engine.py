@@ -183,14 +183,22 @@ class GradGuardEngine:
             self._arrived[idx] = 0
             self._arrived_in[idx] = -1
 
-    def before_backward(self, loss: Optional[Tensor] = None) -> None:
-        """Call right before a backward pass; ``loss`` (the tensor backward starts from) enables diagnosis."""
+    def before_backward(
+        self, loss: Optional[Tensor] = None, cleared: Optional[torch.optim.Optimizer] = None
+    ) -> None:
+        """Call right before a backward pass; ``loss`` (the tensor backward starts from) enables diagnosis.
+
+        ``cleared``: an optimizer whose ``zero_grad()`` with ``set_to_none=True`` ran since the previous backward
+        pass (the Lightning adapter knows it from ``on_before_zero_grad``). Its parameters' gradients are then not
+        read again here: on a model with 10k tensors that read costs 0.5-2 ms per step.
+        """
         if self.diagnosis is not None:  # first: a micro-batch started below must keep this forward's records
             self.diagnosis.before_backward(loss)
         if self.auto_micro_batch:
             self.start_micro_batch()
+        known_none = self.registry.optimizer_params(cleared)[0] if cleared is not None else None
         self._grow()
-        self.arrivals.before_backward(self.registry.params)
+        self.arrivals.before_backward(self.registry.params, known_none)
         self._in_backward = True
 
     def after_backward(self) -> None:
