@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Iterable
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -15,12 +14,11 @@ from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.context import TrainingContext
 from lightning_gradguard.engine import GradGuardEngine, StepCheck
 from lightning_gradguard.errors import GradGuardError
+from lightning_gradguard.isolation import feature
 from lightning_gradguard.metrics import stage_metrics
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.sinks import log_to_loggers, print_summary, write_report
 from lightning_gradguard.sinks.tensorboard import TensorBoardDashboard, tensorboard_writers
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _batches_started(trainer: Trainer) -> Optional[int]:
@@ -39,36 +37,6 @@ def _zero_grad_sets_none(pl_module: LightningModule, optimizer: torch.optim.Opti
     )
 
 
-def _feature(name: str) -> Callable[[F], F]:
-    """Run a hook body as feature ``name``: a failure inside the guard is reported once and turns the feature off.
-
-    The guard must never lose a training run through its own fault; only :class:`GradGuardError` (what strict
-    mode was asked to catch) propagates.
-    """
-
-    def decorate(fn: F) -> F:
-        @functools.wraps(fn)
-        def wrapper(self: GradGuard, *args: Any, **kwargs: Any) -> Any:
-            if name in self._disabled:
-                return None
-            try:
-                return fn(self, *args, **kwargs)
-            except GradGuardError:
-                raise
-            except Exception as err:  # noqa: BLE001 - isolating the user's run from the guard's own bugs
-                self._disabled.add(name)
-                if name == "check":
-                    self._disabled.add("log")  # logging reads what checking computed
-                rank_zero_warn(
-                    f"GradGuard: internal error in {name!r} ({type(err).__name__}: {err}); {name!r} is turned off "
-                    "for the rest of this run, training continues. Please report this at the project's issue "
-                    "tracker."
-                )
-                return None
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
 
 
 class GradGuard(Callback):
@@ -160,6 +128,9 @@ class GradGuard(Callback):
         self._reduce_due = False  # the cross-rank reduction is due at the end of this batch
 
     # ------------------------------------------------------------------ public
+    def _report_internal_error(self, message: str) -> None:
+        rank_zero_warn(message)
+
     def report(self) -> GradReport:
         """The :class:`~lightning_gradguard.report.GradReport` for the run so far."""
         return self.engine.report()
@@ -195,7 +166,7 @@ class GradGuard(Callback):
             self.load_state_dict(copy.deepcopy(states[ours[0]]))
 
     # ------------------------------------------------------------------ Trainer hooks
-    @_feature("check")
+    @feature("check")
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after the strategy has wrapped the model: the parameter objects are now the ones optimizers hold
         self.engine.bind(pl_module.named_parameters(), module=pl_module)
@@ -218,22 +189,22 @@ class GradGuard(Callback):
         if self._context.measure_every_step and self.config.nonfinite_check == "auto":
             self._measure_every_step = True
 
-    @_feature("audit")
+    @feature("audit")
     def _audit(self, trainer: Trainer) -> None:
         self.engine.audit(trainer.optimizers)  # unregistered tensors, parameters in no optimizer
 
-    @_feature("diagnosis")
+    @feature("diagnosis")
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._explain_exception(trainer, exception)
         self.engine.end_diagnosis()  # a step raised: no diagnosis instrument may outlive it
 
-    @_feature("distributed")
+    @feature("distributed")
     def _explain_exception(self, trainer: Trainer, exception: BaseException) -> None:
         if self._context is not None:  # DDP's unused-parameter error: add the names Lightning's message drops
             self._context.on_exception(trainer, exception)
             self._context.release()
 
-    @_feature("check")
+    @feature("check")
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # Lightning counts a batch as started after every on_train_batch_start hook; when the LightningModule's
         # hook returned -1 (skip the rest of the epoch) the count did not move, and the batch never ran
@@ -246,12 +217,12 @@ class GradGuard(Callback):
         if self._context is not None:  # under DDP, each micro-batch's own gradients are recorded per rank
             self._context.start_micro_batch()
 
-    @_feature("check")
+    @feature("check")
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         cleared, self._cleared = self._cleared, None
         self.engine.before_backward(loss, cleared=cleared)
 
-    @_feature("check")
+    @feature("check")
     def on_before_zero_grad(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -260,7 +231,7 @@ class GradGuard(Callback):
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the user's
         self._cleared = optimizer if _zero_grad_sets_none(pl_module, optimizer) else None
 
-    @_feature("check")
+    @feature("check")
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.engine.after_backward()
 
@@ -276,7 +247,7 @@ class GradGuard(Callback):
             self._dashboard_report(trainer, err.report, f"GradGuard stopped training at step {err.step}")
             raise
 
-    @_feature("check")
+    @feature("check")
     def _check(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         context = self._context
         if context is not None and not context.checks_gradients:  # DeepSpeed: p.grad is not where gradients are
@@ -308,11 +279,11 @@ class GradGuard(Callback):
         self._reduce(trainer)  # its own feature: if logging fails on one rank, the others must not wait for it
         self._log_batch_end(trainer)
 
-    @_feature("log")
+    @feature("log")
     def _log_batch_end(self, trainer: Trainer) -> None:
         self._flush_logs(trainer)
 
-    @_feature("distributed")
+    @feature("distributed")
     def _reduce(self, trainer: Trainer) -> None:
         if self._context is None:
             return
@@ -334,11 +305,11 @@ class GradGuard(Callback):
             if trainer.loggers:
                 log_to_loggers(trainer.loggers, staged.result(), step=step)
 
-    @_feature("log")
+    @feature("log")
     def _finish_logs(self, trainer: Trainer) -> None:
         self._flush_logs(trainer, wait=True)
 
-    @_feature("report")
+    @feature("report")
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.engine.end_diagnosis()
         self._finish_logs(trainer)  # logging steps whose values were still in flight
@@ -355,13 +326,13 @@ class GradGuard(Callback):
             self.report_path = write_report(report, log_dir)
         self._dashboard_report(trainer, report, None)
 
-    @_feature("distributed")
+    @feature("distributed")
     def _finish_context(self) -> None:
         if self._context is not None:  # every rank: the last steps' counts become global (a collective)
             self._context.finish()
 
     # ------------------------------------------------------------------ TensorBoard dashboard (rank zero)
-    @_feature("dashboard")
+    @feature("dashboard")
     def _start_dashboard(self, trainer: Trainer) -> None:
         writers = tensorboard_writers(trainer.loggers) if trainer.is_global_zero else []
         if not writers:
@@ -372,12 +343,12 @@ class GradGuard(Callback):
         )
         self._dashboard.start(amp=getattr(trainer.precision_plugin, "scaler", None) is not None)
 
-    @_feature("dashboard")
+    @feature("dashboard")
     def _dashboard_check(self, trainer: Trainer, check: StepCheck) -> None:
         if self._dashboard is not None:
             self._dashboard.after_check(check, trainer.fit_loop.epoch_loop._batches_that_stepped)
 
-    @_feature("dashboard")
+    @feature("dashboard")
     def _dashboard_report(self, trainer: Trainer, report: Optional[GradReport], title: Optional[str]) -> None:
         if self._dashboard is None or report is None:
             return

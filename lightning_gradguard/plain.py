@@ -38,13 +38,12 @@ shows (there is no hook before ``loss.backward()``).
 from __future__ import annotations
 
 import atexit
-import functools
 import os
 import sys
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -52,48 +51,15 @@ from torch import Tensor, nn
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.engine import GradGuardEngine, StepCheck
 from lightning_gradguard.errors import GradGuardError
+from lightning_gradguard.isolation import feature
 from lightning_gradguard.metrics import step_metrics
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.sinks import print_summary, write_report
 from lightning_gradguard.sinks.tensorboard import TensorBoardDashboard
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 DEFAULT_LOG_EVERY_N_STEPS = 50  # Lightning's default cadence
 
 
-def _feature(name: str) -> Callable[[F], F]:
-    """Run a hook body as feature ``name``: a failure inside the guard turns the feature off, training continues.
-
-    Hooks run inside the user's ``backward()`` and ``optimizer.step()``; an exception there would be the guard
-    losing the user's run. Only :class:`GradGuardError` (what strict mode was asked to raise) propagates.
-    """
-
-    def decorate(fn: F) -> F:
-        @functools.wraps(fn)
-        def wrapper(self: LoopGuard, *args: Any, **kwargs: Any) -> Any:
-            if name in self._disabled:
-                return None
-            try:
-                return fn(self, *args, **kwargs)
-            except GradGuardError:
-                raise
-            except Exception as err:  # noqa: BLE001 - isolating the user's run from the guard's own bugs
-                self._disabled.add(name)
-                if name == "check":
-                    self._disabled.add("log")
-                warnings.warn(
-                    f"GradGuard: internal error in {name!r} ({type(err).__name__}: {err}); {name!r} is turned off "
-                    "for the rest of this run, training continues. Please report this at the project's issue "
-                    "tracker.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                return None
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
 
 
 class LoopGuard:
@@ -214,6 +180,9 @@ class LoopGuard:
         _close_at_exit(self)
 
     # ------------------------------------------------------------------ public
+    def _report_internal_error(self, message: str) -> None:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
     def report(self) -> GradReport:
         """The :class:`~lightning_gradguard.report.GradReport` for the steps so far."""
         return self.engine.report()
@@ -299,7 +268,7 @@ class LoopGuard:
         if not self._backward_open:
             self._on_backward_start()
 
-    @_feature("check")
+    @feature("check")
     def _on_backward_start(self) -> None:
         self._backward_open = True
         torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
@@ -323,7 +292,7 @@ class LoopGuard:
             self._bracketed = False
             self._after_backward()
 
-    @_feature("check")
+    @feature("check")
     def _after_backward(self) -> None:
         self.engine.after_backward()
 
@@ -343,7 +312,7 @@ class LoopGuard:
             self._dashboard_report(err.report, f"GradGuard stopped training at step {err.step}")
             raise
 
-    @_feature("check")
+    @feature("check")
     def _check_step(self, optimizer: torch.optim.Optimizer, grad_scale: Optional[Tensor]) -> None:
         self._hook_new_params()
         step = self.global_step
@@ -356,7 +325,7 @@ class LoopGuard:
             self._log(check, step)
         self._dashboard_check(check, step)
 
-    @_feature("log")
+    @feature("log")
     def _log(self, check: StepCheck, step: int) -> None:
         metrics = step_metrics(self.engine, [check], scalars=self._device_scalars())
         for tag, value in metrics.items():
@@ -367,12 +336,12 @@ class LoopGuard:
         return {}
 
     # ------------------------------------------------------------------ dashboard and report
-    @_feature("dashboard")
+    @feature("dashboard")
     def _dashboard_check(self, check: StepCheck, step: int) -> None:
         if self.dashboard is not None:
             self.dashboard.after_check(check, step)
 
-    @_feature("dashboard")
+    @feature("dashboard")
     def _dashboard_report(self, report: Optional[GradReport], title: str) -> None:
         if self.dashboard is not None and report is not None:
             self.dashboard.write_report(report, max(self.global_step - 1, 0), title)
