@@ -33,13 +33,16 @@ def missing_message(engine: GradGuardEngine, result: StepCheck, only: Optional[S
         by_module[module_of(engine.registry.names[index])].append(index)
     for module, members in by_module.items():
         lines.append(f"  {module}:")
+        # parameters of one module usually share one explanation: say it once
+        shared: dict[tuple[Optional[str], Optional[str]], list[str]] = defaultdict(list)
         for index in members:
-            cause, detail = engine.causes.get(index, (None, None))
-            text = f"    {engine.registry.names[index]}"
+            shared[engine.causes.get(index, (None, None))].append(engine.registry.names[index])
+        for (cause, detail), names in shared.items():
+            text = f"    {', '.join(names)}"
             if cause:
                 text += f"  [{cause}] {detail or DESCRIPTIONS.get(cause, '')}"
                 hint = hint_for(cause)
-                if hint:
+                if hint and "fix" not in (detail or "").lower():
                     text += f"\n      fix: {hint}"
             elif detail:
                 text += f"  {detail}"

@@ -184,7 +184,12 @@ class GradReport:
         for name, p in self.params.items():
             if not (p.missing or p.intermittent or p.nonfinite_steps):
                 continue
-            hint = hint_for(p.cause) if p.missing or p.intermittent else "check the loss scale and learning rate"
+            if not (p.missing or p.intermittent):
+                hint = "check the loss scale and learning rate"
+            elif p.detail and "fix" in p.detail.lower():
+                hint = "see above"
+            else:
+                hint = hint_for(p.cause)
             rows.append(
                 [
                     name,
@@ -196,14 +201,12 @@ class GradReport:
                 ]
             )
         lines = [self._headline()]
+        why = self.explanations(markdown=fmt == "markdown")
+        if why:
+            lines.append("Why, and where:")
+            lines.extend(why)
         if rows:
             lines.append(_render(header, rows, fmt))
-        details = [
-            f"- {name}: {p.detail}" for name, p in self.params.items() if p.detail and (p.missing or p.intermittent)
-        ]
-        if details:
-            lines.append("Details:")
-            lines.extend(details)
         if self.findings:
             lines.append("Findings:")
             lines.extend(f"- [{f.kind}] {f.name}: {f.detail}" for f in self.findings)
@@ -213,6 +216,19 @@ class GradReport:
             lines.extend(rank_lines)
         lines.extend(f"Note: {note}" for note in self._notes())
         return "\n".join(lines)
+
+    def explanations(self, markdown: bool = False, max_names: int = 8) -> list[str]:
+        """One line per distinct explanation (cause and detail), naming the parameters that share it."""
+        groups: dict[tuple[Optional[str], str], list[str]] = {}
+        for name, p in self.params.items():
+            if p.detail and (p.missing or p.intermittent):
+                groups.setdefault((p.cause, p.detail), []).append(name)
+        lines = []
+        for (cause, detail), names in groups.items():
+            quoted = [f"`{n}`" if markdown else n for n in names[:max_names]]
+            shown = ", ".join(quoted) + (f" and {len(names) - max_names} more" if len(names) > max_names else "")
+            lines.append(f"- {shown} ({cause or 'cause unknown'}): {detail}")
+        return lines
 
     def _notes(self) -> list[str]:
         notes = []

@@ -140,38 +140,12 @@ def report_markdown(report: GradReport, title: Optional[str] = None) -> str:
     return "\n\n".join(blocks)
 
 
-_MAX_NAMES_PER_CAUSE = 8
-
-
 def problems_markdown(report: GradReport) -> str:
-    """The report as markdown: the one-line verdict, or the headline, the causes with their source lines (parameters
-    that share an explanation grouped), then the table (:meth:`GradReport.format_table`) and its notes."""
+    """The report as markdown: the one-line verdict, or the headline, the causes with their source lines
+    (parameters that share an explanation grouped), the table and its notes (:meth:`GradReport.format_table`)."""
     if report.ok and not report.intermittent and "\n" not in report.summary():
         return report.summary()
-    lines = report.format_table("markdown").splitlines()
-    kept: list[str] = []
-    in_details = False
-    for line in lines:  # the per-parameter "Details:" list is shown grouped, before the table
-        if line == "Details:":
-            in_details = True
-            continue
-        if in_details and line.startswith("- "):
-            continue
-        in_details = False
-        kept.append(line)
-    groups: dict[tuple[Optional[str], str], list[str]] = {}
-    for name, p in report.params.items():
-        if p.detail and (p.missing or p.intermittent):
-            groups.setdefault((p.cause, p.detail), []).append(name)
-    why = []
-    for (cause, detail), names in groups.items():
-        shown = ", ".join(f"`{n}`" for n in names[:_MAX_NAMES_PER_CAUSE])
-        if len(names) > _MAX_NAMES_PER_CAUSE:
-            shown += f" and {len(names) - _MAX_NAMES_PER_CAUSE} more"
-        why.append(f"- {shown} ({cause or 'cause unknown'}): {detail}")
-    if why:
-        kept[1:1] = ["Why, and where:", *why]
-    return _markdown_blocks("\n".join(kept))
+    return _markdown_blocks(report.format_table("markdown"))
 
 
 def _markdown_blocks(text: str) -> str:
