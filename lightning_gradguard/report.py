@@ -170,9 +170,13 @@ class GradReport:
             return "GradGuard: no optimizer step was checked" + "".join(f"; {note}" for note in self._notes())
         if self.ok and not self.intermittent and not self._rank_dependent_lines():
             n = len(self.params)
+            if any(p.steps != self.steps for p in self.params.values()):
+                # several optimizers: each parameter was checked at its own optimizer's steps only
+                when = f"at every optimizer step that updated it ({self.steps} optimizer steps in all)"
+            else:
+                when = f"at each of {self.steps} optimizer step{'s' if self.steps != 1 else ''}"
             return (
-                f"GradGuard: all {n} trainable parameter{'s' if n != 1 else ''} received a gradient at each of "
-                f"{self.steps} optimizer step{'s' if self.steps != 1 else ''}"
+                f"GradGuard: all {n} trainable parameter{'s' if n != 1 else ''} received a gradient {when}"
                 + "".join(f"; {note}" for note in self._notes())
             )
         return self.format_table()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from models import HealthyMLP, UnusedLayerMLP, gradguard_warnings, regression_loader
+from models import HealthyMLP, ManualGAN, UnusedLayerMLP, gradguard_warnings, regression_loader
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradguard import GradGuard, GradReport
@@ -200,6 +200,16 @@ def test_console_summary_is_one_line_for_a_healthy_model(make_trainer, capsys):
     line = "GradGuard: all 6 trainable parameters received a gradient at each of 40 optimizer steps"
     assert line in out.splitlines()
     assert out.count("GradGuard") == 1
+
+
+def test_console_summary_with_two_optimizers_counts_each_parameters_own_steps(make_trainer, capsys):
+    guard = GradGuard()
+    make_trainer(callbacks=[guard]).fit(ManualGAN(toggle=True), regression_loader(3))
+    out = capsys.readouterr().out
+    # 3 batches x (generator step + discriminator step): each parameter was checked at 3 of the 6 steps
+    assert guard.report().steps == 6
+    assert {p.steps for p in guard.report().params.values()} == {3}
+    assert "received a gradient at every optimizer step that updated it (6 optimizer steps in all)" in out
 
 
 def test_console_summary_is_a_table_when_something_is_missing(make_trainer, capsys):
