@@ -17,6 +17,37 @@ def module_of(name: str) -> str:
     return name.rpartition(".")[0] or "<root>"
 
 
+_MAX_GROUPS = 20  # module blocks (or explanations) a message lists before it summarizes
+_MAX_NAMES = 8  # names shown per explanation in the summarized form
+
+
+def _explained(engine: GradGuardEngine, indices: Sequence[int], indent: str, limit: Optional[int] = None) -> list[str]:
+    """Lines naming ``indices`` with their explanation; parameters that share one are named together."""
+    shared: dict[tuple[Optional[str], Optional[str]], list[str]] = defaultdict(list)
+    for index in indices:
+        shared[engine.causes.get(index, (None, None))].append(engine.registry.names[index])
+    lines = []
+    items = list(shared.items())
+    for (cause, detail), names in items[:limit]:
+        shown = names if limit is None else names[:_MAX_NAMES]
+        text = f"{indent}{', '.join(shown)}"
+        if len(shown) < len(names):
+            text += f" and {len(names) - len(shown)} more"
+        if cause:
+            text += f"  [{cause}] {detail or DESCRIPTIONS.get(cause, '')}"
+            hint = hint_for(cause)
+            if hint and "fix" not in (detail or "").lower():
+                text += f"\n{indent}  fix: {hint}"
+        elif detail:
+            text += f"  {detail}"
+        lines.append(text)
+    if limit is not None and len(items) > limit:
+        rest = sum(len(names) for _, names in items[limit:])
+        lines.append(f"{indent}... and {rest} more parameters with {len(items) - limit} other explanations "
+                     "(guard.report() lists them all)")
+    return lines
+
+
 def missing_message(engine: GradGuardEngine, result: StepCheck, only: Optional[Sequence[int]] = None) -> str:
     """Names every parameter without a gradient at ``result``'s step, grouped by module, with cause and fix."""
     indices = list(only) if only is not None else result.missing
@@ -31,22 +62,12 @@ def missing_message(engine: GradGuardEngine, result: StepCheck, only: Optional[S
     by_module: dict[str, list[int]] = defaultdict(list)
     for index in indices:
         by_module[module_of(engine.registry.names[index])].append(index)
-    for module, members in by_module.items():
-        lines.append(f"  {module}:")
-        # parameters of one module usually share one explanation: say it once
-        shared: dict[tuple[Optional[str], Optional[str]], list[str]] = defaultdict(list)
-        for index in members:
-            shared[engine.causes.get(index, (None, None))].append(engine.registry.names[index])
-        for (cause, detail), names in shared.items():
-            text = f"    {', '.join(names)}"
-            if cause:
-                text += f"  [{cause}] {detail or DESCRIPTIONS.get(cause, '')}"
-                hint = hint_for(cause)
-                if hint and "fix" not in (detail or "").lower():
-                    text += f"\n      fix: {hint}"
-            elif detail:
-                text += f"  {detail}"
-            lines.append(text)
+    if len(by_module) <= _MAX_GROUPS:
+        for module, members in by_module.items():
+            lines.append(f"  {module}:")
+            lines.extend(_explained(engine, members, indent="    "))
+    else:  # a big model: one line per distinct explanation, not one block per module
+        lines.extend(_explained(engine, indices, indent="  ", limit=_MAX_GROUPS))
     if only is None or len(only) == len(result.missing):
         lines.append("  (allow_none=[...] silences parameters that are legitimately unused)")
     return "\n".join(lines)

@@ -8,8 +8,9 @@ import warnings
 
 import pytest
 import torch
-from lightning.pytorch import Callback
-from models import IntermittentBranchMLP, UnusedLayerMLP, gradguard_warnings, regression_loader
+from lightning.pytorch import Callback, LightningModule
+from models import IN_DIM, IntermittentBranchMLP, UnusedLayerMLP, gradguard_warnings, regression_loader
+from torch import nn
 
 from lightning_gradguard import GradGuard, GradGuardError, GradReport
 
@@ -234,3 +235,30 @@ def test_strict_error_survives_pickling(make_trainer):
     assert copy_.params == ["unused.weight", "unused.bias"]
     assert copy_.step == 0
     assert copy_.report.to_dict() == info.value.report.to_dict()
+
+
+def test_message_for_a_big_model_names_each_explanation_once(make_trainer):
+    """Hundreds of parameters without a gradient: one line per explanation, every name in `.params`."""
+
+    class ManyUnused(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(IN_DIM, 1)
+            self.unused = nn.ModuleList(nn.Linear(2, 2) for _ in range(30))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.used(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(GradGuardError) as info:
+        make_trainer(callbacks=[GradGuard(strict=True)]).fit(ManyUnused(), regression_loader(2))
+    error = info.value
+    assert len(error.params) == 60
+    message = str(error)
+    # 30 modules, each with its own "defined at" explanation: the first 20 shown, the rest summarized
+    assert message.count("[unused]") == 20
+    assert "... and 20 more parameters with 10 other explanations" in message
+    assert len(message.splitlines()) < 50
