@@ -294,12 +294,16 @@ class GradGuardEngine:
                                 "optimizer step: something called zero_grad() (or set .grad = None) in between")
             elif backwards == 0:
                 self._set_cause(index, NO_BACKWARD, _no_backward_detail(window))
+        unchecked: list[int] = []  # rows of `checked` that turn out not to be checked after all
         if self._tracking:
             # a gradient that is present although nothing arrived: a leftover, or one the user assigned
             for n in (arrived == 0).nonzero().flatten().tolist():
                 j = positions[n]
                 grad = grads[j]
                 if grad is None:
+                    continue
+                if not params[j].requires_grad:  # frozen, holding an old (zeroed) gradient: not checked
+                    unchecked.append(n)
                     continue
                 index = indices[j]
                 if backwards == 0:
@@ -311,13 +315,18 @@ class GradGuardEngine:
                     self._set_leftover_detail(index)
         missing_set = set(missing)
         none_mb = (window - arrived).clamp_(min=0)
+        counted: Any = 1  # how many steps each row counts: 1, or 0 for the unchecked rows
+        if unchecked:
+            counted = torch.ones(len(checked), dtype=torch.int64)
+            counted[unchecked] = 0
+            none_mb *= counted
         intermittent = [
             checked[n] for n in none_mb.nonzero().flatten().tolist() if checked[n] not in missing_set
         ]
 
         counts = self._counts
-        counts["steps"][idx] += 1
-        counts["micro_batches"][idx] += window
+        counts["steps"][idx] += counted
+        counts["micro_batches"][idx] += window * counted
         counts["none_micro_batches"][idx] += none_mb
         if missing:
             counts["none_steps"][self._as_index(missing)] += 1

@@ -101,6 +101,22 @@ def test_gradient_hidden_by_zero_grad_set_to_none_false(tmp_path):
     assert not report.findings
 
 
+class FrozenAfterFirstBatch(FirstBatchBranch):
+    """Like :class:`FirstBatchBranch`, but ``branch`` is frozen once it stops being used: healthy."""
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if batch_idx == 0:
+            self.branch.requires_grad_(False)
+
+
+def test_frozen_parameter_holding_a_zeroed_gradient_is_not_reported(tmp_path):
+    report = fit(FrozenAfterFirstBatch(), regression_data(n_batches=4), tmp_path)
+    assert report.missing == [] and report.intermittent == []
+    # checked at the one step it was trainable, not at the three after it was frozen
+    assert report.params["branch.weight"].steps == 1
+    assert report.params["trunk.weight"].steps == 4
+
+
 def test_audit_is_framework_free():
     from lightning_gradguard import GradGuardEngine, GuardConfig
 
