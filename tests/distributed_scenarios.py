@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import MixedPrecision
+from models import RecordingLogger  # the script's own directory is on sys.path
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -38,32 +38,6 @@ def scenario(fn: Callable[[str], dict[str, Any]]) -> Callable[[str], dict[str, A
 
 
 # ---------------------------------------------------------------------- shared pieces
-class RecordingLogger(Logger):
-    """A real Lightning logger that keeps ``log_metrics`` calls in memory (rank zero only, like every logger)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    @property
-    def experiment(self) -> None:
-        return None
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-
 def loader(n_batches: int, seed: int, batch_size: int = 2) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_batches * batch_size, IN_DIM, generator=g)

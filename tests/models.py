@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -378,3 +379,33 @@ class NaNBranchMLP(RegressionModule):
         for p in self.parameters():
             if p.grad is not None:
                 p.grad.nan_to_num_(0.0)
+
+
+class RecordingLogger(Logger):
+    """A real Lightning logger that keeps every ``log_metrics`` call in memory: ``rows`` of (step, metrics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @property
+    def experiment(self) -> None:
+        return None
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def series(self, tag: str) -> list[tuple[int, float]]:
+        """The (step, value) pairs logged under ``tag``."""
+        return [(step, m[tag]) for step, m in self.rows if tag in m]

@@ -14,43 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import MixedPrecision
-from models import HIDDEN, IN_DIM, UnusedLayerMLP, regression_loader
+from models import HIDDEN, IN_DIM, RecordingLogger, UnusedLayerMLP, regression_loader
 from torch import nn
 
 from lightning_gradguard import GradGuard
 
 INIT_SCALE = 1024.0
-
-
-class RecordingLogger(Logger):
-    """A real Lightning logger that keeps every ``log_metrics`` call in memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    @property
-    def experiment(self) -> None:
-        return None
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def series(self, tag: str) -> list[tuple[int, float]]:
-        return [(step, m[tag]) for step, m in self.rows if tag in m]
 
 
 class UnscaledNormRecorder(Callback):
