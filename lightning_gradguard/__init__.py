@@ -3,7 +3,7 @@
 from lightning_gradguard.callback import GradGuard
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.engine import GradGuardEngine, StepCheck
-from lightning_gradguard.errors import GradGuardError
+from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.fabric import FabricGuard, watch_fabric
 from lightning_gradguard.plain import LoopGuard, watch
 from lightning_gradguard.report import Finding, GradReport, ParamReport
@@ -16,6 +16,7 @@ __all__ = [
     "GradGuard",
     "GradGuardEngine",
     "GradGuardError",
+    "GradGuardWarning",
     "GradReport",
     "GuardConfig",
     "LoopGuard",

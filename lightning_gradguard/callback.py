@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.context import TrainingContext
 from lightning_gradguard.engine import GradGuardEngine, StepCheck
-from lightning_gradguard.errors import GradGuardError
+from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
 from lightning_gradguard.metrics import stage_metrics
 from lightning_gradguard.report import GradReport
@@ -112,7 +112,7 @@ class GradGuard(Callback):
         if not isinstance(summary, bool):
             raise TypeError(f"`summary` must be True or False, got {summary!r}")
         self.summary = summary
-        self.engine = GradGuardEngine(self.config, warn=lambda message: rank_zero_warn(message))
+        self.engine = GradGuardEngine(self.config, warn=_warn)
         self._disabled: set[str] = set()
         self._pending_logs: list[StepCheck] = []
         self._log_step: Optional[int] = None
@@ -129,7 +129,7 @@ class GradGuard(Callback):
 
     # ------------------------------------------------------------------ public
     def _report_internal_error(self, message: str) -> None:
-        rank_zero_warn(message)
+        _warn(message)
 
     def report(self) -> GradReport:
         """The :class:`~lightning_gradguard.report.GradReport` for the run so far."""
@@ -184,7 +184,7 @@ class GradGuard(Callback):
             self._context_state = self._context.state_dict()
             self._context.detach()
         self._context = TrainingContext.from_trainer(
-            trainer, self.engine, warn=lambda message: rank_zero_warn(message), restored=self._context_state
+            trainer, self.engine, warn=_warn, restored=self._context_state
         )
         if self._context.measure_every_step and self.config.nonfinite_check == "auto":
             self._measure_every_step = True
@@ -368,3 +368,7 @@ class GradGuard(Callback):
             return False
         stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
         return (stepped + 1) % every == 0 or trainer.should_stop
+
+
+def _warn(message: str) -> None:
+    rank_zero_warn(message, category=GradGuardWarning)

@@ -26,7 +26,7 @@ from lightning_gradguard.audit import AUDIT_KINDS, audit_model
 from lightning_gradguard.causes import CLEARED, NO_BACKWARD
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.diagnosis import Diagnosis
-from lightning_gradguard.errors import GradGuardError
+from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.norms import NormGroup, per_param_norms
 from lightning_gradguard.registry import ParamRegistry
 from lightning_gradguard.report import Finding, GradReport, ParamReport
@@ -72,7 +72,7 @@ class GradGuardEngine:
     def __init__(self, config: GuardConfig, warn: Optional[Callable[[str], None]] = None) -> None:
         self.config = config
         self.registry = ParamRegistry(config.allow_none)
-        self._warn = warn or (lambda message: warnings.warn(message, UserWarning, stacklevel=3))
+        self._warn = warn or (lambda message: warnings.warn(message, GradGuardWarning, stacklevel=3))
         self.explainer: Optional[Callable[[StepCheck], dict[int, tuple[str, str]]]] = None
         self.findings: list[Finding] = []
         self.arrivals = ArrivalTracker()

@@ -1,4 +1,4 @@
-"""The exception strict mode raises."""
+"""The exception strict mode raises, and the warning category of everything else GradGuard says."""
 
 from __future__ import annotations
 
@@ -30,3 +30,14 @@ class GradGuardError(RuntimeError):
 
     def __reduce__(self):  # picklable (multiprocessing, Ray, spawn launchers) with all its attributes
         return (type(self), (str(self), self.params, self.step, self.report))
+
+
+class GradGuardWarning(UserWarning):
+    """The category of GradGuard's warnings (a missing gradient outside strict mode, a finding, an internal error).
+
+    Example::
+
+        import warnings
+        warnings.filterwarnings("error", category=GradGuardWarning)  # or "ignore"
+
+    """

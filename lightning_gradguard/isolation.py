@@ -2,8 +2,8 @@
 
 Every adapter hook runs as a named *feature* (``"check"``, ``"log"``, ``"dashboard"``, ...). If the guard's own
 code raises inside a feature, the error is reported once and that feature turns off for the rest of the run;
-training continues. Only :class:`~lightning_gradguard.GradGuardError`, what strict mode was asked to raise,
-propagates.
+training continues. Only :class:`~lightning_gradguard.GradGuardError`, what strict mode was asked to raise, and a
+:class:`~lightning_gradguard.GradGuardWarning` the user turned into an error with a warnings filter propagate.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Protocol, TypeVar
 
-from lightning_gradguard.errors import GradGuardError
+from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,7 +35,7 @@ def feature(name: str) -> Callable[[F], F]:
                 return None
             try:
                 return fn(self, *args, **kwargs)
-            except GradGuardError:
+            except (GradGuardError, GradGuardWarning):  # strict mode, or a warning the user made an error
                 raise
             except Exception as err:  # noqa: BLE001 - isolating the user's run from the guard's own bugs
                 self._disabled.add(name)

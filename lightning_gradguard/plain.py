@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.engine import GradGuardEngine, StepCheck
-from lightning_gradguard.errors import GradGuardError
+from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
 from lightning_gradguard.metrics import step_metrics
 from lightning_gradguard.report import GradReport
@@ -181,7 +181,7 @@ class LoopGuard:
 
     # ------------------------------------------------------------------ public
     def _report_internal_error(self, message: str) -> None:
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, GradGuardWarning, stacklevel=3)
 
     def report(self) -> GradReport:
         """The :class:`~lightning_gradguard.report.GradReport` for the steps so far."""
@@ -360,7 +360,9 @@ class LoopGuard:
             if self._owned_writer:
                 self.writer.close()
         except Exception as err:  # noqa: BLE001 - the report was printed; a full disk must not raise at exit
-            warnings.warn(f"GradGuard: could not write the report ({type(err).__name__}: {err})", stacklevel=2)
+            warnings.warn(
+                f"GradGuard: could not write the report ({type(err).__name__}: {err})", GradGuardWarning, stacklevel=2
+            )
 
 
 def watch(
@@ -440,7 +442,7 @@ def _warn_at_user_code(message: str) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
         frame = frame.f_back
         level += 1
-    warnings.warn(message, UserWarning, stacklevel=level)
+    warnings.warn(message, GradGuardWarning, stacklevel=level)
 
 
 def _writer_log_dir(writer: Any) -> Optional[str]:
@@ -471,7 +473,7 @@ def _replace_earlier_guards(model: nn.Module, optimizers: Sequence[torch.optim.O
         warnings.warn(
             "GradGuard: watch() was called again for the same model and optimizer; the earlier guard is closed "
             "(its report stays available from that object)",
-            UserWarning,
+            GradGuardWarning,
             stacklevel=4,
         )
         guard.summary = False

@@ -262,3 +262,17 @@ def test_message_for_a_big_model_names_each_explanation_once(make_trainer):
     assert message.count("[unused]") == 20
     assert "... and 20 more parameters with 10 other explanations" in message
     assert len(message.splitlines()) < 50
+
+
+def test_warnings_have_their_own_category_that_users_can_filter(make_trainer):
+    from lightning_gradguard import GradGuardWarning
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer(callbacks=[GradGuard(summary=False)]).fit(UnusedLayerMLP(), regression_loader(2))
+    ours = [w for w in record if "GradGuard" in str(w.message)]
+    assert ours and all(issubclass(w.category, GradGuardWarning) for w in ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", category=GradGuardWarning)
+        with pytest.raises(GradGuardWarning, match="unused.weight"):
+            make_trainer(callbacks=[GradGuard(summary=False)]).fit(UnusedLayerMLP(), regression_loader(2))

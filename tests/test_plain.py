@@ -18,7 +18,7 @@ from plain_models import PLANTED, USED, BranchNet, HealthyNet, PlantedNet, batch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lightning_gradguard import GradGuardError
+from lightning_gradguard import GradGuardError, GradGuardWarning
 from lightning_gradguard.plain import LoopGuard, watch
 from lightning_gradguard.sinks.tensorboard import report_from_text
 
@@ -416,7 +416,7 @@ def test_an_internal_error_turns_the_check_off_and_training_continues():
 
     guard.engine.check_step = broken  # a bug inside GradGuard, not in the user's code
     before = model.head.weight.detach().clone()
-    with pytest.warns(RuntimeWarning, match="internal error in 'check'"):
+    with pytest.warns(GradGuardWarning, match="internal error in 'check'"):
         train(model, optimizer, n_steps=3)
     guard.close()
     assert not torch.equal(before, model.head.weight)  # the optimizer still stepped
