@@ -8,8 +8,9 @@ backward, optimizer step) of a model with 100 to 10,000 parameter tensors, and r
 * ``loop diff``: the median step time of the guarded loop minus the median of the same loop without the guard,
   with the variants interleaved step by step so that background load hits them alike.
 
-Two settings are measured separately: the defaults (on the CPU ``nonfinite_check="auto"`` reads gradient values
-only on logging steps) and ``nonfinite_check="every_step"`` (per-parameter norms at every step). A logging step
+Two settings are measured separately: the defaults (``nonfinite_check="auto"``: on the CPU, gradient values are
+read at every step up to 1,000 parameter tensors and only on logging steps above) and
+``nonfinite_check="every_step"`` (per-parameter norms at every step). A logging step
 is timed on its own; ``amortized`` spreads it over ``--log-every`` steps (Lightning's default cadence is 50).
 
 The second table is the cost of walking the autograd graph from the loss (what diagnosis does at most once per

@@ -119,7 +119,7 @@ class GradGuard(Callback):
         self._unwritten: list[tuple[Any, int]] = []  # (StagedMetrics, step): values still on their way to the host
         self._batches_started: Optional[int] = None
         self._cleared: Optional[torch.optim.Optimizer] = None  # its zero_grad(set_to_none) ran in this micro-batch
-        self._measure_every_step = self.config.nonfinite_check == "every_step"
+        self._measure_every_step = self.config.nonfinite_check == "every_step"  # decided at fit start
         self.report_path: Optional[str] = None
         self._dashboard: Optional[TensorBoardDashboard] = None  # set when a TensorBoardLogger is in trainer.loggers
         # precision and strategy knowledge for the current fit (lightning_gradguard.context)
@@ -172,8 +172,7 @@ class GradGuard(Callback):
         self.engine.bind(pl_module.named_parameters(), module=pl_module)
         self.engine.start_run()  # a guard reused for a second fit: windows restart, counts carry on
         self._batches_started = None
-        if self.config.nonfinite_check == "auto":
-            self._measure_every_step = any(p.device.type != "cpu" for p in self.engine.registry.params)
+        self._measure_every_step = self.config.measures_every_step(self.engine.registry.params)
         self._start_context(trainer)
         self._start_dashboard(trainer)
         self._audit(trainer)

@@ -220,9 +220,7 @@ class LoopGuard:
             self.engine.end_diagnosis()
             raise ValueError("the optimizers hold no trainable parameter: nothing for GradGuard to check")
         self.engine.audit(self.optimizers)  # unregistered tensors, parameters in no optimizer
-        self._measure_every_step = self.config.nonfinite_check == "every_step" or (
-            self.config.nonfinite_check == "auto" and any(p.device.type != "cpu" for p in self.engine.registry.params)
-        )
+        self._measure_every_step = self.config.measures_every_step(self.engine.registry.params)
 
     def _install_hooks(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward))

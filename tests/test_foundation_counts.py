@@ -296,8 +296,10 @@ def test_training_step_returning_none_inside_a_window_is_only_intermittent(make_
         assert counts(report, name) == (4, 0, 8, 1)
 
 
-def test_nan_gradients_are_counted_per_parameter(make_trainer):
-    guard = GradGuard(summary=False, nonfinite_check="every_step")
+@pytest.mark.parametrize("nonfinite_check", ["every_step", "auto"])
+def test_nan_gradients_are_counted_per_parameter(make_trainer, nonfinite_check):
+    # "auto" on the CPU counts every step for an ordinary model; no logging step happens in this run
+    guard = GradGuard(summary=False, nonfinite_check=nonfinite_check)
     trainer = make_trainer(callbacks=[guard])
     trainer.fit(NaNBranchMLP(nan_batches={1, 4, 6}), regression_loader(8))
 
@@ -426,3 +428,15 @@ def test_manual_gradient_accumulation_counts_windows_between_steps(make_trainer)
     assert counts(report, "trunk.weight") == (2, 0, 8, 0)
     assert counts(report, "branch.weight") == (2, 0, 8, 6)
     assert counts(report, "unused.weight") == (2, 2, 8, 8)
+
+
+def test_auto_nonfinite_check_reads_gradients_on_log_steps_only_for_huge_cpu_models():
+    from lightning_gradguard import GuardConfig
+
+    few, many = [torch.zeros(1) for _ in range(1000)], [torch.zeros(1) for _ in range(1001)]
+    assert GuardConfig.create().measures_every_step(few)
+    assert not GuardConfig.create().measures_every_step(many)
+    assert GuardConfig.create(nonfinite_check="every_step").measures_every_step(many)
+    assert not GuardConfig.create(nonfinite_check="log_steps").measures_every_step(few)
+    meta = [torch.zeros(1, device="meta") for _ in range(1001)]  # not the CPU: kernels run asynchronously
+    assert GuardConfig.create().measures_every_step(meta)
