@@ -18,6 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # `from models import ...` in every test file
 
+from models import quiet_trainer_options  # noqa: E402 - needs the path above
+
 torch.set_num_threads(1)
 
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
@@ -53,17 +55,7 @@ def make_trainer(tmp_path):
     from lightning.pytorch import Trainer
 
     def factory(**kwargs) -> Trainer:
-        options = dict(
-            accelerator="cpu",
-            devices=1,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            default_root_dir=str(tmp_path),
-        )
+        options = quiet_trainer_options(tmp_path)
         options.update(kwargs)
         return Trainer(**options)
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from models import quiet_trainer_options
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -63,17 +64,7 @@ def fit(
 ) -> GradReport:
     """Fit ``model`` on ``data`` for one epoch under a fresh (or the given) guard; returns the guard's report."""
     guard = guard or GradGuard(summary=False)
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-    )
+    options = quiet_trainer_options(tmp_path)
     options.update(trainer_kwargs)
     Trainer(callbacks=[guard, *extra_callbacks], **options).fit(model, data)
     return guard.report()

@@ -34,6 +34,21 @@ def gradguard_warnings(record) -> list[str]:
 
 
 # ------------------------------------------------------------ data
+def quiet_trainer_options(root) -> dict:
+    """Trainer arguments for a fast, silent CPU test run under ``root``: one epoch, no logger or checkpoints."""
+    return dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(root),
+    )
+
+
 def regression_loader(n_batches: int, batch_size: int = 2, in_dim: int = IN_DIM, seed: int = 0) -> DataLoader:
     """``n_batches`` batches of ``(x, y)`` with ``x: (batch_size, in_dim)`` and ``y: (batch_size, 1)``, unshuffled."""
     g = torch.Generator().manual_seed(seed)

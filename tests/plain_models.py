@@ -1,8 +1,10 @@
-"""Plain ``nn.Module`` models with planted gradient bugs, for the plain PyTorch and Fabric adapter tests."""
+"""Models with planted gradient bugs (plain ``nn.Module``s and a LightningModule around one) for the adapter tests."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
 from torch import nn
 
 PLANTED = {"side.weight", "side.bias", "unused.weight", "unused.bias"}
@@ -53,3 +55,18 @@ class BranchNet(nn.Module):
 def batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(3, 4, generator=g), torch.randn(3, 1, generator=g)) for _ in range(n)]
+
+
+class PlantedModule(LightningModule):
+    """A LightningModule around :class:`PlantedNet`: an unused layer and a detached side path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = PlantedNet()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)

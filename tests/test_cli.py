@@ -15,26 +15,13 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from models import HealthyMLP, RegressionData
-from plain_models import PLANTED, PlantedNet, batches
+from plain_models import PLANTED, PlantedModule, PlantedNet, batches
 
 from lightning_gradguard import GradGuard
 from lightning_gradguard.cli import EXIT_ERROR, EXIT_MISSING, EXIT_OK, main
 from lightning_gradguard.plain import watch
 
 NAMES = sorted(f"net.{n}" for n in PLANTED)
-
-
-class PlantedModule(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = PlantedNet()
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def _fit(root: str, module: LightningModule) -> tuple[str, GradGuard]:

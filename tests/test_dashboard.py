@@ -20,11 +20,9 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from models import HealthyMLP, RegressionData
-from plain_models import PLANTED, PlantedNet
+from plain_models import PLANTED, PlantedModule
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
@@ -38,19 +36,6 @@ from lightning_gradguard.sinks.tensorboard import (
 
 HAS_MATPLOTLIB = __import__("importlib").util.find_spec("matplotlib") is not None
 NAMES = {f"net.{n}" for n in PLANTED}
-
-
-class PlantedModule(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = PlantedNet()
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 @pytest.fixture(autouse=True)

@@ -24,34 +24,8 @@ from diagnosis_helpers import (
 )
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BaseFinetuning
+from models import Backbone, TiedEmbeddingLM
 from torch import nn
-
-
-class TiedEmbeddings(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, HIDDEN)
-        self.mix = nn.Linear(HIDDEN, HIDDEN)
-        self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
-        self.lm_head.weight = self.embed.weight
-
-    def training_step(self, batch, batch_idx):
-        tokens, _ = batch
-        logits = self.lm_head(torch.tanh(self.mix(self.embed(tokens[:, :-1]))))
-        return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-class Backbone(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(IN_DIM, HIDDEN)
-        self.norm = nn.LayerNorm(HIDDEN)
-
-    def forward(self, x):
-        return self.norm(self.proj(x))
 
 
 class FrozenBackbone(Regression):
@@ -256,7 +230,7 @@ class EMATeacher(Regression):
 
 
 def test_tied_input_output_embeddings(tmp_path):
-    assert_clean(fit(TiedEmbeddings(), token_data(), tmp_path))
+    assert_clean(fit(TiedEmbeddingLM(), token_data(), tmp_path))
 
 
 def test_frozen_backbone_requires_grad_false(tmp_path):
