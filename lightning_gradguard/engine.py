@@ -95,6 +95,7 @@ class GradGuardEngine:
         self._micro_batch = 0
         self._tracking = False  # True once a before/after backward bracket was seen
         self._in_backward = False
+        self._recorded_in = -1  # the last micro-batch an arrival was recorded in
         self._last_step: dict[int, tuple[int, int]] = {}  # optimizer id -> (micro-batch, backward) at its last step
         self._run_start = (0, 0)  # (micro-batch, backward) where the current run began: an optimizer's first window
         size = len(self.registry)
@@ -105,6 +106,7 @@ class GradGuardEngine:
         self.causes: dict[int, tuple[Optional[str], Optional[str]]] = {}
         self._warned: set[int] = set()
         self._index_cache: dict[Any, Any] = {}  # index lists -> int64 tensors (by content and by identity)
+        self._whole: tuple[Any, int, bool] = (None, 0, False)  # (index list, registry size, list is 0..size-1)
         self._pending_state: Optional[dict[str, Any]] = None
 
     def start_run(self) -> None:
@@ -115,6 +117,7 @@ class GradGuardEngine:
         """
         self._micro_batch = 0
         self._in_backward = False
+        self._recorded_in = -1
         self._last_step = {}
         self._run_start = (0, self.backwards)
         self._arrived.zero_()
@@ -216,13 +219,19 @@ class GradGuardEngine:
             self.arrival_observer(self._micro_batch, missed)
         if self.diagnosis is not None:
             self.diagnosis.after_backward(missed)
-        arrived = torch.ones(len(self.registry), dtype=torch.bool)
-        if missed:
-            arrived[self._as_index(missed)] = False
-        # a parameter counts once per micro-batch however many backward passes it ran
-        arrived &= self._arrived_in != self._micro_batch
-        self._arrived += arrived
-        self._arrived_in[arrived] = self._micro_batch
+        mb = self._micro_batch
+        if not missed and self._recorded_in != mb:  # the common case: every parameter, first backward of the batch
+            self._arrived += 1
+            self._arrived_in.fill_(mb)
+        else:
+            arrived = torch.ones(len(self.registry), dtype=torch.bool)
+            if missed:
+                arrived[self._as_index(missed)] = False
+            # a parameter counts once per micro-batch however many backward passes it ran
+            arrived &= self._arrived_in != mb
+            self._arrived += arrived
+            self._arrived_in[arrived] = mb
+        self._recorded_in = mb
 
     # ------------------------------------------------------------------ the step check
     def check_step(
@@ -271,10 +280,12 @@ class GradGuardEngine:
         if not checked:
             return StepCheck(step, window, backwards, accumulate, [], [], [])
         row = {j: n for n, j in enumerate(positions)} if frozen else None  # position -> row in `checked`
-        idx = self._as_index(checked)
+        # one optimizer over the whole model (the common case): plain views instead of gathers and scatters
+        whole = not frozen and self._is_whole_registry(checked)
+        idx: Any = slice(None) if whole else self._as_index(checked)
 
         if self._tracking:
-            arrived = self._arrived[idx]
+            arrived = self._arrived[idx].clone() if whole else self._arrived[idx]
             self._arrived[idx] = 0
             # a new window starts now, even inside the same micro-batch (several steps per training_step, as a
             # WGAN critic does): the next backward's arrival counts for it
@@ -351,6 +362,15 @@ class GradGuardEngine:
         if result.missing:
             self._on_missing(result)
         return result
+
+    def _is_whole_registry(self, indices: list[int]) -> bool:
+        """Whether ``indices`` is every registered parameter in registry order."""
+        known, size, whole = self._whole
+        if known is not indices or size != len(self.registry):  # the registry hands back the same list each step
+            size = len(self.registry)
+            whole = len(indices) == size and indices == list(range(size))
+            self._whole = (indices, size, whole)
+        return whole
 
     def _measure(
         self, indices: list[int], grads: list[Tensor], grad_scale: Optional[Tensor] = None
