@@ -43,6 +43,8 @@ import sys
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
+from itertools import repeat
+from operator import attrgetter, is_not
 from typing import Any, Optional, Union
 
 import torch
@@ -52,12 +54,13 @@ from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.engine import GradGuardEngine, StepCheck
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
-from lightning_gradguard.metrics import step_metrics
+from lightning_gradguard.metrics import StagedMetrics, stage_metrics
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.sinks import print_summary, write_report
 from lightning_gradguard.sinks.tensorboard import TensorBoardDashboard
 
 DEFAULT_LOG_EVERY_N_STEPS = 50  # Lightning's default cadence
+_GRAD = attrgetter("grad")
 
 
 
@@ -160,6 +163,7 @@ class LoopGuard:
         self._root_forward_seen = False
 
         self._bind()
+        self._unwritten: list[tuple[StagedMetrics, int]] = []  # logging steps whose values are still on the device
         self._owned_writer = False
         self._log_dir: Optional[str] = os.fspath(log_dir) if log_dir is not None else None
         self.writer = writer
@@ -197,6 +201,7 @@ class LoopGuard:
             return report
         self._closed = True
         self.engine.end_diagnosis()  # a window still open (the loop raised or ended early): instruments come out
+        self._write_logs(wait=True)
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -275,14 +280,17 @@ class LoopGuard:
             return
         self._bracketed = True
         engine = self.engine
+        cleared: list[torch.optim.Optimizer] = []
         for optimizer in self.optimizers:
             _, params = engine.registry.optimizer_params(optimizer)
-            if all(p.grad is None for p in params):
+            if not any(map(is_not, map(_GRAD, params), repeat(None))):  # every .grad None: zero_grad ran
                 engine.restart_window(optimizer)
+                cleared.append(optimizer)
         if self._forward_since_backward or not self._root_forward_seen:
             engine.start_micro_batch()
         self._forward_since_backward = False
-        engine.before_backward(None)
+        # one optimizer whose gradients were all just seen None: the snapshot need not read them again
+        engine.before_backward(None, cleared=cleared[0] if len(cleared) == 1 == len(self.optimizers) else None)
 
     def _on_backward_end(self) -> None:
         self._backward_open = False
@@ -319,15 +327,24 @@ class LoopGuard:
         # the scale only when there is one: plain fp32 loops use the engine's basic signature
         scaled = {"grad_scale": grad_scale} if grad_scale is not None else {}
         check = self.engine.check_step(optimizer, step=step, measure=log or self._measure_every_step, **scaled)
+        self._write_logs()  # earlier logging steps whose copies have landed by now
         if log:
             self._log(check, step)
         self._dashboard_check(check, step)
 
     @feature("log")
     def _log(self, check: StepCheck, step: int) -> None:
-        metrics = step_metrics(self.engine, [check], scalars=self._device_scalars())
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, step)
+        # the copy to the host starts now and is written once it has landed (on the CPU: right away), so the
+        # device never waits for logging
+        self._unwritten.append((stage_metrics(self.engine, [check], scalars=self._device_scalars()), step))
+        self._write_logs()
+
+    @feature("log")
+    def _write_logs(self, wait: bool = False) -> None:
+        while self._unwritten and (wait or self._unwritten[0][0].ready()):
+            staged, step = self._unwritten.pop(0)
+            for tag, value in staged.result().items():
+                self.writer.add_scalar(tag, value, step)
 
     def _device_scalars(self) -> dict[str, Tensor]:
         """Further 0-dim device tensors to log; they share the logging step's one host copy."""

@@ -82,3 +82,12 @@ def test_gpu_check_script_is_valid_bash():
     import subprocess
 
     assert subprocess.run(["bash", "-n", os.path.join(BENCHMARKS, "gpu_check.sh")]).returncode == 0
+
+
+def test_plain_overhead_smoke_run(tmp_path):
+    plain = load("plain_overhead")
+    out = tmp_path / "plain.json"
+    assert plain.main(["--sizes", "40", "--blocks", "2", "--steps", "2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["sizes"]
+    assert row["tensors"] == 40
+    assert row["step_ms"] > 0 and row["watch_step_ms"] > 0
