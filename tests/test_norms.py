@@ -1,5 +1,5 @@
-"""Per-parameter gradient norms: every path (fused, flat CPU segments, sparse, DTensor, mixed dtypes) gives the norm
-``torch.linalg.vector_norm`` gives for each gradient on its own, and the hot path never reads a device value.
+"""Per-parameter gradient norms: every path (fused, stacked small CPU tensors, sparse, DTensor, mixed dtypes) gives
+the norm ``torch.linalg.vector_norm`` gives for each gradient on its own, and the hot path never reads a device value.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 from lightning_gradguard import GradGuard, GradGuardEngine, GuardConfig
 from lightning_gradguard import norms as norms_module
 from lightning_gradguard.metrics import step_metrics
-from lightning_gradguard.norms import SEGMENT_MIN_TENSORS, SMALL_NUMEL, per_param_norms
+from lightning_gradguard.norms import SMALL_NUMEL, STACK_MIN_TENSORS, per_param_norms
 
 NORM_TYPES = [1.0, 2.0, 3.0, 0.5, math.inf]
 
@@ -52,16 +52,19 @@ def assert_close(actual: float, expected: float, rel: float) -> None:
 
 
 def mixed_grads(seed: int = 0) -> list[torch.Tensor]:
-    """Tiny tensors (the flat CPU path), large ones (the fused kernel), four dtypes, odd layouts and magnitudes."""
+    """Tiny tensors (the stacked CPU path), large ones (the fused kernel), four dtypes, odd layouts and magnitudes."""
     g = torch.Generator().manual_seed(seed)
     grads = [torch.randn(3, 4, generator=g) * 10.0**k for k in range(-6, 7)]  # small float32 tensors
-    grads += [torch.randn(5, generator=g) for _ in range(SEGMENT_MIN_TENSORS)]  # enough for the flat CPU path
+    grads += [torch.randn(5, generator=g) for _ in range(STACK_MIN_TENSORS)]  # enough for the stacked CPU path
     grads += [torch.randn(SMALL_NUMEL + 1, generator=g), torch.randn(64, 48, generator=g)]  # large float32
     grads += [torch.randn(40, 30, generator=g).t()]  # non-contiguous
     grads += [torch.randn(7, generator=g).to(dtype) for dtype in (torch.float16, torch.bfloat16, torch.float64)]
     grads += [torch.randn(300, generator=g).to(torch.float16) * 100, torch.randn(5000, generator=g).bfloat16()]
-    grads += [torch.randn(9, generator=g).double() for _ in range(SEGMENT_MIN_TENSORS)]  # a flat float64 group
+    grads += [torch.randn(9, generator=g).double() for _ in range(STACK_MIN_TENSORS)]  # a stacked float64 group
     grads += [torch.empty(0), torch.randn(1, generator=g)]
+    # stacked by shape: 0-dim scalars, a small non-contiguous view, an empty 2-D tensor
+    grads += [torch.randn((), generator=g) * 10.0**k for k in (-3, 0, 3)]
+    grads += [torch.randn(4, 3, generator=g).t(), torch.empty(0, 4)]
     return grads
 
 
@@ -77,7 +80,7 @@ def test_each_norm_equals_vector_norm_of_that_gradient(norm_type):
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
 def test_nan_and_inf_propagate_on_both_cpu_paths(norm_type):
-    small = [torch.randn(4) for _ in range(SEGMENT_MIN_TENSORS)]
+    small = [torch.randn(4) for _ in range(STACK_MIN_TENSORS)]
     large = [torch.randn(SMALL_NUMEL * 2) for _ in range(3)]
     small[2][1], small[5][0] = float("nan"), float("inf")
     large[0][7], large[1][3] = float("nan"), float("-inf")
