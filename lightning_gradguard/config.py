@@ -35,8 +35,8 @@ class GuardConfig:
             reads every gradient once per step; ``"log_steps"`` only on logging steps; ``"auto"`` (default) is
             ``"every_step"``, except for a model with more than ``CPU_EVERY_STEP_MAX_TENSORS`` (1,000) parameter
             tensors on the CPU: there the norms run synchronously on the training thread (about 1 us per tensor:
-            9-12 ms a step at 10,000 tensors), so they are computed on logging steps only. On an accelerator the kernels run
-            asynchronously and cost a fraction of a percent.
+            9-12 ms a step at 10,000 tensors), so they are computed on logging steps only. On an accelerator the
+            kernels run asynchronously and cost a fraction of a percent.
         log_granularity: ``"param"`` logs one norm per parameter tensor, ``"module"`` per-module aggregates at
             ``log_module_depth``; ``"auto"`` logs per parameter while everything fits in ``max_logged_series``
             (216 tensors for the default 256) and, above that, per-module norms at the deepest depth that fits

@@ -26,9 +26,10 @@ Fabric module finds the micro-batches), with two Fabric specifics:
   callback), logs them as ``gradguard/amp_skipped_steps`` and puts them in the report.
 
 TensorBoard output goes to the Fabric's ``TensorBoardLogger`` when it has one (``Fabric(loggers=...)``), to
-``log_dir``/``writer`` otherwise; only global rank zero writes and prints. Counts are those of each process
-(distributed reduction belongs to the Trainer callback). DeepSpeed keeps gradients outside ``.grad``, so the
-adapter refuses it with a clear error.
+``log_dir``/``writer`` otherwise; only global rank zero writes and prints. Under DDP and FSDP the counts, norms and
+strict decisions are global, as with the Trainer callback (:mod:`lightning_gradguard.distributed`: one collective
+per logging step, and one when the guard is closed, on every rank). DeepSpeed keeps gradients outside ``.grad``,
+so the adapter refuses it with a clear error.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from lightning_gradguard.plain import LoopGuard
 from lightning_gradguard.precision import LossScaleTracker
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.sinks.tensorboard import AMP_SKIPPED_TAG, tensorboard_writers
+from lightning_gradguard.strategies import StrategyInfo, describe_strategy
 
 
 class FabricGuard(LoopGuard):
@@ -111,6 +113,9 @@ class FabricGuard(LoopGuard):
     def _writes(self) -> bool:
         return bool(self.fabric.is_global_zero)
 
+    def _strategy(self) -> StrategyInfo:
+        return describe_strategy(self.fabric)  # Fabric's strategies share the Trainer's names and settings
+
     def _amp(self) -> bool:
         return self._scale_tracker is not None
 
@@ -123,6 +128,7 @@ class FabricGuard(LoopGuard):
             if id(optimizer) not in wrapped_raw:  # a raw optimizer: checked from inside its own step
                 self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre_hook))
         self._hook_new_params()
+        self._hook_flat_params(self._call_module)  # the wrapped module: FSDP's root unit included
 
     def _device_scalars(self) -> dict[str, Tensor]:
         if self._scale_tracker is None:

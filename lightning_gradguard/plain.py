@@ -51,6 +51,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard.config import GuardConfig
+from lightning_gradguard.context import TrainingContext
+from lightning_gradguard.distributed import Collective
 from lightning_gradguard.engine import GradGuardEngine, StepCheck
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
@@ -58,6 +60,7 @@ from lightning_gradguard.metrics import StagedMetrics, stage_metrics
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.sinks import print_summary, write_report
 from lightning_gradguard.sinks.tensorboard import TensorBoardDashboard
+from lightning_gradguard.strategies import DDP, FSDP, FSDP2, StrategyInfo, describe_module
 
 DEFAULT_LOG_EVERY_N_STEPS = 50  # Lightning's default cadence
 _GRAD = attrgetter("grad")
@@ -163,6 +166,9 @@ class LoopGuard:
         self._root_forward_seen = False
 
         self._bind()
+        # several processes (DDP, FSDP): counts, norms and strict decisions become global through one collective per
+        # logging step, as in the Trainer callback
+        self._context = self._distributed_context()
         self._unwritten: list[tuple[StagedMetrics, int]] = []  # logging steps whose values are still on the device
         self._owned_writer = False
         self._log_dir: Optional[str] = os.fspath(log_dir) if log_dir is not None else None
@@ -196,11 +202,15 @@ class LoopGuard:
 
         Safe to call more than once; returns the final report.
         """
-        report = self.report()
+        return self._close(at_exit=False)
+
+    def _close(self, at_exit: bool) -> GradReport:
         if self._closed:
-            return report
+            return self.report()
         self._closed = True
         self.engine.end_diagnosis()  # a window still open (the loop raised or ended early): instruments come out
+        self._finish_context(collective=not at_exit)
+        report = self.report()
         self._write_logs(wait=True)
         for handle in self._handles:
             handle.remove()
@@ -216,7 +226,9 @@ class LoopGuard:
 
     # ------------------------------------------------------------------ what adapters override
     def _bind(self) -> None:
-        self.engine.bind(self.model.named_parameters(), module=self.model)
+        # names as the user wrote them: without the "module." of a (Distributed)DataParallel wrapper
+        named = _unwrap_data_parallel(self.model)
+        self.engine.bind(named.named_parameters(), module=named)
         trainable = set()
         for optimizer in self.optimizers:
             _, params = self.engine.registry.optimizer_params(optimizer)
@@ -232,10 +244,44 @@ class LoopGuard:
         for optimizer in self.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre_hook))
         self._hook_new_params()
+        self._hook_flat_params(self.model)
+
+    def _hook_flat_params(self, root: nn.Module) -> None:
+        """FSDP1 accumulates into its flat parameters, not into the views the optimizer holds: hook those too."""
+        for module in root.modules():
+            flat = getattr(getattr(module, "_handle", None), "flat_param", None)
+            if isinstance(flat, Tensor) and flat.requires_grad:
+                self._handles.append(flat.register_hook(self._on_grad))
 
     def _writes(self) -> bool:
-        """Whether this process writes TensorBoard output (rank zero under Fabric)."""
-        return True
+        """Whether this process writes TensorBoard output (global rank zero)."""
+        return self._rank() == 0
+
+    def _rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def _strategy(self) -> StrategyInfo:
+        """How the model is distributed (plain loops: the torch.distributed wrapper around it)."""
+        return describe_module(self.model)
+
+    def _distributed_context(self) -> Optional[TrainingContext]:
+        info = self._strategy()
+        if not info.distributed or info.name not in (DDP, FSDP, FSDP2) or not Collective.available():
+            return None
+        device = next((p.device for p in self.engine.registry.params if p.device.type != "meta"), None)
+        warn = _warn_at_user_code if self._writes() else (lambda message: None)
+        return TrainingContext(self.engine, info, collective=Collective(device=device), warn=warn)
+
+    @feature("distributed")
+    def _finish_context(self, collective: bool) -> None:
+        if self._context is None:
+            return
+        if collective:  # every rank closes its guard at the same point: the last steps' counts become global
+            self._context.finish()
+        else:  # at interpreter exit another rank may be gone already: no collective, the hooks come off
+            self._context.release()
 
     def _amp(self) -> bool:
         return False
@@ -287,6 +333,8 @@ class LoopGuard:
                 engine.restart_window(optimizer)
                 cleared.append(optimizer)
         if self._forward_since_backward or not self._root_forward_seen:
+            if self._context is not None:  # DDP: this micro-batch's own arrivals, per rank
+                self._context.start_micro_batch()
             engine.start_micro_batch()
         self._forward_since_backward = False
         # one optimizer whose gradients were all just seen None: the snapshot need not read them again
@@ -323,14 +371,26 @@ class LoopGuard:
         self._hook_new_params()
         step = self.global_step
         self.global_step += 1
-        log = self.writer is not None and "log" not in self._disabled and (step + 1) % self.log_every_n_steps == 0
+        due = (step + 1) % self.log_every_n_steps == 0
+        log = self.writer is not None and "log" not in self._disabled and due
+        # with several ranks every rank measures on the same steps (rank zero alone logs): shard norms add up
+        measure = self._measure_every_step or (due and (log or self._context is not None))
         # the scale only when there is one: plain fp32 loops use the engine's basic signature
         scaled = {"grad_scale": grad_scale} if grad_scale is not None else {}
-        check = self.engine.check_step(optimizer, step=step, measure=log or self._measure_every_step, **scaled)
+        check = self.engine.check_step(optimizer, step=step, measure=measure, **scaled)
+        if self._context is not None:
+            self._distributed_step(check, step, measure)
         self._write_logs()  # earlier logging steps whose copies have landed by now
         if log:
             self._log(check, step)
         self._dashboard_check(check, step)
+
+    @feature("distributed")
+    def _distributed_step(self, check: StepCheck, step: int, measured: bool) -> None:
+        context = self._context
+        context.after_check(check, measured)
+        if context.reduce_due(step, self.log_every_n_steps):  # every rank, same step: the one collective
+            context.reduce([check])
 
     @feature("log")
     def _log(self, check: StepCheck, step: int) -> None:
@@ -479,6 +539,13 @@ def _close_at_exit(guard: LoopGuard) -> None:
     _open_guards.add(guard)
 
 
+def _unwrap_data_parallel(model: nn.Module) -> nn.Module:
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if names & {"DistributedDataParallel", "DataParallel"} and isinstance(getattr(model, "module", None), nn.Module):
+        return model.module
+    return model
+
+
 def _replace_earlier_guards(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:
     """Close an open guard on the same model and optimizer (a notebook cell run twice), so hooks do not pile up."""
     ids = {id(o) for o in optimizers}
@@ -498,7 +565,7 @@ def _replace_earlier_guards(model: nn.Module, optimizers: Sequence[torch.optim.O
 def _close_open_guards() -> None:
     for guard in list(_open_guards):
         try:
-            guard.close()
+            guard._close(at_exit=True)
         except Exception:  # noqa: BLE001 - nothing can be done at exit
             pass
 

@@ -134,6 +134,29 @@ def describe_strategy(trainer: Any) -> StrategyInfo:
     return StrategyInfo(kind, world_size, rank)
 
 
+def describe_module(model: Any) -> StrategyInfo:
+    """The strategy of a hand-written loop, from the wrapper torch.distributed put around ``model``.
+
+    ``DistributedDataParallel``, ``FullyShardedDataParallel`` (FSDP1) and ``fully_shard`` (FSDP2) modules are
+    recognized by class name; anything else, or no initialized process group, is a single process as far as the
+    guard can tell (each process checks its own gradients).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return StrategyInfo()
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if "DistributedDataParallel" in names:
+        return StrategyInfo(DDP, world_size, rank, find_unused_parameters=bool(getattr(model, "find_unused_parameters",
+                                                                                      False)))
+    if "FullyShardedDataParallel" in names:
+        return StrategyInfo(FSDP, world_size, rank, use_orig_params=bool(getattr(model, "_use_orig_params", False)))
+    if "FSDPModule" in names:
+        return StrategyInfo(FSDP2, world_size, rank)
+    return StrategyInfo()
+
+
 def _kind(strategy: Any) -> str:
     try:
         from lightning.pytorch.strategies import (

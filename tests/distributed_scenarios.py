@@ -244,6 +244,122 @@ def plain_ddp_unused(root: str) -> dict[str, Any]:
     return {"error": None}
 
 
+# ---------------------------------------------------------------------- hand-written loops: Fabric and torch DDP
+class UsageNet(nn.Module):
+    """:class:`UsageModel` as a plain module (same parameter names) for loops that call it themselves."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+        self.shared = nn.Linear(IN_DIM, 1)
+        self.branches = nn.ModuleDict({name: nn.Linear(IN_DIM, 1) for name in USAGE})
+
+    def forward(self, x, position: int):
+        out = self.shared(x)
+        for name, rows in USAGE.items():
+            if self.rank in rows[position]:
+                out = out + self.branches[name](x)
+        return out
+
+
+def _accumulating_loop(model, optimizer, data, backward, no_sync) -> None:
+    """The loop both adapters watch: ``ACCUMULATE`` micro-batches per step, all but the last under ``no_sync``."""
+    for i, (x, y) in enumerate(data):
+        position = i % ACCUMULATE
+        last = position == ACCUMULATE - 1
+        with no_sync(not last):
+            backward(F.mse_loss(model(x, position), y))
+        if last:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+@scenario
+def fabric_usage(root: str) -> dict[str, Any]:
+    """``watch_fabric`` under Fabric DDP with ``no_backward_sync`` accumulation: the Trainer's global counts."""
+    from lightning.fabric import Fabric
+
+    from lightning_gradguard import watch_fabric
+
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true")
+    fabric.launch()
+    torch.manual_seed(0)
+    net = UsageNet(fabric.global_rank)
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.01))
+    guard = watch_fabric(fabric, model, optimizer, summary=False, log_every_n_steps=2)
+    data = loader(4 * ACCUMULATE, seed=fabric.global_rank)  # the data of the Trainer's usage_table, per rank
+
+    def no_sync(enabled: bool):
+        return fabric.no_backward_sync(model, enabled=enabled)
+
+    _accumulating_loop(model, optimizer, data, fabric.backward, no_sync)
+    reductions_before_close = guard._context.ledger.reductions
+    report = guard.close()
+    return {
+        "counts": counts(report),
+        "distributed": report.to_dict().get("distributed"),
+        "reductions_before_close": reductions_before_close,
+        "reductions": guard._context.ledger.reductions,
+        "hooks_left": sum(bool(getattr(p, "_post_accumulate_grad_hooks", None)) for p in net.parameters()),
+        "writes": guard._writes(),
+    }
+
+
+@scenario
+def torch_ddp_usage(root: str) -> dict[str, Any]:
+    """``watch`` on a model wrapped in torch's ``DistributedDataParallel`` in a hand-written loop: the same counts."""
+    from contextlib import nullcontext
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_gradguard import watch
+
+    torch.manual_seed(0)
+    rank = dist.get_rank()
+    model = DistributedDataParallel(UsageNet(rank), find_unused_parameters=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = watch(model, optimizer, summary=False, log_every_n_steps=2)
+
+    def no_sync(enabled: bool):
+        return model.no_sync() if enabled else nullcontext()
+
+    _accumulating_loop(model, optimizer, loader(4 * ACCUMULATE, seed=rank), lambda loss: loss.backward(), no_sync)
+    report = guard.close()
+    return {
+        "counts": counts(report),  # the user's names: no "module." from the wrapper
+        "distributed": report.to_dict().get("distributed"),
+        "reductions": guard._context.ledger.reductions,
+    }
+
+
+@scenario
+def fabric_strict_together(root: str) -> dict[str, Any]:
+    """Strict ``watch_fabric``: a branch nobody uses makes both ranks raise at the first step, before it runs."""
+    from lightning.fabric import Fabric
+
+    from lightning_gradguard import watch_fabric
+
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true")
+    fabric.launch()
+    torch.manual_seed(0)
+    net = UsageNet(fabric.global_rank)
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.01))
+    guard = watch_fabric(fabric, model, optimizer, strict=True, summary=False)
+    before = net.shared.weight.detach().clone()
+    started = time.monotonic()
+    try:
+        for x, y in loader(3, seed=60 + fabric.global_rank):
+            fabric.backward(F.mse_loss(model(x, 0), y))
+            optimizer.step()
+            optimizer.zero_grad()
+    except GradGuardError as err:
+        return {"raised": True, "step": err.step, "params": err.params, "seconds": time.monotonic() - started,
+                "weights_unchanged": bool(torch.equal(before, net.shared.weight.detach()))}
+    finally:
+        guard.close()
+    return {"raised": False}
+
+
 # ---------------------------------------------------------------------- sharded scenarios
 class Gate(nn.Module):
     """A one-element parameter: as its own FSDP unit, its shard lives on rank 0 only."""
@@ -346,6 +462,43 @@ def fsdp1_engine(root: str) -> dict[str, Any]:
             "votes": ledger.votes,
         }
         ledger.detach()
+    return results
+
+
+@scenario
+def fsdp1_watch(root: str) -> dict[str, Any]:
+    """``watch()`` on a plain torch FSDP1 model: empty shards are not missing, strict decisions are collective."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from lightning_gradguard import watch
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results: dict[str, Any] = {}
+    for strict in (False, True):
+        torch.manual_seed(0)
+        model = FSDP(ShardedNet(spare=not strict), device_id=torch.device("cpu"), use_orig_params=True,
+                     auto_wrap_policy=ModuleWrapPolicy({Gate, nn.Linear}))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        guard = watch(model, optimizer, strict=strict, summary=False, log_every_n_steps=1)
+        raised = None
+        try:
+            for step in range(3):
+                x, y = _global_batch(step, world)[rank]
+                optimizer.zero_grad()
+                F.mse_loss(model(x), y).backward()
+                optimizer.step()
+        except GradGuardError as err:
+            raised = {"step": err.step, "params": err.params}
+        report = guard.close()
+        results["strict" if strict else "plain"] = {
+            "counts": counts(report),
+            "raised": raised,
+            "distributed": report.to_dict().get("distributed"),
+            "reductions": guard._context.ledger.reductions,
+        }
     return results
 
 

@@ -87,8 +87,8 @@ def launch(out_dir: Path, scenarios: list[str], timeout: float = LAUNCH_TIMEOUT)
 
 
 DDP_SCENARIOS = ["usage_table", "unused_everywhere", "amp_overflow", "manual_gan", "strict_together",
-                 "plain_ddp_unused"]
-SHARDED_SCENARIOS = ["fsdp1_engine", "fsdp2_lightning"]
+                 "plain_ddp_unused", "fabric_usage", "torch_ddp_usage", "fabric_strict_together"]
+SHARDED_SCENARIOS = ["fsdp1_engine", "fsdp2_lightning", "fsdp1_watch"]
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,35 @@ def test_ddp_reports_parameters_missing_on_some_ranks_only_with_those_ranks(ddp)
         "branches.alternating.weight": ([0, 1], 8),
         "branches.alternating.bias": ([0, 1], 8),
     }
+
+
+@pytest.mark.parametrize("loop", ["fabric_usage", "torch_ddp_usage"])
+def test_hand_written_ddp_loops_count_what_the_trainer_counts(ddp, loop):
+    """watch_fabric under Fabric DDP and watch() on torch's DistributedDataParallel, the same data and usage as the
+    Trainer's run: the same global counts and the same ranks for the rank-dependent parameters, on every rank."""
+    trainer_rank0 = ddp["usage_table"][0]
+    rank0, rank1 = ddp[loop]
+    numbers = {name: c[:5] for name, c in trainer_rank0["counts"].items()}
+    assert {name: c[:5] for name, c in rank0["counts"].items()} == numbers
+    assert {name: c[:5] for name, c in rank1["counts"].items()} == numbers
+    assert rank0["distributed"]["rank_dependent"] == trainer_rank0["distributed"]["rank_dependent"]
+    assert rank0["distributed"]["strategy"] == "ddp" and rank0["distributed"]["world_size"] == 2
+
+
+def test_fabric_ddp_reduces_once_per_logging_step_and_once_at_close(ddp):
+    rank0, rank1 = ddp["fabric_usage"]
+    # 4 steps, log_every_n_steps=2: logging steps 1 and 3, then close() (nothing left to reduce after step 3)
+    assert rank0["reductions_before_close"] == rank1["reductions_before_close"] == 2
+    assert rank0["reductions"] == rank1["reductions"] == 2
+    assert rank0["hooks_left"] == rank1["hooks_left"] == 0
+    assert (rank0["writes"], rank1["writes"]) == (True, False)  # rank zero alone writes and prints
+
+
+def test_fabric_strict_mode_raises_on_every_rank_before_the_step(ddp):
+    for result in ddp["fabric_strict_together"]:
+        assert result["raised"] and result["step"] == 0
+        assert result["params"] == ["branches.unused.weight", "branches.unused.bias"]
+        assert result["weights_unchanged"] and result["seconds"] < 10
 
 
 def test_ddp_makes_one_collective_per_logging_step_and_logs_from_rank_zero(ddp):
@@ -219,6 +248,19 @@ def test_fsdp1_empty_shards_are_not_missing_and_norms_are_global(sharded):
             assert set(got) == set(want) == {"a.weight", "a.bias", "b.weight", "b.bias"}
             assert got == pytest.approx(want, rel=1e-4)
     assert rank0["reductions"] == 3 and rank0["votes"] == 0
+
+
+def test_watch_on_torch_fsdp1_counts_as_the_engine_with_the_ledger_does(sharded):
+    for engine_run, watched in zip(sharded["fsdp1_engine"], sharded["fsdp1_watch"]):
+        plain = watched["plain"]
+        # the same global counts: gate.scale (rank 0's shard only) and spare missing at every step, on both ranks
+        assert {n: c[:5] for n, c in plain["counts"].items()} == {
+            n: c[:5] for n, c in engine_run["plain"]["counts"].items()
+        }
+        # one reduction per logging step (log_every_n_steps=1) and one when the guard closes
+        assert plain["distributed"]["strategy"] == "fsdp" and plain["reductions"] == 4
+        # strict: only gate.scale is unused and rank 1 holds none of it, yet both ranks raise at step 0
+        assert watched["strict"]["raised"] == {"step": 0, "params": ["gate.scale"]}
 
 
 def test_fsdp1_strict_mode_decides_together_even_where_a_rank_sees_nothing_missing(sharded):
