@@ -27,6 +27,9 @@ class ArrivalTracker:
         # grads of the parameters the last backward missed, to tell a leftover tensor from one assigned later
         self.last_missed: dict[int, tuple[Optional[weakref.ref], int]] = {}
         self._others: dict[tuple[int, int], tuple[Sequence[int], list[int]]] = {}  # complements of `cleared`
+        # the last read after backward, kept for the step check when the adapter knows nothing can change .grad
+        # in between (taken by the check, dropped by the next backward: never held past the step)
+        self._kept: Optional[list[Optional[Tensor]]] = None
 
     def before_backward(self, params: Sequence[Tensor], cleared: Optional[Sequence[int]] = None) -> None:
         """Snapshot the gradients right before a backward pass.
@@ -39,6 +42,7 @@ class ArrivalTracker:
                 Two of them are read anyway; if either has a gradient, everything is read.
 
         """
+        self._kept = None
         if cleared and params[cleared[0]].grad is None and params[cleared[-1]].grad is None:
             others = self._complement(len(params), cleared)
             if not others:
@@ -70,9 +74,13 @@ class ArrivalTracker:
             hit = self._others[key] = (cleared, [i for i in range(n) if i not in skip])
         return hit[1]
 
-    def after_backward(self, params: Sequence[Tensor]) -> list[int]:
-        """Indices (into ``params``) of the parameters this backward gave no gradient."""
+    def after_backward(self, params: Sequence[Tensor], keep: bool = False) -> list[int]:
+        """Indices (into ``params``) of the parameters this backward gave no gradient.
+
+        ``keep``: hold on to the gradients just read until :meth:`take_kept` (the step check) or the next backward.
+        """
         after = [p.grad for p in params]
+        self._kept = after if keep else None
         before, versions = self._before, self._versions
         self._before, self._versions = None, []  # never keep the old gradients alive past the backward
         if before is None or not versions:
@@ -89,6 +97,11 @@ class ArrivalTracker:
         self.last_missed = {i: (_ref(after[i]), _version(after[i])) for i in missed}
         return missed
 
+    def take_kept(self) -> Optional[list[Optional[Tensor]]]:
+        """The gradients the last backward left, as read right after it (if kept); hands them over only once."""
+        kept, self._kept = self._kept, None
+        return kept
+
     def unchanged_since_backward(self, index: int, grad: Tensor) -> bool:
         """Whether ``grad`` is the very tensor the last backward left untouched (a leftover, not a new gradient)."""
         seen = self.last_missed.get(index)
@@ -98,6 +111,7 @@ class ArrivalTracker:
 
     def reset(self) -> None:
         self._before, self._versions = None, []
+        self._kept = None
         self.last_missed = {}
 
 

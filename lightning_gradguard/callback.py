@@ -19,6 +19,7 @@ from lightning_gradguard.metrics import stage_metrics
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.sinks import log_to_loggers, print_summary, write_report
 from lightning_gradguard.sinks.tensorboard import TensorBoardDashboard, tensorboard_writers
+from lightning_gradguard.strategies import DDP, SINGLE
 
 
 def _batches_started(trainer: Trainer) -> Optional[int]:
@@ -174,6 +175,7 @@ class GradGuard(Callback):
         self._batches_started = None
         self._measure_every_step = self.config.measures_every_step(self.engine.registry.params)
         self._start_context(trainer)
+        self.engine.reuse_backward_read = self._nothing_between_backward_and_step(trainer, pl_module)
         self._start_dashboard(trainer)
         self._audit(trainer)
 
@@ -187,6 +189,30 @@ class GradGuard(Callback):
         )
         if self._context.measure_every_step and self.config.nonfinite_check == "auto":
             self._measure_every_step = True
+
+    def _nothing_between_backward_and_step(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Whether no code can change a ``.grad`` between this guard's ``on_after_backward`` and its step check.
+
+        Under automatic optimization Lightning runs, in between, only the ``on_after_backward`` of the callbacks
+        after this one and of the LightningModule, and the ``on_before_optimizer_step`` of the callbacks before
+        this one (gradient clipping comes after the check). When none of them is overridden, the gradients read
+        right after backward are still those at the step, and the check need not read every ``.grad`` again.
+        Strategies that re-point gradients after backward (FSDP's views, DeepSpeed) always read again.
+        """
+        context = self._context
+        if not pl_module.automatic_optimization or context is None or context.info.name not in (SINGLE, DDP):
+            return False
+        if _overrides(pl_module, "on_after_backward"):
+            return False
+        callbacks = list(trainer.callbacks)
+        position = next((i for i, callback in enumerate(callbacks) if callback is self), None)
+        if position is None:
+            return False
+        after = callbacks[position + 1 :]
+        before = callbacks[:position]
+        return not any(_overrides(c, "on_after_backward") for c in after) and not any(
+            _overrides(c, "on_before_optimizer_step") for c in before
+        )
 
     @feature("audit")
     def _audit(self, trainer: Trainer) -> None:
@@ -371,3 +397,18 @@ class GradGuard(Callback):
 
 def _warn(message: str) -> None:
     rank_zero_warn(message, category=GradGuardWarning)
+
+
+def _overrides(obj: Any, method: str) -> bool:
+    """Whether `obj` or its class defines `method` anywhere below Lightning's own base classes (either namespace)."""
+    if method in getattr(obj, "__dict__", {}):  # a hook assigned to the instance
+        return True
+    for cls in type(obj).__mro__:
+        if method in vars(cls):
+            return not (cls.__module__ or "").startswith(_FRAMEWORK_BASES)
+    return False
+
+
+# where Lightning's Callback / LightningModule hook stubs live (lightning.pytorch and pytorch_lightning)
+_FRAMEWORK_BASES = ("lightning.pytorch.core.", "lightning.pytorch.callbacks.callback", "pytorch_lightning.core.",
+                    "pytorch_lightning.callbacks.callback")

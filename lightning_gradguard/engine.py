@@ -85,6 +85,10 @@ class GradGuardEngine:
         self.arrival_observer: Optional[Callable[[int, list[int]], None]] = None  # (micro-batch, indices missed)
         self.strict_vote: Optional[Callable[[list[int]], list[int]]] = None  # strict decision taken by all ranks
         self.report_hooks: list[Callable[[GradReport], None]] = []  # add what the adapters know to a report
+        # True when the adapter knows that no code can change any .grad between after_backward and check_step
+        # (Lightning's automatic optimization without hooks in between): the step check then uses the gradients
+        # read after the backward pass instead of reading every .grad again (10k tensors: 0.9 ms a step)
+        self.reuse_backward_read = False
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -214,7 +218,7 @@ class GradGuardEngine:
         self._in_backward = False
         self._tracking = True
         self._grow()
-        missed = self.arrivals.after_backward(self.registry.params)
+        missed = self.arrivals.after_backward(self.registry.params, keep=self.reuse_backward_read)
         if self.arrival_observer is not None:
             self.arrival_observer(self._micro_batch, missed)
         if self.diagnosis is not None:
@@ -265,7 +269,11 @@ class GradGuardEngine:
         self._last_step[key] = (self._micro_batch, self.backwards)
         self.steps += 1
 
-        grads = [p.grad for p in params]
+        kept = self.arrivals.take_kept()
+        if kept is not None and self.reuse_backward_read and len(kept) == len(self.registry):
+            grads = kept if self._is_whole_registry(indices) else [kept[i] for i in indices]
+        else:
+            grads = [p.grad for p in params]
         # positions (into this optimizer's list) of parameters without .grad; frozen ones are not checked
         none_pos = none_positions(grads)
         # ... nor, under FSDP1, those whose shard on this rank is empty (their .grad is None there by design)
