@@ -274,18 +274,24 @@ def _accumulating_loop(model, optimizer, data, backward, no_sync) -> None:
             optimizer.zero_grad()
 
 
-@scenario
-def fabric_usage(root: str) -> dict[str, Any]:
-    """``watch_fabric`` under Fabric DDP with ``no_backward_sync`` accumulation: the Trainer's global counts."""
+def _fabric_usage_net() -> tuple[Any, UsageNet, Any, Any]:
+    """Fabric DDP (finding unused parameters) on the launch's two ranks: (fabric, net, model, optimizer)."""
     from lightning.fabric import Fabric
-
-    from lightning_gradguard import watch_fabric
 
     fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true")
     fabric.launch()
     torch.manual_seed(0)
     net = UsageNet(fabric.global_rank)
     model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.01))
+    return fabric, net, model, optimizer
+
+
+@scenario
+def fabric_usage(root: str) -> dict[str, Any]:
+    """``watch_fabric`` under Fabric DDP with ``no_backward_sync`` accumulation: the Trainer's global counts."""
+    from lightning_gradguard import watch_fabric
+
+    fabric, net, model, optimizer = _fabric_usage_net()
     guard = watch_fabric(fabric, model, optimizer, summary=False, log_every_n_steps=2)
     data = loader(4 * ACCUMULATE, seed=fabric.global_rank)  # the data of the Trainer's usage_table, per rank
 
@@ -335,15 +341,9 @@ def torch_ddp_usage(root: str) -> dict[str, Any]:
 @scenario
 def fabric_strict_together(root: str) -> dict[str, Any]:
     """Strict ``watch_fabric``: a branch nobody uses makes both ranks raise at the first step, before it runs."""
-    from lightning.fabric import Fabric
-
     from lightning_gradguard import watch_fabric
 
-    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true")
-    fabric.launch()
-    torch.manual_seed(0)
-    net = UsageNet(fabric.global_rank)
-    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.01))
+    fabric, net, model, optimizer = _fabric_usage_net()
     guard = watch_fabric(fabric, model, optimizer, strict=True, summary=False)
     before = net.shared.weight.detach().clone()
     started = time.monotonic()
@@ -393,31 +393,37 @@ def _global_batch(step: int, world: int) -> list[tuple[torch.Tensor, torch.Tenso
     return batches
 
 
-@scenario
-def fsdp1_engine(root: str) -> dict[str, Any]:
-    """Plain torch FSDP1 (use_orig_params=True) on the CPU driving the engine directly, with the rank ledger."""
+def _process_group() -> tuple[int, int]:
+    """(rank, world size), joining the launch's gloo group if no scenario has yet."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _fsdp1(spare: bool) -> nn.Module:
+    """:class:`ShardedNet` under plain torch FSDP1 on the CPU, one unit per Linear and per Gate."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+    return FSDP(ShardedNet(spare=spare), device_id=torch.device("cpu"), use_orig_params=True,
+                auto_wrap_policy=ModuleWrapPolicy({Gate, nn.Linear}))
+
+
+@scenario
+def fsdp1_engine(root: str) -> dict[str, Any]:
+    """Plain torch FSDP1 (use_orig_params=True) on the CPU driving the engine directly, with the rank ledger."""
     from lightning_gradguard import GradGuardEngine, GuardConfig
     from lightning_gradguard.distributed import Collective, RankLedger
     from lightning_gradguard.registry import clean_name
     from lightning_gradguard.strategies import StrategyInfo
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = _process_group()
     results: dict[str, Any] = {}
     # strict: only `gate` is unused, and only rank 0 holds it: rank 1 sees nothing missing, yet must raise too
     for strict in (False, True):
         torch.manual_seed(0)
         reference = ShardedNet(spare=not strict)
-        model = FSDP(
-            ShardedNet(spare=not strict),
-            device_id=torch.device("cpu"),
-            use_orig_params=True,
-            auto_wrap_policy=ModuleWrapPolicy({Gate, nn.Linear}),
-        )
+        model = _fsdp1(spare=not strict)
         reference.load_state_dict(_full_state(model))
         names = [n for n, _ in model.named_parameters()]
         local_sizes = {clean_name(n): p.numel() for n, p in model.named_parameters()}
@@ -468,19 +474,13 @@ def fsdp1_engine(root: str) -> dict[str, Any]:
 @scenario
 def fsdp1_watch(root: str) -> dict[str, Any]:
     """``watch()`` on a plain torch FSDP1 model: empty shards are not missing, strict decisions are collective."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
     from lightning_gradguard import watch
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = _process_group()
     results: dict[str, Any] = {}
     for strict in (False, True):
         torch.manual_seed(0)
-        model = FSDP(ShardedNet(spare=not strict), device_id=torch.device("cpu"), use_orig_params=True,
-                     auto_wrap_policy=ModuleWrapPolicy({Gate, nn.Linear}))
+        model = _fsdp1(spare=not strict)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         guard = watch(model, optimizer, strict=strict, summary=False, log_every_n_steps=1)
         raised = None
