@@ -259,6 +259,7 @@ def test_watch_on_torch_fsdp1_counts_as_the_engine_with_the_ledger_does(sharded)
         }
         # one reduction per logging step (log_every_n_steps=1) and one when the guard closes
         assert plain["distributed"]["strategy"] == "fsdp" and plain["reductions"] == 4
+        assert "use_orig_params=True" in plain["distributed"]["unchecked"]  # read from the FSDP module itself
         # strict: only gate.scale is unused and rank 1 holds none of it, yet both ranks raise at step 0
         assert watched["strict"]["raised"] == {"step": 0, "params": ["gate.scale"]}
 
