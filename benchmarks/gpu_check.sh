@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# GradGuard's GPU checks, for one H100 (about 3-4 minutes, under 5):
+# GradGuard's GPU checks, for one H100 (about 4-5 minutes; 3-4 without the features):
 #   1. sync_check.py     non-logging steps under torch.cuda.set_sync_debug_mode("error"), logged norms verified
 #   2. norm_throughput   per-parameter norms of every GPT-2-small gradient: effective TB/s (target >= 2.0)
 #   3. overhead.py       the gpu preset: no callback / GradGuard defaults / logging every step / Lightning recipe
+#   4. gpu_features.sh   16-mixed overflow, fused Adam, Lightning FSDPStrategy, torch.compile (issue 5)
 # Results (JSON and text) go to $OUT when it is set, else to benchmarks/out/.
-# Usage: bash benchmarks/gpu_check.sh            (from anywhere; runs against this checkout)
-#        bash benchmarks/gpu_check.sh --smoke    (CPU, tiny model: checks the scripts themselves)
+# Usage: bash benchmarks/gpu_check.sh                 (from anywhere; runs against this checkout)
+#        bash benchmarks/gpu_check.sh --no-features    (steps 1-3 only)
+#        bash benchmarks/gpu_check.sh --smoke          (CPU, tiny model, steps 1-3: checks the scripts themselves)
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -14,7 +16,12 @@ OUT="${OUT:-$PWD/benchmarks/out}"
 export OUT
 mkdir -p "$OUT"
 
+features=1
+if [[ "${1:-}" == "--no-features" ]]; then
+    features=0
+fi
 if [[ "${1:-}" == "--smoke" ]]; then
+    features=0
     device=(--device cpu)
     preset=tiny
     overhead_args=(--rounds 1 --steps 2 --warmup 1)
@@ -46,6 +53,9 @@ run() {  # run NAME TIMEOUT_S COMMAND...: tee the output to $OUT/NAME.txt, remem
 run sync-check 90 python benchmarks/sync_check.py --preset "$preset" "${device[@]}"
 run norm-throughput 60 python benchmarks/norm_throughput.py --preset "$preset" "${device[@]}"
 run overhead 150 python benchmarks/overhead.py --preset "$preset" "${device[@]}" "${overhead_args[@]}"
+if [[ $features -eq 1 ]]; then
+    run features 160 bash benchmarks/gpu_features.sh
+fi
 
 echo "=== results in $OUT"
 ls -1 "$OUT"
