@@ -200,7 +200,10 @@ class LoopGuard:
     def close(self) -> GradReport:
         """Remove every hook, print the summary, write ``gradguard.json`` and the dashboard's final report.
 
-        Safe to call more than once; returns the final report.
+        Safe to call more than once; returns the final report. With several processes (DDP, FSDP) it makes one
+        collective, so that the last steps' counts are global: call it on every rank, at the same point (as for
+        ``torch.distributed.destroy_process_group``). A guard left open is closed at interpreter exit without a
+        collective (its report then holds the counts of the last logging step plus this rank's own since).
         """
         return self._close(at_exit=False)
 
