@@ -582,6 +582,51 @@ def fsdp2_lightning(root: str) -> dict[str, Any]:
     }
 
 
+@scenario
+def fsdp2_watch(root: str) -> dict[str, Any]:
+    """``watch()`` on a model sharded with torch's ``fully_shard`` (FSDP2, DTensor gradients) in a plain loop."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_gradguard import watch
+
+    rank, world = _process_group()
+    torch.manual_seed(0)
+    model = ShardedNet()  # `gate` and `spare` are never called
+    mesh = init_device_mesh("cpu", (world,))
+    for module in (model.a, model.b, model.gate, model.spare, model):
+        fully_shard(module, mesh=mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    log_dir = os.path.join(root, "tb")
+    guard = watch(model, optimizer, log_dir=log_dir, summary=False, log_every_n_steps=1)
+    reference = []
+    for step in range(3):
+        x, y = _global_batch(step, world)[rank]
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        # the full gradients' norms (full_tensor() is a collective: every rank, the same parameters)
+        reference.append({n: float(p.grad.full_tensor().double().norm()) for n, p in model.named_parameters()
+                          if p.grad is not None})
+        optimizer.step()
+    report = guard.close()
+    logged: list[dict[str, float]] = []
+    if rank == 0:
+        events = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+        events.Reload()
+        prefix = "gradguard/norm/"
+        for step in range(3):
+            logged.append({tag[len(prefix):]: e.value for tag in events.Tags()["scalars"] if tag.startswith(prefix)
+                           for e in events.Scalars(tag) if e.step == step})
+    return {
+        "counts": counts(report),
+        "distributed": report.to_dict().get("distributed"),
+        "reference": reference,
+        "logged": logged,
+        "local_numel": {n: p.to_local().numel() for n, p in model.named_parameters()},
+    }
+
+
 # ---------------------------------------------------------------------- entry point
 def main(argv: list[str]) -> int:
     out_dir, names = argv[0], argv[1:]

@@ -88,7 +88,7 @@ def launch(out_dir: Path, scenarios: list[str], timeout: float = LAUNCH_TIMEOUT)
 
 DDP_SCENARIOS = ["usage_table", "unused_everywhere", "amp_overflow", "manual_gan", "strict_together",
                  "plain_ddp_unused", "fabric_usage", "torch_ddp_usage", "fabric_strict_together"]
-SHARDED_SCENARIOS = ["fsdp1_engine", "fsdp2_lightning", "fsdp1_watch"]
+SHARDED_SCENARIOS = ["fsdp1_engine", "fsdp2_lightning", "fsdp1_watch", "fsdp2_watch"]
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +291,20 @@ def test_fsdp2_modelparallel_dtensor_norms_are_global_and_none_means_unused(shar
                 assert got[name] == pytest.approx(value, rel=1e-4), name
             else:
                 assert not math.isfinite(got[name]), name
+
+
+def test_watch_on_torch_fsdp2_logs_global_norms_and_none_means_unused(sharded):
+    rank0, rank1 = sharded["fsdp2_watch"]
+    assert rank1["local_numel"]["gate.scale"] == 0  # rank 1 holds nothing of it: its None there is not "missing"
+    for result in (rank0, rank1):
+        missing = {name for name, c in result["counts"].items() if c[1]}
+        assert missing == {"gate.scale", "spare.weight", "spare.bias"}  # never called, on every rank
+        assert all(c[0] == 3 for c in result["counts"].values())
+        assert result["distributed"]["strategy"] == "fsdp2"
+    assert len(rank0["logged"]) == 3 and rank1["logged"] == []  # rank zero alone writes
+    for got, want in zip(rank0["logged"], rank0["reference"]):
+        assert set(got) == set(want) == {"a.weight", "a.bias", "b.weight", "b.bias"}
+        assert got == pytest.approx(want, rel=1e-4)  # the full gradients' norms, not the shards'
 
 
 # ---------------------------------------------------------------------- packing (no processes needed)
