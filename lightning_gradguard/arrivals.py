@@ -30,6 +30,7 @@ class ArrivalTracker:
         # the last read after backward, kept for the step check when the adapter knows nothing can change .grad
         # in between (taken by the check, dropped by the next backward: never held past the step)
         self._kept: Optional[list[Optional[Tensor]]] = None
+        self._kept_none: Optional[list[int]] = None  # positions of None in it, when that scan was made anyway
 
     def before_backward(self, params: Sequence[Tensor], cleared: Optional[Sequence[int]] = None) -> None:
         """Snapshot the gradients right before a backward pass.
@@ -42,7 +43,7 @@ class ArrivalTracker:
                 Two of them are read anyway; if either has a gradient, everything is read.
 
         """
-        self._kept = None
+        self._kept = self._kept_none = None
         if cleared and params[cleared[0]].grad is None and params[cleared[-1]].grad is None:
             others = self._complement(len(params), cleared)
             if not others:
@@ -80,12 +81,14 @@ class ArrivalTracker:
         ``keep``: hold on to the gradients just read until :meth:`take_kept` (the step check) or the next backward.
         """
         after = [p.grad for p in params]
-        self._kept = after if keep else None
+        self._kept, self._kept_none = (after if keep else None), None
         before, versions = self._before, self._versions
         self._before, self._versions = None, []  # never keep the old gradients alive past the backward
         if before is None or not versions:
             # no snapshot, or every grad was None before: arrival is simply "has a grad now"
             missed = none_positions(after)
+            if keep:
+                self._kept_none = missed
         else:
             n = len(before)
             missed = [
@@ -97,10 +100,11 @@ class ArrivalTracker:
         self.last_missed = {i: (_ref(after[i]), _version(after[i])) for i in missed}
         return missed
 
-    def take_kept(self) -> Optional[list[Optional[Tensor]]]:
-        """The gradients the last backward left, as read right after it (if kept); hands them over only once."""
-        kept, self._kept = self._kept, None
-        return kept
+    def take_kept(self) -> tuple[Optional[list[Optional[Tensor]]], Optional[list[int]]]:
+        """The gradients the last backward left, as read right after it (if kept), and the positions of None among
+        them (if known); hands them over only once."""
+        kept, none, self._kept, self._kept_none = self._kept, self._kept_none, None, None
+        return kept, none
 
     def unchanged_since_backward(self, index: int, grad: Tensor) -> bool:
         """Whether ``grad`` is the very tensor the last backward left untouched (a leftover, not a new gradient)."""
@@ -111,7 +115,7 @@ class ArrivalTracker:
 
     def reset(self) -> None:
         self._before, self._versions = None, []
-        self._kept = None
+        self._kept = self._kept_none = None
         self.last_missed = {}
 
 

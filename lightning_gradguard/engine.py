@@ -269,13 +269,18 @@ class GradGuardEngine:
         self._last_step[key] = (self._micro_batch, self.backwards)
         self.steps += 1
 
-        kept = self.arrivals.take_kept()
+        kept, kept_none = self.arrivals.take_kept()
+        none_pos: Optional[list[int]] = None
         if kept is not None and self.reuse_backward_read and len(kept) == len(self.registry):
-            grads = kept if self._is_whole_registry(indices) else [kept[i] for i in indices]
+            if self._is_whole_registry(indices):
+                grads, none_pos = kept, kept_none
+            else:
+                grads = [kept[i] for i in indices]
         else:
             grads = [p.grad for p in params]
         # positions (into this optimizer's list) of parameters without .grad; frozen ones are not checked
-        none_pos = none_positions(grads)
+        if none_pos is None:
+            none_pos = none_positions(grads)
         # ... nor, under FSDP1, those whose shard on this rank is empty (their .grad is None there by design)
         empty = self.skip_empty_shards
         frozen = {j for j in none_pos if not params[j].requires_grad or (empty and not params[j].numel())}
