@@ -135,6 +135,9 @@ def measure_size(n_tensors: int, steps: int, log_steps: int, log_every: int, tmp
     """Interleave the unguarded loop with each setting in turn, step by step; time logging steps separately."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    # the previous size's model and engines (a reference cycle through the diagnosis) must be gone before this
+    # model is built, or its parameters land between their remains and every .grad read misses the cache more
+    gc.collect()
     torch.manual_seed(0)
     model = ManyTensors(n_tensors)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
