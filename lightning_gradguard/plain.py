@@ -152,7 +152,7 @@ class LoopGuard:
         self.model = model
         self.summary = summary
         self.log_every_n_steps = self.config.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS
-        self.engine = GradGuardEngine(self.config, warn=_warn_at_user_code)
+        self.engine = GradGuardEngine(self.config, warn=self._warn)
         self.global_step = 0  # optimizer steps checked, all optimizers together (Lightning's global_step)
         self.report_path: Optional[str] = None
         self._disabled: set[str] = set()
@@ -260,6 +260,11 @@ class LoopGuard:
         """Whether this process writes TensorBoard output (global rank zero)."""
         return self._rank() == 0
 
+    def _warn(self, message: str) -> None:
+        """Warnings come from the process that writes (global rank zero), pointing at the user's line."""
+        if self._writes():
+            _warn_at_user_code(message)
+
     def _rank(self) -> int:
         import torch.distributed as dist
 
@@ -274,8 +279,7 @@ class LoopGuard:
         if not info.distributed or info.name not in (DDP, FSDP, FSDP2) or not Collective.available():
             return None
         device = next((p.device for p in self.engine.registry.params if p.device.type != "meta"), None)
-        warn = _warn_at_user_code if self._writes() else (lambda message: None)
-        return TrainingContext(self.engine, info, collective=Collective(device=device), warn=warn)
+        return TrainingContext(self.engine, info, collective=Collective(device=device), warn=self._warn)
 
     @feature("distributed")
     def _finish_context(self, collective: bool) -> None:

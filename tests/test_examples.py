@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,3 +82,27 @@ def test_seed_article_tells_the_truth_about_each_example(tmp_path):
         assert f"encoder.{name}: None at 4/4 steps" in bug5
     assert "decoder." not in bug5
     assert "cause='detached'" in bug5 or "cause=None" in bug5
+
+
+@pytest.mark.timeout(300)
+def test_ddp_plain_names_the_unused_layer_and_the_rank_without_the_expert(tmp_path):
+    """Launched the way its docstring says (torchrun, two CPU processes); rank zero alone reports and warns."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONWARNINGS="ignore::DeprecationWarning", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         os.path.join(EXAMPLES, "ddp_plain.py")],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "missing: ['unused.weight', 'unused.bias']" in out
+    assert "rank-dependent: expert.weight received no gradient on ranks [1] in 24 micro-batches" in out
+    assert "unused.weight  6/6         24/24" in out
+    assert out.count("GradGuardWarning") == 1  # one warning, from rank zero
+    report = json.loads((tmp_path / "runs" / "ddp_plain" / "gradguard.json").read_text())
+    assert report["distributed"]["world_size"] == 2 and report["distributed"]["strategy"] == "ddp"
