@@ -17,7 +17,7 @@ events into the engine's calls (:mod:`lightning_gradguard.engine`):
 * **backward passes**: a gradient hook on each trainable parameter notices the first gradient of a backward pass
   (before autograd accumulates any of them into ``.grad``) and brackets the pass with
   :meth:`~GradGuardEngine.before_backward` and, through ``queue_callback``, :meth:`~GradGuardEngine.after_backward`
-  at its end. The hook costs about 1 us per parameter tensor per backward pass; ``torch.autograd.grad`` calls,
+  at its end. The hook costs 1-1.5 us per parameter tensor per backward pass; ``torch.autograd.grad`` calls,
   which do not write ``.grad``, are not counted;
 * **micro-batches** (gradient accumulation in a hand-written loop): the backward passes between two steps of an
   optimizer form its accumulation window. A backward pass that follows a forward call of ``model`` starts a new
@@ -33,6 +33,12 @@ the adapter divides out. Steps the scaler skips are not ``optimizer.step()`` cal
 Causes (``unused``, ``no_grad``, ``detached`` with the user's source line) come from the engine's diagnosis, which
 watches the forward passes since the previous backward pass; it needs no loss tensor, which a plain loop never
 shows (there is no hook before ``loss.backward()``).
+
+Several processes: a model wrapped in ``DistributedDataParallel`` (``FullyShardedDataParallel``, ``fully_shard``)
+gets the Trainer callback's :class:`~lightning_gradguard.context.TrainingContext`, so counts, norms and strict
+decisions are global (one collective per logging step, one in :meth:`LoopGuard.close`), and global rank zero alone
+writes, prints and warns. FSDP1 accumulates into flat parameters that the optimizer never sees: those are hooked
+too, so that backward passes are noticed.
 """
 
 from __future__ import annotations
