@@ -236,6 +236,7 @@ def measure_diagnosis(n_tensors: int, steady_steps: int = 5) -> dict[str, Any]:
     ``window_extra_ms``: the window's steps (instruments on the forward pass, graph walks after backward, causes)
     minus as many steady-state guarded steps; ``walk_ms``: one graph walk from the loss over the whole graph.
     """
+    gc.collect()  # the earlier measurements' garbage: a full collection inside the window would be timed with it
     torch.manual_seed(0)
     model = WithUnused(n_tensors)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
