@@ -9,9 +9,11 @@ backward passes reached (one ``all_reduce`` per logging step) and reports, from 
 * ``expert.weight`` / ``expert.bias``: a gradient at every step, but never from rank 1 (the
   ``distributed.rank_dependent`` section of the report names the rank and counts the micro-batches).
 
-Run it with torchrun (gloo on the CPU; no GPU needed)::
+Run it with torchrun (gloo on the CPU; no GPU needed), or plainly, in which case it starts its two processes
+itself::
 
     torchrun --nproc_per_node=2 examples/ddp_plain.py
+    python examples/ddp_plain.py
     gradguard report runs/ddp_plain       # the report again, from the log directory
 """
 
@@ -49,7 +51,7 @@ class Net(nn.Module):
 
 
 def main() -> None:
-    dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+    dist.init_process_group("gloo")  # torchrun (or spawn_two below) sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = DistributedDataParallel(Net(), find_unused_parameters=True)
@@ -79,6 +81,27 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+def _spawned(rank: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    main()
+
+
+def spawn_two() -> None:
+    """Without torchrun: start the two processes here, the way torchrun would."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_spawned, args=(port,), nprocs=2)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    if "RANK" in os.environ:  # launched by torchrun
+        main()
+    else:
+        spawn_two()

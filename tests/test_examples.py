@@ -85,19 +85,23 @@ def test_seed_article_tells_the_truth_about_each_example(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_ddp_plain_names_the_unused_layer_and_the_rank_without_the_expert(tmp_path):
-    """Launched the way its docstring says (torchrun, two CPU processes); rank zero alone reports and warns."""
+@pytest.mark.parametrize("launch", ["torchrun", "python"])
+def test_ddp_plain_names_the_unused_layer_and_the_rank_without_the_expert(tmp_path, launch):
+    """Launched both ways its docstring says (torchrun; plain python, which spawns the two CPU processes itself);
+    rank zero alone reports and warns."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONWARNINGS="ignore::DeprecationWarning", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-         os.path.join(EXAMPLES, "ddp_plain.py")],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240,
-    )
+    for variable in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(variable, None)
+    script = os.path.join(EXAMPLES, "ddp_plain.py")
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    runner = torchrun if launch == "torchrun" else []
+    result = subprocess.run([sys.executable, *runner, script], cwd=str(tmp_path), env=env, capture_output=True,
+                            text=True, timeout=240)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert "missing: ['unused.weight', 'unused.bias']" in out
