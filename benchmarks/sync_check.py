@@ -9,6 +9,9 @@ synchronization raises:
 2. ``gradguard``: ``GradGuard(log_every_n_steps=--log-every)``, norms measured at every step (its default on an
    accelerator), a TensorBoardLogger. Non-logging steps run under ``"error"``, the diagnosis window of the first
    steps included; logging steps may copy to the host (GradGuard's copy is non-blocking anyway).
+3. ``watch``: the same model in a hand-written loop (bf16 autocast on CUDA) with ``watch(model, optimizer,
+   log_dir=...)``: its gradient hooks, end-of-backward callback, step pre-hook and staged logging copies, with the
+   non-logging steps (forward, backward, ``optimizer.step()``) under ``"error"``.
 
 A synchronization inside GradGuard would be caught by its own failure isolation and switch a feature off, so the
 check also requires that no GradGuard feature was disabled and no internal-error warning was issued. Finally the
@@ -128,6 +131,60 @@ def fit(phase: str, args: argparse.Namespace, tmp: str) -> dict[str, Any]:
     return result
 
 
+def plain_loop(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    """Phase 3: ``watch()`` in a hand-written loop, non-logging steps under the sync trap."""
+    from contextlib import nullcontext
+
+    from lightning_gradguard import watch
+
+    config = PRESETS[args.preset]
+    cuda = args.device == "cuda"
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    optimizer = model.configure_optimizers()
+    log_dir = os.path.join(tmp, "watch")
+    result: dict[str, Any] = {"phase": "watch", "error": None}
+    trapped, logging_steps, steps = 0, [], 0
+    norms: dict[int, dict[str, float]] = {}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        guard = watch(model, optimizer, log_dir=log_dir, log_every_n_steps=args.log_every, summary=False)
+        try:
+            for step, batch in enumerate(token_batches(config, args.steps)):
+                idx, targets = (t.to(device) for t in batch)  # the input copy, before the trap
+                logs = (step + 1) % args.log_every == 0
+                if logs:
+                    logging_steps.append(step)
+                else:
+                    trapped += 1
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default" if logs else "error")
+                with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
+                    loss = model.training_step((idx, targets), step)
+                loss.backward()
+                if logs:  # the reference, read before the step changes nothing of the gradients
+                    norms[step] = {n: torch.linalg.vector_norm(p.grad.float()).item()
+                                   for n, p in model.named_parameters() if p.grad is not None}
+                optimizer.step()
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
+                optimizer.zero_grad()
+                steps += 1
+        except RuntimeError as err:  # a synchronization under "error" mode outside GradGuard's isolation
+            result["error"] = f"{type(err).__name__}: {err}"
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+            guard.close()
+    internal = [str(w.message) for w in record if "GradGuard: internal error" in str(w.message)]
+    result.update(steps=steps, trapped_steps=trapped, logging_steps=logging_steps, internal_errors=internal,
+                  disabled=sorted(guard._disabled))
+    if result["error"] is None:
+        result["norm_check"] = compare_logged_norms(log_dir, norms)
+    return result
+
+
 def compare_logged_norms(log_dir: str, expected: dict[int, dict[str, float]]) -> dict[str, Any]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -166,26 +223,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         warnings.filterwarnings("ignore", message=noisy)
 
     with tempfile.TemporaryDirectory() as tmp:
-        phases = [fit("baseline", args, tmp), fit("gradguard", args, tmp)]
-    baseline, guarded = phases
-    check = guarded.get("norm_check") or {}
-    ok = (
-        baseline["error"] is None
-        and guarded["error"] is None
-        and not guarded["internal_errors"]
-        and not guarded["disabled"]
-        and guarded["steps"] == args.steps
-        and check.get("compared", 0) > 0
-        and check.get("missing_count", 1) == 0
-        and check.get("max_relative_error", 1.0) < 1e-3
-    )
+        phases = [fit("baseline", args, tmp), fit("gradguard", args, tmp), plain_loop(args, tmp)]
+    baseline, guarded, plain = phases
+
+    def passed(phase: dict[str, Any]) -> bool:
+        check = phase.get("norm_check") or {}
+        return (
+            phase["error"] is None
+            and not phase["internal_errors"]
+            and not phase["disabled"]
+            and phase["steps"] == args.steps
+            and check.get("compared", 0) > 0
+            and check.get("missing_count", 1) == 0
+            and check.get("max_relative_error", 1.0) < 1e-3
+        )
+
+    ok = baseline["error"] is None and passed(guarded) and passed(plain)
     mode = 'sync debug mode "error"' if args.device == "cuda" else "CPU smoke run, no sync debug mode"
     print(f"sync check on {args.device} ({mode}), preset {args.preset!r}, {args.steps} steps, "
           f"logging every {args.log_every}")
     for phase in phases:
         print(f"  {phase['phase']:<10} steps={phase['steps']} trapped(non-logging)={phase['trapped_steps']} "
               f"error={phase['error']} internal_errors={len(phase['internal_errors'])} disabled={phase['disabled']}")
-    print(f"  logged norms vs independent: {check}")
+    print(f"  logged norms vs independent (Trainer): {guarded.get('norm_check')}")
+    print(f"  logged norms vs independent (watch):   {plain.get('norm_check')}")
     print("PASS" if ok else "FAIL")
     path = args.json
     if path is None and os.environ.get("OUT"):

@@ -62,9 +62,12 @@ def test_sync_check_smoke_run_passes_and_verifies_logged_norms(tmp_path):
     assert sync_check.main(["--preset", "tiny", "--device", "cpu", "--steps", "8", "--log-every", "4",
                             "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    baseline, guarded = result["phases"]
+    baseline, guarded, plain = result["phases"]
     assert result["passed"] and guarded["steps"] == 8 and guarded["logging_steps"] == [3, 7]
     assert guarded["norm_check"]["compared"] == 2 * 17 and guarded["norm_check"]["missing_count"] == 0
+    # the hand-written loop with watch(): the same steps logged, the same norms verified
+    assert plain["steps"] == 8 and plain["logging_steps"] == [3, 7] and plain["trapped_steps"] == 6
+    assert plain["norm_check"]["compared"] == 2 * 17 and plain["norm_check"]["max_relative_error"] < 1e-6
 
 
 def test_scaling_smoke_run(tmp_path):
