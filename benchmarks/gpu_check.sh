@@ -50,7 +50,7 @@ run() {  # run NAME TIMEOUT_S COMMAND...: tee the output to $OUT/NAME.txt, remem
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>/dev/null || true
 } | tee "$OUT/environment.txt"
 
-run sync-check 90 python benchmarks/sync_check.py --preset "$preset" "${device[@]}"
+run sync-check 120 python benchmarks/sync_check.py --preset "$preset" "${device[@]}"
 run norm-throughput 60 python benchmarks/norm_throughput.py --preset "$preset" "${device[@]}"
 run overhead 150 python benchmarks/overhead.py --preset "$preset" "${device[@]}" "${overhead_args[@]}"
 if [[ $features -eq 1 ]]; then
