@@ -42,6 +42,8 @@ class TrainingContext:
         collective: the process group, when the run has several ranks.
         warn: a rank-zero warning function.
         restored: state saved by :meth:`state_dict` (a checkpoint, or the previous fit of a reused guard).
+        ddp_fix: how the user turns on DDP's search for unused parameters in their framework (the Trainer's
+            strategy name by default), for the warning before DDP's unused-parameter error.
 
     Example::
 
@@ -61,8 +63,10 @@ class TrainingContext:
         collective: Optional[Collective] = None,
         warn: Optional[Callable[[str], None]] = None,
         restored: Optional[dict[str, Any]] = None,
+        ddp_fix: str = "strategy='ddp_find_unused_parameters_true'",
     ) -> None:
         self.engine = engine
+        self.ddp_fix = ddp_fix
         self.info = info
         self.precision = precision
         self._warn = warn or (lambda message: None)
@@ -219,8 +223,9 @@ class TrainingContext:
         self._warned_ddp = True
         names = ", ".join(self.engine.names(check.missing))
         self._warn(
-            "GradGuard: under strategy='ddp' (find_unused_parameters=False) a parameter without a gradient stops "
-            "DDP's gradient reduction: these ranks' gradients were not averaged at this step, and the next step "
-            f"fails with Lightning's 'parameters that were not used in producing the loss' error. Parameters: "
-            f"{names}. Make them take part in the loss, or use strategy='ddp_find_unused_parameters_true'."
+            "GradGuard: under DDP with find_unused_parameters=False a parameter without a gradient stops DDP's "
+            "gradient reduction: these ranks' gradients were not averaged at this step, and the next forward pass "
+            "fails with DDP's 'Expected to have finished reduction in the prior iteration' error (Lightning: "
+            f"'parameters that were not used in producing the loss'). Parameters: {names}. Make them take part in "
+            f"the loss, or use {self.ddp_fix}."
         )

@@ -116,6 +116,9 @@ class FabricGuard(LoopGuard):
     def _strategy(self) -> StrategyInfo:
         return describe_strategy(self.fabric)  # Fabric's strategies share the Trainer's names and settings
 
+    def _ddp_fix(self) -> str:
+        return "Fabric(strategy='ddp_find_unused_parameters_true')"
+
     def _amp(self) -> bool:
         return self._scale_tracker is not None
 

@@ -285,7 +285,11 @@ class LoopGuard:
         if not info.distributed or info.name not in (DDP, FSDP, FSDP2) or not Collective.available():
             return None
         device = next((p.device for p in self.engine.registry.params if p.device.type != "meta"), None)
-        return TrainingContext(self.engine, info, collective=Collective(device=device), warn=self._warn)
+        return TrainingContext(self.engine, info, collective=Collective(device=device), warn=self._warn,
+                               ddp_fix=self._ddp_fix())
+
+    def _ddp_fix(self) -> str:
+        return "DistributedDataParallel(model, find_unused_parameters=True)"
 
     @feature("distributed")
     def _finish_context(self, collective: bool) -> None:

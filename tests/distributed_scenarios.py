@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -335,6 +336,47 @@ def torch_ddp_usage(root: str) -> dict[str, Any]:
         "counts": counts(report),  # the user's names: no "module." from the wrapper
         "distributed": report.to_dict().get("distributed"),
         "reductions": guard._context.ledger.reductions,
+    }
+
+
+class UsedAndUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(IN_DIM, 1)
+        self.unused = nn.Linear(IN_DIM, 1)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@scenario
+def torch_ddp_unused(root: str) -> dict[str, Any]:
+    """torch DDP without find_unused_parameters and an unused layer: GradGuard names it (rank zero, once) at the
+    first step, before DDP's own error at the next forward pass, and says how to fix it in plain torch."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_gradguard import watch
+
+    torch.manual_seed(0)
+    model = DistributedDataParallel(UsedAndUnused())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    error = None
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        guard = watch(model, optimizer, summary=False)
+        try:
+            for x, y in loader(3, seed=70 + dist.get_rank()):
+                F.mse_loss(model(x), y).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        except RuntimeError as err:
+            error = str(err)
+        report = guard.close()
+    return {
+        "error": error,
+        "warnings": [str(w.message) for w in record if "GradGuard" in str(w.message)],
+        "missing": report.missing,
+        "steps": report.steps,
     }
 
 

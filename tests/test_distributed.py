@@ -87,7 +87,7 @@ def launch(out_dir: Path, scenarios: list[str], timeout: float = LAUNCH_TIMEOUT)
 
 
 DDP_SCENARIOS = ["usage_table", "unused_everywhere", "amp_overflow", "manual_gan", "strict_together",
-                 "plain_ddp_unused", "fabric_usage", "torch_ddp_usage", "fabric_strict_together"]
+                 "plain_ddp_unused", "fabric_usage", "torch_ddp_usage", "fabric_strict_together", "torch_ddp_unused"]
 SHARDED_SCENARIOS = ["fsdp1_engine", "fsdp2_lightning", "fsdp1_watch", "fsdp2_watch"]
 
 
@@ -145,6 +145,18 @@ def test_hand_written_ddp_loops_count_what_the_trainer_counts(ddp, loop):
     assert {name: c[:5] for name, c in rank1["counts"].items()} == numbers
     assert rank0["distributed"]["rank_dependent"] == trainer_rank0["distributed"]["rank_dependent"]
     assert rank0["distributed"]["strategy"] == "ddp" and rank0["distributed"]["world_size"] == 2
+
+
+def test_torch_ddp_unused_layer_is_named_before_ddp_fails(ddp):
+    rank0, rank1 = ddp["torch_ddp_unused"]
+    for result in (rank0, rank1):
+        assert result["error"] is not None and "finished reduction in the prior iteration" in result["error"]
+        assert result["missing"] == ["unused.weight", "unused.bias"] and result["steps"] == 1
+    assert rank1["warnings"] == []  # rank zero alone warns
+    ddp_warning = [w for w in rank0["warnings"] if "find_unused_parameters=False" in w]
+    assert len(ddp_warning) == 1
+    assert "unused.weight, unused.bias" in ddp_warning[0]
+    assert "DistributedDataParallel(model, find_unused_parameters=True)" in ddp_warning[0]
 
 
 def test_fabric_ddp_reduces_once_per_logging_step_and_once_at_close(ddp):
