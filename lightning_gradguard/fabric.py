@@ -46,7 +46,7 @@ from lightning_gradguard.plain import LoopGuard
 from lightning_gradguard.precision import LossScaleTracker
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.sinks.tensorboard import AMP_SKIPPED_TAG, tensorboard_writers
-from lightning_gradguard.strategies import StrategyInfo, describe_strategy
+from lightning_gradguard.strategies import StrategyInfo, class_names, describe_strategy
 
 
 class FabricGuard(LoopGuard):
@@ -219,11 +219,11 @@ def watch_fabric(
 
 
 def _is_fabric_optimizer(optimizer: Any) -> bool:
-    return any(cls.__name__ == "_FabricOptimizer" for cls in type(optimizer).__mro__)
+    return "_FabricOptimizer" in class_names(optimizer)
 
 
 def _is_fabric_module(module: Any) -> bool:
-    return any(cls.__name__ == "_FabricModule" for cls in type(module).__mro__)
+    return "_FabricModule" in class_names(module)
 
 
 __all__ = ["FabricGuard", "watch_fabric"]

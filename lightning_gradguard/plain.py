@@ -66,7 +66,7 @@ from lightning_gradguard.metrics import StagedMetrics, stage_metrics
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.sinks import print_summary, write_report
 from lightning_gradguard.sinks.tensorboard import TensorBoardDashboard
-from lightning_gradguard.strategies import DDP, FSDP, FSDP2, StrategyInfo, describe_module
+from lightning_gradguard.strategies import DDP, FSDP, FSDP2, StrategyInfo, class_names, describe_module
 
 DEFAULT_LOG_EVERY_N_STEPS = 50  # Lightning's default cadence
 _GRAD = attrgetter("grad")
@@ -397,7 +397,8 @@ class LoopGuard:
         check = self.engine.check_step(optimizer, step=step, measure=measure, **scaled)
         if self._context is not None:
             self._distributed_step(check, step, measure)
-        self._write_logs()  # earlier logging steps whose copies have landed by now
+        if self._unwritten:  # earlier logging steps whose copies have landed by now
+            self._write_logs()
         if log:
             self._log(check, step)
         self._dashboard_check(check, step)
@@ -557,9 +558,9 @@ def _close_at_exit(guard: LoopGuard) -> None:
 
 
 def _unwrap_data_parallel(model: nn.Module) -> nn.Module:
-    names = {cls.__name__ for cls in type(model).__mro__}
-    if names & {"DistributedDataParallel", "DataParallel"} and isinstance(getattr(model, "module", None), nn.Module):
-        return model.module
+    inner = getattr(model, "module", None)
+    if class_names(model) & {"DistributedDataParallel", "DataParallel"} and isinstance(inner, nn.Module):
+        return inner
     return model
 
 

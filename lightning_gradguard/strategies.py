@@ -134,6 +134,11 @@ def describe_strategy(trainer: Any) -> StrategyInfo:
     return StrategyInfo(kind, world_size, rank)
 
 
+def class_names(obj: Any) -> set[str]:
+    """The names of ``obj``'s classes: wrappers are recognized by name, so that no optional import is needed."""
+    return {cls.__name__ for cls in type(obj).__mro__}
+
+
 def describe_module(model: Any) -> StrategyInfo:
     """The strategy of a hand-written loop, from the wrapper torch.distributed put around ``model``.
 
@@ -146,7 +151,7 @@ def describe_module(model: Any) -> StrategyInfo:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return StrategyInfo()
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    names = {cls.__name__ for cls in type(model).__mro__}
+    names = class_names(model)
     if "DistributedDataParallel" in names:
         return StrategyInfo(DDP, world_size, rank, find_unused_parameters=bool(getattr(model, "find_unused_parameters",
                                                                                       False)))
@@ -182,7 +187,7 @@ def _kind(strategy: Any) -> str:
 
 
 def _kind_by_name(strategy: Any) -> str:
-    names = [cls.__name__ for cls in type(strategy).__mro__]
+    names = class_names(strategy)
     for name, kind in (
         ("DeepSpeedStrategy", DEEPSPEED),
         ("DDPStrategy", DDP),
