@@ -264,17 +264,14 @@ class LoopGuard:
 
     def _writes(self) -> bool:
         """Whether this process writes TensorBoard output (global rank zero)."""
-        return self._rank() == 0
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
     def _warn(self, message: str) -> None:
         """Warnings come from the process that writes (global rank zero), pointing at the user's line."""
         if self._writes():
             _warn_at_user_code(message)
-
-    def _rank(self) -> int:
-        import torch.distributed as dist
-
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def _strategy(self) -> StrategyInfo:
         """How the model is distributed (plain loops: the torch.distributed wrapper around it)."""
