@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard
-from lightning_gradguard.registry import clean_name
+from lightning_gradguard.core.registry import clean_name
 
 IN_DIM, HIDDEN = 32, 64
 INIT_SCALE = 1024.0

@@ -3,7 +3,7 @@
 Gives every parameter of the GPT preset a gradient (random values, the parameters' own dtype and device) and
 times, over ``--iters`` back-to-back repetitions:
 
-* ``gradguard``: :func:`lightning_gradguard.norms.per_param_norms`, what a measured step runs;
+* ``gradguard``: :func:`lightning_gradguard.core.norms.per_param_norms`, what a measured step runs;
 * ``gradguard+count``: the engine's whole measurement (``check_step(measure=True)``: norms plus the non-finite
   counters, still without a host synchronization);
 * ``foreach``: one ``torch._foreach_norm`` over all gradients (``clip_grad_norm_``'s kernel), for reference;
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt import GPT, PRESETS  # noqa: E402
 
 from lightning_gradguard import GradGuardEngine, GuardConfig  # noqa: E402
-from lightning_gradguard.norms import per_param_norms  # noqa: E402
+from lightning_gradguard.core.norms import per_param_norms  # noqa: E402
 
 TARGET_TBPS = 2.0
 

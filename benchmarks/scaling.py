@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from lightning_gradguard import GradGuardEngine, GuardConfig
-from lightning_gradguard.metrics import step_metrics
+from lightning_gradguard.output.metrics import step_metrics
 
 LAYERS_PER_BLOCK = 10
 
@@ -212,8 +212,8 @@ class WithUnused(nn.Module):
 def _graph_walk(loss: torch.Tensor, model: nn.Module) -> int:
     """The graph walk diagnosis runs after a backward pass that missed parameters; returns parameters reached."""
     try:
-        from lightning_gradguard.graph import reachable
-    except ImportError:  # pragma: no cover - before lightning_gradguard.graph existed: a walk of our own
+        from lightning_gradguard.core.diagnosis.graph import reachable
+    except ImportError:  # pragma: no cover - before lightning_gradguard.core.diagnosis.graph existed: a walk of our own
         reachable = None
     index = {id(p): i for i, p in enumerate(model.parameters())}
     if reachable is not None:

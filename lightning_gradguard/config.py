@@ -40,7 +40,7 @@ class GuardConfig:
         log_granularity: ``"param"`` logs one norm per parameter tensor, ``"module"`` per-module aggregates at
             ``log_module_depth``; ``"auto"`` logs per parameter while everything fits in ``max_logged_series``
             (216 tensors for the default 256) and, above that, per-module norms at the deepest depth that fits
-            plus the 16 largest parameter norms by name (see :mod:`lightning_gradguard.metrics`).
+            plus the 16 largest parameter norms by name (see :mod:`lightning_gradguard.output.metrics`).
         log_module_depth: module depth for ``"module"`` granularity (1 = top-level children); ``None`` picks the
             deepest depth whose modules fit in ``max_logged_series``.
         max_logged_series: the most metrics one logging step writes under ``"auto"`` (``none_steps`` series
@@ -111,7 +111,7 @@ class GuardConfig:
 def _gradient_flow(value: Optional[int]) -> Optional[int]:
     value = _optional_positive_int("gradient_flow_every_n_steps", value)
     if value is not None:
-        from lightning_gradguard.sinks.tensorboard import require_matplotlib
+        from lightning_gradguard.output.sinks.tensorboard import require_matplotlib
 
         require_matplotlib("gradient_flow_every_n_steps")
     return value

@@ -4,7 +4,7 @@
 callback built on ``lightning.pytorch.Callback`` is not an instance of ``pytorch_lightning.Callback``:
 ``pl.Trainer(callbacks=GradGuard())`` (a single callback, not a list), ``LightningCLI``'s type checks and
 ``isinstance`` tests in user code reject it. The class here is the same implementation
-(:class:`lightning_gradguard.callback.GradGuard`, which reads the Trainer by duck typing) with
+(:class:`lightning_gradguard.adapters.lightning.GradGuard`, which reads the Trainer by duck typing) with
 ``pytorch_lightning.Callback`` added to its bases, so it is an instance of both namespaces' ``Callback``.
 Checkpoints are interchangeable: the state key is ``GradGuard{...}`` in both.
 
@@ -31,7 +31,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "pip install pytorch-lightning, or use `from lightning_gradguard import GradGuard` with `lightning`"
     ) from err
 
-from lightning_gradguard.callback import GradGuard as _LightningGradGuard
+from lightning_gradguard.adapters.lightning import GradGuard as _LightningGradGuard
 
 
 class GradGuard(_LightningGradGuard, pytorch_lightning.Callback):

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
-from lightning_gradguard.causes import hint_for
+from lightning_gradguard.core.causes import hint_for
 
 REPORT_FILENAME = "gradguard.json"
 

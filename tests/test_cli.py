@@ -19,7 +19,7 @@ from plain_models import PLANTED, PlantedModule, PlantedNet, batches
 
 from lightning_gradguard import GradGuard
 from lightning_gradguard.cli import EXIT_ERROR, EXIT_MISSING, EXIT_OK, main
-from lightning_gradguard.plain import watch
+from lightning_gradguard.adapters.loop import watch
 
 NAMES = sorted(f"net.{n}" for n in PLANTED)
 

@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_gradguard import GradGuard, GradGuardError
-from lightning_gradguard.sinks.tensorboard import (
+from lightning_gradguard.output.sinks.tensorboard import (
     dashboard_layout,
     gradient_flow_stats,
     report_from_text,

@@ -238,7 +238,7 @@ def test_plain_loop_evaluation_between_steps_is_not_a_no_grad_cause():
 
 
 def test_an_internal_diagnosis_error_never_breaks_the_run(tmp_path, monkeypatch, recwarn):
-    from lightning_gradguard import diagnosis
+    from lightning_gradguard.core import diagnosis
 
     def broken(self, args, kwargs):
         raise RuntimeError("planted bug inside GradGuard")

@@ -21,7 +21,7 @@ import torch
 from distributed_scenarios import UsageModel, counts, loader
 
 from lightning_gradguard import GradGuard
-from lightning_gradguard.distributed import pack_flags, ranks_in, slot_bits, unpack_flags
+from lightning_gradguard.training.distributed import pack_flags, ranks_in, slot_bits, unpack_flags
 
 SCRIPT = Path(__file__).with_name("distributed_scenarios.py")
 WORLD = 2
@@ -342,7 +342,7 @@ def test_strategies_are_recognized_from_real_strategy_objects():
     from lightning.pytorch import Trainer
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    from lightning_gradguard.strategies import describe_strategy
+    from lightning_gradguard.training.strategies import describe_strategy
 
     single = describe_strategy(Trainer(accelerator="cpu", devices=1, logger=False))
     assert (single.name, single.world_size, single.unchecked()) == ("single", 1, None)
@@ -363,8 +363,8 @@ def test_deepspeed_is_stated_once_and_nothing_is_reported_missing(make_trainer, 
     # the strategy description, so this test hands it DeepSpeed's and runs a real fit
     from models import UnusedLayerMLP, gradguard_warnings, regression_loader
 
-    import lightning_gradguard.context as context
-    from lightning_gradguard.strategies import StrategyInfo
+    import lightning_gradguard.training.context as context
+    from lightning_gradguard.training.strategies import StrategyInfo
 
     monkeypatch.setattr(context, "describe_strategy", lambda trainer: StrategyInfo("deepspeed", 1, 0, zero_stage=2))
     guard = GradGuard(summary=False)

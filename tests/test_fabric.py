@@ -19,9 +19,9 @@ from plain_models import PLANTED, USED, BranchNet, HealthyNet, PlantedNet, batch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradguard import GradGuardError
-from lightning_gradguard.fabric import FabricGuard, watch_fabric
+from lightning_gradguard.adapters.fabric import FabricGuard, watch_fabric
 
-DIAGNOSIS = importlib.util.find_spec("lightning_gradguard.diagnosis") is not None
+DIAGNOSIS = importlib.util.find_spec("lightning_gradguard.core.diagnosis") is not None
 
 
 @pytest.fixture(autouse=True)

@@ -229,7 +229,7 @@ def test_summary_false_prints_nothing(make_trainer, capsys):
 
 # ------------------------------------------------------------ the guard's own failures
 def test_internal_failure_in_logging_is_reported_once_and_training_completes(make_trainer, tmp_path, monkeypatch):
-    import lightning_gradguard.callback as callback_module
+    import lightning_gradguard.adapters.lightning as callback_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
@@ -250,7 +250,7 @@ def test_internal_failure_in_logging_is_reported_once_and_training_completes(mak
 
 
 def test_internal_failure_in_checking_is_reported_once_and_training_completes(make_trainer, monkeypatch):
-    from lightning_gradguard.engine import GradGuardEngine
+    from lightning_gradguard.core.engine import GradGuardEngine
 
     def broken(self, *args, **kwargs):
         raise ValueError("engine bug")

@@ -17,7 +17,7 @@ from models import ClearedManualModel, HealthyMLP, IntermittentBranchMLP, regres
 from torch import nn
 
 from lightning_gradguard import GradGuard
-from lightning_gradguard.arrivals import ArrivalTracker
+from lightning_gradguard.core.arrivals import ArrivalTracker
 
 
 class KeepGradsMLP(IntermittentBranchMLP):

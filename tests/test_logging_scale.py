@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from lightning_gradguard import GradGuard, GradGuardEngine, GuardConfig
-from lightning_gradguard.metrics import RESERVED_SERIES, LogLayout, step_metrics
+from lightning_gradguard.output.metrics import RESERVED_SERIES, LogLayout, step_metrics
 
 
 class ManyLayers(LightningModule):

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lightning_gradguard.pl import GradGuard  # noqa: E402
 
-DIAGNOSIS = importlib.util.find_spec("lightning_gradguard.diagnosis") is not None
+DIAGNOSIS = importlib.util.find_spec("lightning_gradguard.core.diagnosis") is not None
 
 
 class PlantedModule(pl.LightningModule):

@@ -19,10 +19,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from lightning_gradguard import GradGuardError, GradGuardWarning
-from lightning_gradguard.plain import LoopGuard, watch
-from lightning_gradguard.sinks.tensorboard import report_from_text
+from lightning_gradguard.adapters.loop import LoopGuard, watch
+from lightning_gradguard.output.sinks.tensorboard import report_from_text
 
-DIAGNOSIS = importlib.util.find_spec("lightning_gradguard.diagnosis") is not None
+DIAGNOSIS = importlib.util.find_spec("lightning_gradguard.core.diagnosis") is not None
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, n_steps: int, accumulate: int = 1) -> None:

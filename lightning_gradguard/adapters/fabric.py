@@ -13,7 +13,7 @@
 
 ``Fabric(callbacks=[...])`` calls no hook around the backward pass or before the optimizer step
 (lightning-internals.md, section 8), so the adapter works like the plain PyTorch one
-(:mod:`lightning_gradguard.plain`: gradient hooks on the parameters find the backward passes, a forward hook on the
+(:mod:`lightning_gradguard.adapters.loop`: gradient hooks on the parameters find the backward passes, a forward hook on the
 Fabric module finds the micro-batches), with two Fabric specifics:
 
 * **the step check runs before Fabric's step**: the adapter wraps the ``step`` of each ``_FabricOptimizer`` it
@@ -22,12 +22,12 @@ Fabric module finds the micro-batches), with two Fabric specifics:
 * **AMP scaling**: under ``precision="16-mixed"`` the gradients stay multiplied by the loss scale until
   ``scaler.step`` (unless ``fabric.clip_gradients`` unscaled them first); the adapter divides its norms by the
   scaler's ``_scale`` tensor on the device, without a host synchronization. It also counts the steps the scaler
-  skipped for an overflow (:class:`~lightning_gradguard.precision.LossScaleTracker`, shared with the Trainer
+  skipped for an overflow (:class:`~lightning_gradguard.training.precision.LossScaleTracker`, shared with the Trainer
   callback), logs them as ``gradguard/amp_skipped_steps`` and puts them in the report.
 
 TensorBoard output goes to the Fabric's ``TensorBoardLogger`` when it has one (``Fabric(loggers=...)``), to
 ``log_dir``/``writer`` otherwise; only global rank zero writes and prints. Under DDP and FSDP the counts, norms and
-strict decisions are global, as with the Trainer callback (:mod:`lightning_gradguard.distributed`: one collective
+strict decisions are global, as with the Trainer callback (:mod:`lightning_gradguard.training.distributed`: one collective
 per logging step, and one when the guard is closed, on every rank). DeepSpeed keeps gradients outside ``.grad``,
 so the adapter refuses it with a clear error.
 """
@@ -41,12 +41,12 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard.engine import StepCheck
-from lightning_gradguard.plain import LoopGuard
-from lightning_gradguard.precision import LossScaleTracker
+from lightning_gradguard.core.engine import StepCheck
+from lightning_gradguard.adapters.loop import LoopGuard
+from lightning_gradguard.training.precision import LossScaleTracker
 from lightning_gradguard.report import GradReport
-from lightning_gradguard.sinks.tensorboard import AMP_SKIPPED_TAG, tensorboard_writers
-from lightning_gradguard.strategies import StrategyInfo, class_names, describe_strategy
+from lightning_gradguard.output.sinks.tensorboard import AMP_SKIPPED_TAG, tensorboard_writers
+from lightning_gradguard.training.strategies import StrategyInfo, class_names, describe_strategy
 
 
 class FabricGuard(LoopGuard):
@@ -59,7 +59,7 @@ class FabricGuard(LoopGuard):
             precision plugin runs it.
         log_dir, writer: where TensorBoard output goes; by default the ``experiment`` of the Fabric's first
             ``TensorBoardLogger`` (``Fabric(loggers=TensorBoardLogger(...))``), if any.
-        \**options: every other :class:`~lightning_gradguard.plain.LoopGuard` argument (``strict``,
+        \**options: every other :class:`~lightning_gradguard.adapters.loop.LoopGuard` argument (``strict``,
             ``allow_none``, ``log_every_n_steps``, ...).
 
     Raises:
@@ -201,7 +201,7 @@ def watch_fabric(
         fabric: the ``Fabric``.
         model: the module ``fabric.setup`` returned.
         *optimizers: the optimizer(s) ``fabric.setup`` returned.
-        **options: any :class:`FabricGuard` / :class:`~lightning_gradguard.plain.LoopGuard` argument (``strict``,
+        **options: any :class:`FabricGuard` / :class:`~lightning_gradguard.adapters.loop.LoopGuard` argument (``strict``,
             ``allow_none``, ``log_dir``, ``writer``, ``log_every_n_steps``, ...).
 
     Raises:

@@ -8,7 +8,7 @@ Special cases take their own, correct paths:
 * sparse gradients (``nn.Embedding(sparse=True)``) are split out, because foreach kernels reject them, and
   coalesced first, because an uncoalesced tensor's ``_values().norm()`` counts duplicate indices wrongly;
 * DTensor gradients (FSDP2, tensor parallel) contribute the norm of their local shard, in groups flagged
-  ``local=True``: :mod:`lightning_gradguard.distributed` turns those into global norms;
+  ``local=True``: :mod:`lightning_gradguard.training.distributed` turns those into global norms;
 * on the CPU, where a foreach kernel is a loop of one dispatch (about 1 us) per tensor, tensors of at most
   ``SMALL_NUMEL`` elements are stacked by shape (``torch.stack`` copies a few bytes each without creating a view
   per tensor) and reduced one row per tensor: 5x faster than ``_foreach_norm`` for models made of many tiny

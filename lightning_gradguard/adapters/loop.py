@@ -10,7 +10,7 @@
         optimizer.zero_grad()
 
 A plain loop calls nothing GradGuard could hook into, so the adapter installs hooks that translate the loop's own
-events into the engine's calls (:mod:`lightning_gradguard.engine`):
+events into the engine's calls (:mod:`lightning_gradguard.core.engine`):
 
 * **step check**: ``optimizer.register_step_pre_hook`` runs :meth:`~GradGuardEngine.check_step` right before
   each ``optimizer.step()``, before any weight changes (strict mode raises from there);
@@ -35,7 +35,7 @@ watches the forward passes since the previous backward pass; it needs no loss te
 shows (there is no hook before ``loss.backward()``).
 
 Several processes: a model wrapped in ``DistributedDataParallel`` (``FullyShardedDataParallel``, ``fully_shard``)
-gets the Trainer callback's :class:`~lightning_gradguard.context.TrainingContext`, so counts, norms and strict
+gets the Trainer callback's :class:`~lightning_gradguard.training.context.TrainingContext`, so counts, norms and strict
 decisions are global (one collective per logging step, one in :meth:`LoopGuard.close`), and global rank zero alone
 writes, prints and warns. FSDP1 accumulates into flat parameters that the optimizer never sees: those are hooked
 too, so that backward passes are noticed.
@@ -57,16 +57,16 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard.config import GuardConfig
-from lightning_gradguard.context import TrainingContext
-from lightning_gradguard.distributed import Collective
-from lightning_gradguard.engine import GradGuardEngine, StepCheck
+from lightning_gradguard.training.context import TrainingContext
+from lightning_gradguard.training.distributed import Collective
+from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
-from lightning_gradguard.metrics import StagedMetrics, stage_metrics
+from lightning_gradguard.output.metrics import StagedMetrics, stage_metrics
 from lightning_gradguard.report import GradReport
-from lightning_gradguard.sinks import print_summary, write_report
-from lightning_gradguard.sinks.tensorboard import TensorBoardDashboard
-from lightning_gradguard.strategies import DDP, FSDP, FSDP2, StrategyInfo, class_names, describe_module
+from lightning_gradguard.output.sinks import print_summary, write_report
+from lightning_gradguard.output.sinks.tensorboard import TensorBoardDashboard
+from lightning_gradguard.training.strategies import DDP, FSDP, FSDP2, StrategyInfo, class_names, describe_module
 
 DEFAULT_LOG_EVERY_N_STEPS = 50  # Lightning's default cadence
 _GRAD = attrgetter("grad")
@@ -527,7 +527,7 @@ def _accumulates_into_grad() -> bool:
 
 def _warn_at_user_code(message: str) -> None:
     """Warn with the location of the user's line (``optimizer.step()``), not of a hook inside torch or GradGuard."""
-    internal = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    internal = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(torch.__file__)))
     level, frame = 2, sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
         frame = frame.f_back

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lightning_gradguard.engine import GradGuardEngine, StepCheck
+    from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
 
 PREFIX = "gradguard"
 RESERVED_SERIES = 8  # the one-series scalars (total_norm, none_params, ..., an adapter's AMP count)

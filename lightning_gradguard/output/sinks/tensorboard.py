@@ -2,7 +2,7 @@
 
 Everything goes through a ``SummaryWriter`` (``torch.utils.tensorboard``'s or tensorboardX's: the
 ``experiment`` of Lightning's ``TensorBoardLogger``, or the writer a plain loop passes in), so the dashboard
-lives in the same run directory as the scalars that :mod:`lightning_gradguard.metrics` writes:
+lives in the same run directory as the scalars that :mod:`lightning_gradguard.output.metrics` writes:
 
 * a custom-scalars layout (TensorBoard's "Custom Scalars" tab) written once when training starts: charts of
   the total norm, of the number of parameters without a gradient, of the cumulative steps without a gradient of
@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from lightning_gradguard.metrics import PREFIX, auto_depth, module_key
-from lightning_gradguard.norms import local_tensor, per_param_norms
+from lightning_gradguard.output.metrics import PREFIX, auto_depth, module_key
+from lightning_gradguard.core.norms import local_tensor, per_param_norms
 from lightning_gradguard.report import GradReport
 
 if TYPE_CHECKING:
-    from lightning_gradguard.engine import GradGuardEngine, StepCheck
+    from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
 
 REPORT_TAG = f"{PREFIX}/report"
 FLOW_TAG = f"{PREFIX}/gradient_flow"
@@ -314,7 +314,7 @@ class TensorBoardDashboard:
     """Writes GradGuard's dashboard through one or more ``SummaryWriter`` objects.
 
     Adapters call :meth:`start` once the parameters are bound, :meth:`after_check` right after each
-    :meth:`~lightning_gradguard.engine.GradGuardEngine.check_step` (before ``optimizer.step()``, while the
+    :meth:`~lightning_gradguard.core.engine.GradGuardEngine.check_step` (before ``optimizer.step()``, while the
     gradients are in place), and :meth:`finish` at the end of training.
 
     Args:
@@ -358,7 +358,7 @@ class TensorBoardDashboard:
         """Histograms and gradient flow on their cadence; the report text at the first missing gradient.
 
         Args:
-            check: what :meth:`~lightning_gradguard.engine.GradGuardEngine.check_step` returned.
+            check: what :meth:`~lightning_gradguard.core.engine.GradGuardEngine.check_step` returned.
             step: the step number the scalars of this step are written at.
 
         """

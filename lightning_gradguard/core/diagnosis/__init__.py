@@ -1,6 +1,6 @@
 """Why a parameter received no gradient: ``unused``, ``no_grad`` or ``detached``, with the line that did it.
 
-The engine knows *that* a parameter got no gradient (see :mod:`lightning_gradguard.arrivals`). To say *why*, the
+The engine knows *that* a parameter got no gradient (see :mod:`lightning_gradguard.core.arrivals`). To say *why*, the
 forward pass must be watched, and watching costs time, so :class:`Diagnosis` watches only in **diagnosis
 windows**: the first optimizer steps of a run, and the steps right after a parameter first goes missing without
 a known cause. Outside a window nothing is installed and the steady state costs what it costs without diagnosis.
@@ -18,7 +18,7 @@ During a window three instruments run:
   autograd is off (``torch.no_grad()``, ``torch.inference_mode()``, a reentrant ``torch.utils.checkpoint``
   segment none of whose inputs required grad);
 * after each backward pass, for the trainable parameters that pass gave no gradient, a **graph walk** from the
-  inputs of the recorded cuts (:mod:`lightning_gradguard.graph`) finds which cut each parameter sits behind.
+  inputs of the recorded cuts (:mod:`lightning_gradguard.core.diagnosis.graph`) finds which cut each parameter sits behind.
 
 A missing parameter then gets the first cause that fits, in this order: behind a recorded cut (``detached``, or
 ``no_grad`` when the cut was autograd being off; the user's line is named), used with autograd on but its result
@@ -44,9 +44,9 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from lightning_gradguard.causes import DETACHED, NO_GRAD, UNUSED
-from lightning_gradguard.graph import reachable
-from lightning_gradguard.locations import (
+from lightning_gradguard.core.causes import DETACHED, NO_GRAD, UNUSED
+from lightning_gradguard.core.diagnosis.graph import reachable
+from lightning_gradguard.core.diagnosis.locations import (
     IN_FUNCTION,
     Frame,
     definition_site,
@@ -54,10 +54,10 @@ from lightning_gradguard.locations import (
     location,
     user_frames,
 )
-from lightning_gradguard.registry import clean_name
+from lightning_gradguard.core.registry import clean_name
 
 if TYPE_CHECKING:
-    from lightning_gradguard.engine import GradGuardEngine, StepCheck
+    from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
 
 # kinds of recorded events
 _DETACH = "detach"

@@ -21,8 +21,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard.graph import ACCUMULATE_GRAD
-from lightning_gradguard.registry import ParamRegistry, clean_name
+from lightning_gradguard.core.diagnosis.graph import ACCUMULATE_GRAD
+from lightning_gradguard.core.registry import ParamRegistry, clean_name
 from lightning_gradguard.report import Finding
 
 UNREGISTERED = "unregistered"

@@ -41,11 +41,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_gradguard.norms import NormGroup
-from lightning_gradguard.strategies import StrategyInfo
+from lightning_gradguard.core.norms import NormGroup
+from lightning_gradguard.training.strategies import StrategyInfo
 
 if TYPE_CHECKING:
-    from lightning_gradguard.engine import GradGuardEngine, StepCheck
+    from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
 
 _WORD_BITS = 52  # integer-exact bits of a float64 mantissa
 _COUNTERS = ("steps", "none_steps", "micro_batches", "none_micro_batches")
@@ -144,7 +144,7 @@ class RankLedger:
 
     Args:
         engine: the rank's engine; the ledger installs its hooks on it.
-        info: the strategy (see :func:`~lightning_gradguard.strategies.describe_strategy`).
+        info: the strategy (see :func:`~lightning_gradguard.training.strategies.describe_strategy`).
         collective: the process group to reduce over.
 
     Example::

@@ -8,7 +8,7 @@ Adapters (the Lightning callback, Fabric, a plain loop) translate their hooks in
 
 Everything per step reads host-side metadata (``.grad is None``, ``requires_grad``, version counters) and updates
 counter vectors with a few tensor operations. Gradient values are read only by the norm kernels, whose results
-stay on the device until a logging step (see :mod:`lightning_gradguard.norms`).
+stay on the device until a logging step (see :mod:`lightning_gradguard.core.norms`).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from lightning_gradguard.arrivals import ArrivalTracker, none_positions
-from lightning_gradguard.audit import AUDIT_KINDS, audit_model
-from lightning_gradguard.causes import CLEARED, NO_BACKWARD
+from lightning_gradguard.core.arrivals import ArrivalTracker, none_positions
+from lightning_gradguard.core.audit import AUDIT_KINDS, audit_model
+from lightning_gradguard.core.causes import CLEARED, NO_BACKWARD
 from lightning_gradguard.config import GuardConfig
-from lightning_gradguard.diagnosis import Diagnosis
+from lightning_gradguard.core.diagnosis import Diagnosis
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
-from lightning_gradguard.norms import NormGroup, per_param_norms
-from lightning_gradguard.registry import ParamRegistry
+from lightning_gradguard.core.norms import NormGroup, per_param_norms
+from lightning_gradguard.core.registry import ParamRegistry
 from lightning_gradguard.report import Finding, GradReport, ParamReport
 
 _COUNTERS = ("steps", "none_steps", "micro_batches", "none_micro_batches")
@@ -80,7 +80,7 @@ class GradGuardEngine:
         self.module: Optional[torch.nn.Module] = None
         self.diagnosis: Optional[Diagnosis] = None  # created by bind(module=...): explains unused/no_grad/detached
         self.leftover: set[int] = set()  # parameters whose .grad was found to be a leftover no backward touched
-        # strategy adapters (lightning_gradguard.distributed); all optional, all off in a single process
+        # strategy adapters (lightning_gradguard.training.distributed); all optional, all off in a single process
         self.skip_empty_shards = False  # FSDP1: a parameter with no data on this rank is not checked on this rank
         self.arrival_observer: Optional[Callable[[int, list[int]], None]] = None  # (micro-batch, indices missed)
         self.strict_vote: Optional[Callable[[list[int]], list[int]]] = None  # strict decision taken by all ranks
@@ -427,7 +427,7 @@ class GradGuardEngine:
     def audit(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> list[Finding]:
         """Check the bound model and ``optimizers`` for trainable tensors nothing will train (call at fit start).
 
-        Findings (``unregistered``, ``not_in_optimizer``; see :mod:`lightning_gradguard.audit`) replace those of an
+        Findings (``unregistered``, ``not_in_optimizer``; see :mod:`lightning_gradguard.core.audit`) replace those of an
         earlier audit in :attr:`findings` and are warned about once. Returns the new findings.
         """
         found = audit_model(self.module, list(optimizers), self.registry)
@@ -448,7 +448,7 @@ class GradGuardEngine:
 
     def describe_missing(self, result: StepCheck, only: Optional[Sequence[int]] = None) -> str:
         """A message naming the parameters without a gradient, grouped by module, with causes and hints."""
-        from lightning_gradguard.messages import missing_message
+        from lightning_gradguard.core.messages import missing_message
 
         return missing_message(self, result, only)
 

@@ -61,6 +61,8 @@ def _stdlib_dirs() -> tuple[str, ...]:
     return tuple(dirs)
 
 
+# GradGuard's own frames are never the user's: the package root, three levels above this file
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
 _TORCH_DIR = _package_dir("torch") or ""
 _OPTIM_DIR = os.path.join(_TORCH_DIR, "optim") + os.sep
 _CHECKPOINT_FILE = os.path.join(_TORCH_DIR, "utils", "checkpoint.py")
@@ -69,7 +71,7 @@ _FRAMEWORK_DIRS = tuple(
     d
     for d in (_package_dir(n) for n in ("lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics"))
     if d
-) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+) + (_PACKAGE_DIR,)
 _STDLIB_DIRS = _stdlib_dirs()
 _kinds: dict[CodeType, int] = {}
 

@@ -1,7 +1,7 @@
 """Why a parameter has no gradient: the cause vocabulary, with a fix hint for each.
 
 The engine assigns ``cleared`` and ``no_backward`` from its own bookkeeping; ``unused``, ``no_grad`` and
-``detached`` come from the diagnosis instruments (:mod:`lightning_gradguard.diagnosis`).
+``detached`` come from the diagnosis instruments (:mod:`lightning_gradguard.core.diagnosis`).
 """
 
 from __future__ import annotations

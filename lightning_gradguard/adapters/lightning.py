@@ -11,15 +11,15 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_gradguard.config import GuardConfig
-from lightning_gradguard.context import TrainingContext
-from lightning_gradguard.engine import GradGuardEngine, StepCheck
+from lightning_gradguard.training.context import TrainingContext
+from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
-from lightning_gradguard.metrics import stage_metrics
+from lightning_gradguard.output.metrics import stage_metrics
 from lightning_gradguard.report import GradReport
-from lightning_gradguard.sinks import log_to_loggers, print_summary, write_report
-from lightning_gradguard.sinks.tensorboard import TensorBoardDashboard, tensorboard_writers
-from lightning_gradguard.strategies import DDP, SINGLE
+from lightning_gradguard.output.sinks import log_to_loggers, print_summary, write_report
+from lightning_gradguard.output.sinks.tensorboard import TensorBoardDashboard, tensorboard_writers
+from lightning_gradguard.training.strategies import DDP, SINGLE
 
 
 def _batches_started(trainer: Trainer) -> Optional[int]:
@@ -123,7 +123,7 @@ class GradGuard(Callback):
         self._measure_every_step = self.config.nonfinite_check == "every_step"  # decided at fit start
         self.report_path: Optional[str] = None
         self._dashboard: Optional[TensorBoardDashboard] = None  # set when a TensorBoardLogger is in trainer.loggers
-        # precision and strategy knowledge for the current fit (lightning_gradguard.context)
+        # precision and strategy knowledge for the current fit (lightning_gradguard.training.context)
         self._context: Optional[TrainingContext] = None
         self._context_state: dict[str, Any] = {}  # restored from a checkpoint until the fit builds its context
         self._reduce_due = False  # the cross-rank reduction is due at the end of this batch

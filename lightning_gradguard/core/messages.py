@@ -6,10 +6,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
-from lightning_gradguard.causes import DESCRIPTIONS, hint_for
+from lightning_gradguard.core.causes import DESCRIPTIONS, hint_for
 
 if TYPE_CHECKING:
-    from lightning_gradguard.engine import GradGuardEngine, StepCheck
+    from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
 
 
 def module_of(name: str) -> str:

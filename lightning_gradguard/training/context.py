@@ -4,8 +4,8 @@ The Lightning callback builds one :class:`TrainingContext` per fit (in ``on_trai
 wrapped the model) and asks it, at each hook, for what depends on precision or strategy: the loss scale to divide
 norms by, whether this micro-batch's backward pass is all-reduced, when the one collective of a logging step is
 due, what to add to the report and to an exception. Everything strategy-specific stays in
-:mod:`~lightning_gradguard.precision`, :mod:`~lightning_gradguard.strategies` and
-:mod:`~lightning_gradguard.distributed`; the engine stays framework-free.
+:mod:`~lightning_gradguard.training.precision`, :mod:`~lightning_gradguard.training.strategies` and
+:mod:`~lightning_gradguard.training.distributed`; the engine stays framework-free.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from torch import Tensor
 
-from lightning_gradguard.distributed import DDP_UNFINISHED_REDUCTION, Collective, RankLedger, unreduced_parameters
-from lightning_gradguard.metrics import PREFIX
-from lightning_gradguard.precision import LossScaleTracker, find_scaler, precision_name
+from lightning_gradguard.training.distributed import DDP_UNFINISHED_REDUCTION, Collective, RankLedger, unreduced_parameters
+from lightning_gradguard.output.metrics import PREFIX
+from lightning_gradguard.training.precision import LossScaleTracker, find_scaler, precision_name
 from lightning_gradguard.report import DistributedInfo, GradReport
-from lightning_gradguard.strategies import DDP, DEEPSPEED, SINGLE, StrategyInfo, describe_strategy
+from lightning_gradguard.training.strategies import DDP, DEEPSPEED, SINGLE, StrategyInfo, describe_strategy
 
 if TYPE_CHECKING:
     import torch
 
-    from lightning_gradguard.engine import GradGuardEngine, StepCheck
+    from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
 
 AMP_SKIPPED_TAG = f"{PREFIX}/amp_skipped_steps"
 _REWORDED = "DDP expected the gradient reduction of the prior iteration to have finished"

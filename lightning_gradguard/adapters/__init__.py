@@ -1,0 +1,1 @@
+"""Adapters: each translates one framework's hooks into engine and reporter calls."""

@@ -1,0 +1,1 @@
+"""The framework-free core: where a missing gradient is detected, explained and counted."""

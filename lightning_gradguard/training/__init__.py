@@ -1,0 +1,1 @@
+"""What changes the meaning of a gradient: precision (loss scaling), the strategy, several ranks."""
