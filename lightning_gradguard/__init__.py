@@ -43,13 +43,25 @@ _MOVED_MODULES = {
     "lightning_gradguard.engine": "lightning_gradguard.core.engine",
 }
 
-__all__ = sorted([*_PUBLIC, "__version__"])
+__all__ = [
+    "FabricGuard",
+    "Finding",
+    "GradGuard",
+    "GradGuardError",
+    "GradGuardWarning",
+    "GradReport",
+    "LoopGuard",
+    "ParamReport",
+    "__version__",
+    "watch",
+    "watch_fabric",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - what static analysers and IDEs see
-    from lightning_gradguard.adapters.lightning import GradGuard
-    from lightning_gradguard.errors import GradGuardError, GradGuardWarning
     from lightning_gradguard.adapters.fabric import FabricGuard, watch_fabric
+    from lightning_gradguard.adapters.lightning import GradGuard
     from lightning_gradguard.adapters.loop import LoopGuard, watch
+    from lightning_gradguard.errors import GradGuardError, GradGuardWarning
     from lightning_gradguard.report import Finding, GradReport, ParamReport
 
 

@@ -21,8 +21,8 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from lightning_gradguard.report import REPORT_FILENAME, GradReport
 from lightning_gradguard.output.sinks.tensorboard import REPORT_TAG, problems_markdown, report_from_text
+from lightning_gradguard.report import REPORT_FILENAME, GradReport
 
 EXIT_OK = 0
 EXIT_MISSING = 1

@@ -455,8 +455,8 @@ def _fsdp1(spare: bool) -> nn.Module:
 def fsdp1_engine(root: str) -> dict[str, Any]:
     """Plain torch FSDP1 (use_orig_params=True) on the CPU driving the engine directly, with the rank ledger."""
     from lightning_gradguard import GradGuardEngine, GuardConfig
-    from lightning_gradguard.training.distributed import Collective, RankLedger
     from lightning_gradguard.core.registry import clean_name
+    from lightning_gradguard.training.distributed import Collective, RankLedger
     from lightning_gradguard.training.strategies import StrategyInfo
 
     rank, world = _process_group()

@@ -18,8 +18,8 @@ from models import HealthyMLP, RegressionData
 from plain_models import PLANTED, PlantedModule, PlantedNet, batches
 
 from lightning_gradguard import GradGuard
-from lightning_gradguard.cli import EXIT_ERROR, EXIT_MISSING, EXIT_OK, main
 from lightning_gradguard.adapters.loop import watch
+from lightning_gradguard.cli import EXIT_ERROR, EXIT_MISSING, EXIT_OK, main
 
 NAMES = sorted(f"net.{n}" for n in PLANTED)
 

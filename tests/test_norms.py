@@ -17,8 +17,8 @@ from torch import nn
 
 from lightning_gradguard import GradGuard, GradGuardEngine, GuardConfig
 from lightning_gradguard.core import norms as norms_module
-from lightning_gradguard.output.metrics import step_metrics
 from lightning_gradguard.core.norms import SMALL_NUMEL, STACK_MIN_TENSORS, per_param_norms
+from lightning_gradguard.output.metrics import step_metrics
 
 NORM_TYPES = [1.0, 2.0, 3.0, 0.5, math.inf]
 

@@ -41,11 +41,11 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard.core.engine import StepCheck
 from lightning_gradguard.adapters.loop import LoopGuard
-from lightning_gradguard.training.precision import LossScaleTracker
-from lightning_gradguard.report import GradReport
+from lightning_gradguard.core.engine import StepCheck
 from lightning_gradguard.output.sinks.tensorboard import AMP_SKIPPED_TAG, tensorboard_writers
+from lightning_gradguard.report import GradReport
+from lightning_gradguard.training.precision import LossScaleTracker
 from lightning_gradguard.training.strategies import StrategyInfo, class_names, describe_strategy
 
 

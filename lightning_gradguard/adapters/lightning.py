@@ -11,14 +11,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_gradguard.config import GuardConfig
-from lightning_gradguard.training.context import TrainingContext
 from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
 from lightning_gradguard.output.metrics import stage_metrics
-from lightning_gradguard.report import GradReport
 from lightning_gradguard.output.sinks import log_to_loggers, print_summary, write_report
 from lightning_gradguard.output.sinks.tensorboard import TensorBoardDashboard, tensorboard_writers
+from lightning_gradguard.report import GradReport
+from lightning_gradguard.training.context import TrainingContext
 from lightning_gradguard.training.strategies import DDP, SINGLE
 
 

@@ -57,15 +57,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard.config import GuardConfig
-from lightning_gradguard.training.context import TrainingContext
-from lightning_gradguard.training.distributed import Collective
 from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
 from lightning_gradguard.output.metrics import StagedMetrics, stage_metrics
-from lightning_gradguard.report import GradReport
 from lightning_gradguard.output.sinks import print_summary, write_report
 from lightning_gradguard.output.sinks.tensorboard import TensorBoardDashboard
+from lightning_gradguard.report import GradReport
+from lightning_gradguard.training.context import TrainingContext
+from lightning_gradguard.training.distributed import Collective
 from lightning_gradguard.training.strategies import DDP, FSDP, FSDP2, StrategyInfo, class_names, describe_module
 
 DEFAULT_LOG_EVERY_N_STEPS = 50  # Lightning's default cadence

@@ -21,14 +21,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.core.arrivals import ArrivalTracker, none_positions
 from lightning_gradguard.core.audit import AUDIT_KINDS, audit_model
 from lightning_gradguard.core.causes import CLEARED, NO_BACKWARD
-from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.core.diagnosis import Diagnosis
-from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.core.norms import NormGroup, per_param_norms
 from lightning_gradguard.core.registry import ParamRegistry
+from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.report import Finding, GradReport, ParamReport
 
 _COUNTERS = ("steps", "none_steps", "micro_batches", "none_micro_batches")

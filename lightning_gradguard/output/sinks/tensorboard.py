@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from lightning_gradguard.output.metrics import PREFIX, auto_depth, module_key
 from lightning_gradguard.core.norms import local_tensor, per_param_norms
+from lightning_gradguard.output.metrics import PREFIX, auto_depth, module_key
 from lightning_gradguard.report import GradReport
 
 if TYPE_CHECKING:
