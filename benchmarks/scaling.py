@@ -111,7 +111,7 @@ class _Guard:
         self.engine = GradGuardEngine(GuardConfig.create(nonfinite_check="every_step" if every_step else "auto"))
         self.engine.bind(model.named_parameters(), module=model)
         # as the Trainer callback decides for automatic optimization with no hook between backward and step
-        self.engine.reuse_backward_read = True
+        self.engine.start_run(reuse_backward_read=True)
         # what an adapter decides: "auto" measures every step unless the model has over 1,000 tensors on the CPU
         self.every_step = self.engine.config.measures_every_step(list(model.parameters()))
         self.logger = logger

@@ -454,7 +454,8 @@ def _fsdp1(spare: bool) -> nn.Module:
 @scenario
 def fsdp1_engine(root: str) -> dict[str, Any]:
     """Plain torch FSDP1 (use_orig_params=True) on the CPU driving the engine directly, with the rank ledger."""
-    from lightning_gradguard import GradGuardEngine, GuardConfig
+    from lightning_gradguard.config import GuardConfig
+    from lightning_gradguard.core.engine import GradGuardEngine
     from lightning_gradguard.core.registry import clean_name
     from lightning_gradguard.training.distributed import Collective, RankLedger
     from lightning_gradguard.training.strategies import StrategyInfo
@@ -489,8 +490,7 @@ def fsdp1_engine(root: str) -> dict[str, Any]:
             except GradGuardError as err:
                 raised = {"step": err.step, "params": err.params}
                 break
-            ledger.after_check(check, measured=True)
-            ledger.reduce([check])  # every step is a logging step here
+            ledger.reduce([check])  # every step is a logging step here (the engine told the ledger of the check)
             logged.append({engine.registry.names[i]: float(n) for ind, g in check.norms for i, n in zip(ind, g.norms)})
             optimizer.step()
             # the reference: the same weights, the gradient of the mean loss over both ranks' data, unsharded

@@ -176,8 +176,7 @@ def test_plain_loop_driving_the_engine_gets_the_same_cause_and_line():
 def test_engine_micro_batches_started_from_inside_backward_keep_the_forward_records():
     """Plain-loop adapters notice a micro-batch at its first gradient, after the forward pass already ran."""
     model = PlainModel()
-    engine = GradGuardEngine(GuardConfig(), warn=lambda message: None)
-    engine.auto_micro_batch = True
+    engine = GradGuardEngine(GuardConfig(), warn=lambda message: None, micro_batch_per_backward=True)
     engine.bind(model.named_parameters(), module=model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(2):
@@ -217,8 +216,7 @@ def test_torch_compile_is_not_recompiled_and_causes_are_not_guessed():
 def test_plain_loop_evaluation_between_steps_is_not_a_no_grad_cause():
     """No micro-batch boundary separates an evaluation pass from the next forward pass in a plain loop."""
     model = ValidationOnlyHead()
-    engine = GradGuardEngine(GuardConfig(), warn=lambda message: None)
-    engine.auto_micro_batch = True
+    engine = GradGuardEngine(GuardConfig(), warn=lambda message: None, micro_batch_per_backward=True)
     engine.bind(model.named_parameters(), module=model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(2):

@@ -171,11 +171,11 @@ class GradGuard(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after the strategy has wrapped the model: the parameter objects are now the ones optimizers hold
         self.engine.bind(pl_module.named_parameters(), module=pl_module)
-        self.engine.start_run()  # a guard reused for a second fit: windows restart, counts carry on
         self._batches_started = None
         self._measure_every_step = self.config.measures_every_step(self.engine.registry.params)
         self._start_context(trainer)
-        self.engine.reuse_backward_read = self._nothing_between_backward_and_step(trainer, pl_module)
+        # a guard reused for a second fit: windows restart, counts carry on
+        self.engine.start_run(reuse_backward_read=self._nothing_between_backward_and_step(trainer, pl_module))
         self._start_dashboard(trainer)
         self._audit(trainer)
 
@@ -288,7 +288,6 @@ class GradGuard(Callback):
             grad_scale=context.grad_scale(optimizer) if context is not None else None,
         )
         if context is not None:
-            context.after_check(check, measured=measure)
             stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
             every = self.config.log_every_n_steps or trainer.log_every_n_steps
             # decided alike on every rank (never from this rank's own state): the reduction is a collective

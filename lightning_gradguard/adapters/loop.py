@@ -403,7 +403,6 @@ class LoopGuard:
     @feature("distributed")
     def _distributed_step(self, check: StepCheck, step: int, measured: bool) -> None:
         context = self._context
-        context.after_check(check, measured)
         if context.reduce_due(step, self.log_every_n_steps):  # every rank, same step: the one collective
             context.reduce([check])
 

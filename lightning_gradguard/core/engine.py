@@ -1,4 +1,4 @@
-"""The framework-free core: where a missing gradient is detected and counted.
+"""The framework-free core: where a missing gradient is detected.
 
 Adapters (the Lightning callback, Fabric, a plain loop) translate their hooks into four calls:
 
@@ -6,16 +6,20 @@ Adapters (the Lightning callback, Fabric, a plain loop) translate their hooks in
 * :meth:`GradGuardEngine.before_backward` / :meth:`GradGuardEngine.after_backward` around each backward pass,
 * :meth:`GradGuardEngine.check_step` right before ``optimizer.step()``.
 
-Everything per step reads host-side metadata (``.grad is None``, ``requires_grad``, version counters) and updates
-counter vectors with a few tensor operations. Gradient values are read only by the norm kernels, whose results
-stay on the device until a logging step (see :mod:`lightning_gradguard.core.norms`).
+The step check runs in four named phases: **gather** (the optimizer's parameters and their ``.grad``), **classify**
+(which are checked, missing or intermittent, and the engine's own causes: ``cleared``, ``no_backward``), **count**
+(:mod:`~lightning_gradguard.core.state`) and **measure** (:mod:`~lightning_gradguard.core.measure`, only when asked).
+Causes that need the forward pass come from :mod:`~lightning_gradguard.core.diagnosis`. Everything per step reads
+host-side metadata (``.grad is None``, ``requires_grad``, version counters); gradient values are read only by the
+norm kernels, whose results stay on the device.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import fields
+from operator import attrgetter
 from typing import Any, Callable, Optional
 
 import torch
@@ -26,27 +30,37 @@ from lightning_gradguard.core.arrivals import ArrivalTracker, none_positions
 from lightning_gradguard.core.audit import AUDIT_KINDS, audit_model
 from lightning_gradguard.core.causes import CLEARED, NO_BACKWARD
 from lightning_gradguard.core.diagnosis import Diagnosis
-from lightning_gradguard.core.norms import NormGroup, per_param_norms
+from lightning_gradguard.core.measure import Measurement
+from lightning_gradguard.core.observer import EngineObserver, StepCheck
 from lightning_gradguard.core.registry import ParamRegistry
+from lightning_gradguard.core.state import GuardState
+from lightning_gradguard.core.windows import ArrivalCounts, Windows
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.report import Finding, GradReport, ParamReport
 
-_COUNTERS = ("steps", "none_steps", "micro_batches", "none_micro_batches")
-_STATE_VERSION = 1
+_GRAD = attrgetter("grad")
+_MAX_LISTS = 16  # derived index lists kept by identity (checked and measured subsets)
+_CLEARED_DETAIL = (
+    "it received a gradient in backward, but .grad was None at the optimizer step: something called zero_grad() "
+    "(or set .grad = None) in between"
+)
+_LEFTOVER_DETAIL = (
+    "no backward pass gave it a gradient, but .grad is not None: it holds a tensor left by "
+    "zero_grad(set_to_none=False) (or an earlier step), so the optimizer still applies it (momentum, weight decay)"
+)
 
 
-@dataclass
-class StepCheck:
-    """What one optimizer step looked like. Indices are registry indices."""
+class _View:
+    """The gather phase's result: the optimizer's checked candidates and their gradients."""
 
-    step: int
-    window: int  # micro-batches since this optimizer's previous step
-    backwards: int  # backward passes in that window
-    accumulate: Optional[int]  # the accumulate_grad_batches setting in effect, if the adapter knows it
-    checked: list[int]
-    missing: list[int]  # no gradient at this step
-    intermittent: list[int]  # a gradient at the step, but some micro-batches of the window gave none
-    norms: list[tuple[list[int], NormGroup]] = field(default_factory=list)  # (registry indices, group)
+    __slots__ = ("indices", "params", "grads", "none", "excluded")
+
+    def __init__(self, indices: list[int], params: list[Tensor], grads: list[Optional[Tensor]], none: list[int]):
+        self.indices = indices
+        self.params = params
+        self.grads = grads
+        self.none = none  # positions (into indices) whose .grad is None
+        self.excluded: set[int] = set()  # registry indices the classify phase found not checked (frozen)
 
 
 class GradGuardEngine:
@@ -54,14 +68,16 @@ class GradGuardEngine:
 
     Args:
         config: validated settings.
-        warn: called with a message when a parameter first misses a gradient outside strict mode
-            (adapters pass a rank-zero warning).
+        warn: called with a message when a parameter first misses a gradient outside strict mode (adapters pass
+            a rank-zero warning).
+        micro_batch_per_backward: every backward pass starts a micro-batch (loops that never call
+            :meth:`start_micro_batch`).
 
     Example::
 
         engine = GradGuardEngine(GuardConfig())
-        engine.bind(model.named_parameters())
-        engine.start_micro_batch(); engine.before_backward()
+        engine.bind(model.named_parameters(), module=model)
+        engine.start_micro_batch(); engine.before_backward(loss)
         loss.backward()
         engine.after_backward()
         engine.check_step(optimizer, step=0)
@@ -69,67 +85,33 @@ class GradGuardEngine:
 
     """
 
-    def __init__(self, config: GuardConfig, warn: Optional[Callable[[str], None]] = None) -> None:
+    def __init__(
+        self,
+        config: GuardConfig,
+        warn: Optional[Callable[[str], None]] = None,
+        *,
+        micro_batch_per_backward: bool = False,
+    ) -> None:
         self.config = config
+        self.warn: Callable[[str], None] = warn or _default_warn
+        self.micro_batch_per_backward = micro_batch_per_backward
         self.registry = ParamRegistry(config.allow_none)
-        self._warn = warn or (lambda message: warnings.warn(message, GradGuardWarning, stacklevel=3))
-        self.explainer: Optional[Callable[[StepCheck], dict[int, tuple[str, str]]]] = None
+        self.state = GuardState()
+        self.windows = Windows()
+        self.measurement = Measurement(self.state, config.norm_type)
         self.findings: list[Finding] = []
-        self.arrivals = ArrivalTracker()
-        self.auto_micro_batch = False  # plain loops: every backward starts a micro-batch
         self.module: Optional[torch.nn.Module] = None
         self.diagnosis: Optional[Diagnosis] = None  # created by bind(module=...): explains unused/no_grad/detached
-        self.leftover: set[int] = set()  # parameters whose .grad was found to be a leftover no backward touched
-        # strategy adapters (lightning_gradguard.training.distributed); all optional, all off in a single process
-        self.skip_empty_shards = False  # FSDP1: a parameter with no data on this rank is not checked on this rank
-        self.arrival_observer: Optional[Callable[[int, list[int]], None]] = None  # (micro-batch, indices missed)
-        self.strict_vote: Optional[Callable[[list[int]], list[int]]] = None  # strict decision taken by all ranks
-        self.report_hooks: list[Callable[[GradReport], None]] = []  # add what the adapters know to a report
-        # True when the adapter knows that no code can change any .grad between after_backward and check_step
-        # (Lightning's automatic optimization without hooks in between): the step check then uses the gradients
-        # read after the backward pass instead of reading every .grad again (10k tensors: 0.9 ms a step)
-        self.reuse_backward_read = False
-        self.reset()
-
-    # ------------------------------------------------------------------ state
-    def reset(self) -> None:
-        """Forget every count (the registry and findings stay)."""
-        self.steps = 0
-        self.backwards = 0
-        self._micro_batch = 0
+        self._tracker = ArrivalTracker()
+        self._arrivals = ArrivalCounts()
+        self._observers: list[EngineObserver] = []
         self._tracking = False  # True once a before/after backward bracket was seen
         self._in_backward = False
-        self._recorded_in = -1  # the last micro-batch an arrival was recorded in
-        self._last_step: dict[int, tuple[int, int]] = {}  # optimizer id -> (micro-batch, backward) at its last step
-        self._run_start = (0, 0)  # (micro-batch, backward) where the current run began: an optimizer's first window
-        size = len(self.registry)
-        self._counts = {name: torch.zeros(size, dtype=torch.int64) for name in _COUNTERS}
-        self._arrived = torch.zeros(size, dtype=torch.int64)  # micro-batches with an arrival since last check
-        self._arrived_in = torch.full((size,), -1, dtype=torch.int64)  # last micro-batch with an arrival
-        self._nonfinite: dict[torch.device, Tensor] = {}
-        self.causes: dict[int, tuple[Optional[str], Optional[str]]] = {}
-        self._warned: set[int] = set()
-        self._index_cache: dict[Any, Any] = {}  # index lists -> int64 tensors (by content and by identity)
-        self._whole: tuple[Any, int, bool] = (None, 0, False)  # (index list, registry size, list is 0..size-1)
-        self._pending_state: Optional[dict[str, Any]] = None
+        self._reuse_read = False
+        self._lists = _DerivedLists()
+        self._pending_state: Optional[Any] = None
 
-    def start_run(self) -> None:
-        """Begin a new training run (a new ``fit``): windows restart, the counts carry on.
-
-        Optimizers are new objects in a new run, so without this their first window would span every micro-batch
-        since the previous run, and an arrival recorded there would be counted again.
-        """
-        self._micro_batch = 0
-        self._in_backward = False
-        self._recorded_in = -1
-        self._last_step = {}
-        self._run_start = (0, self.backwards)
-        self._arrived.zero_()
-        self._arrived_in.fill_(-1)
-        self.arrivals.reset()
-        if self.diagnosis is not None:
-            self.diagnosis.start_run()  # the first steps of every run are watched
-
+    # ------------------------------------------------------------------ lifecycle
     def bind(self, named_parameters: Iterable[tuple[str, Tensor]], module: Optional[torch.nn.Module] = None) -> None:
         """Register the model's parameters by name (call once the model is built, before the first step).
 
@@ -138,39 +120,61 @@ class GradGuardEngine:
         if module is not None:
             self.module = module
         self.registry.bind(named_parameters)
-        self._grow()
+        self._sync_size()
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
         if self.module is not None and self.diagnosis is None:
             self.diagnosis = Diagnosis(self)
-            if self.explainer is None:
-                self.explainer = self.diagnosis.explain
             self.diagnosis.start_run()
 
-    def _grow(self) -> None:
+    def start_run(self, reuse_backward_read: bool = False) -> None:
+        """Begin a training run (a ``fit``): windows restart, the counts carry on.
+
+        Args:
+            reuse_backward_read: the adapter knows that no code can change any ``.grad`` between
+                :meth:`after_backward` and :meth:`check_step` (Lightning's automatic optimization with no hook in
+                between): the step check then reuses the gradients read after backward instead of reading every
+                ``.grad`` again.
+
+        """
+        self.windows.start_run()
+        self._arrivals.reset()
+        self._tracker.reset()
+        self._in_backward = False
+        self._reuse_read = reuse_backward_read
+        if self.diagnosis is not None:
+            self.diagnosis.start_run()  # the first steps of every run are watched
+
+    @property
+    def reuse_backward_read(self) -> bool:
+        """Whether the step check reuses the gradients read after backward (see :meth:`start_run`)."""
+        return self._reuse_read
+
+    def observe(self, observer: EngineObserver) -> None:
+        """Take part in the step protocol (see :class:`~lightning_gradguard.core.observer.EngineObserver`)."""
+        if observer not in self._observers:
+            self._observers.append(observer)
+
+    def unobserve(self, observer: EngineObserver) -> None:
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    def _sync_size(self) -> None:
         size = len(self.registry)
-        old = self._arrived.numel()
-        if size == old:
-            return
-        extra = size - old
-        for name, counter in self._counts.items():
-            self._counts[name] = torch.cat([counter, counter.new_zeros(extra)])
-        self._arrived = torch.cat([self._arrived, self._arrived.new_zeros(extra)])
-        self._arrived_in = torch.cat([self._arrived_in, self._arrived_in.new_full((extra,), -1)])
-        for device, counter in self._nonfinite.items():
-            self._nonfinite[device] = torch.cat([counter, counter.new_zeros(extra)])
-        self._index_cache.clear()
+        if size != self.state.size:
+            self.state.resize(size)
+            self._arrivals.resize(size)
 
     # ------------------------------------------------------------------ micro-batches and backward passes
     def start_micro_batch(self) -> None:
-        self._micro_batch += 1
+        self.windows.micro_batch += 1
         if self.diagnosis is not None:
             self.diagnosis.start_micro_batch()
 
     def cancel_micro_batch(self) -> None:
         """Take back the last :meth:`start_micro_batch`: that batch never ran (no forward, no backward)."""
-        self._micro_batch -= 1
+        self.windows.micro_batch -= 1
 
     def restart_window(self, optimizer: torch.optim.Optimizer) -> None:
         """Start ``optimizer``'s accumulation window at the next micro-batch (call before that micro-batch starts).
@@ -179,63 +183,44 @@ class GradGuardEngine:
         cleared them, so the micro-batches since its last step (another optimizer's backward in a GAN loop, a
         step the AMP scaler skipped) contribute nothing to its next step and must not count against it.
         """
-        now = (self._micro_batch, self.backwards)
-        if self._last_step.get(id(optimizer)) == now:
-            return  # nothing happened since its last step: the window is fresh (the common zero_grad-each-step loop)
-        indices, _ = self.registry.optimizer_params(optimizer)
-        self._grow()
-        self._last_step[id(optimizer)] = now
-        if indices:
-            idx = self._as_index(indices)
-            self._arrived[idx] = 0
-            self._arrived_in[idx] = -1
+        if self.windows.restart(optimizer):
+            indices, _ = self.registry.optimizer_params(optimizer)
+            self._sync_size()
+            self._arrivals.restart(indices, covers_all=self.windows.optimizers <= 1)
 
-    def before_backward(
-        self, loss: Optional[Tensor] = None, cleared: Optional[torch.optim.Optimizer] = None
-    ) -> None:
+    def before_backward(self, loss: Optional[Tensor] = None, cleared: Optional[torch.optim.Optimizer] = None) -> None:
         """Call right before a backward pass; ``loss`` (the tensor backward starts from) enables diagnosis.
 
         ``cleared``: an optimizer whose ``zero_grad()`` with ``set_to_none=True`` ran since the previous backward
-        pass (the Lightning adapter knows it from ``on_before_zero_grad``). Its parameters' gradients are then not
-        read again here: on a model with 10k tensors that read costs 0.5-2 ms per step.
+        pass (the Lightning adapter knows it from ``on_before_zero_grad``): its gradients are not read again here.
         """
         if self.diagnosis is not None:  # first: a micro-batch started below must keep this forward's records
             self.diagnosis.before_backward(loss)
-        if self.auto_micro_batch:
+        if self.micro_batch_per_backward:
             self.start_micro_batch()
         known_none = self.registry.optimizer_params(cleared)[0] if cleared is not None else None
-        self._grow()
-        self.arrivals.before_backward(self.registry.params, known_none)
+        self._sync_size()
+        self._tracker.before_backward(self.registry.params, known_none)
         self._in_backward = True
 
     def after_backward(self) -> None:
         """Count the backward pass and which parameters it gave a gradient (once per micro-batch)."""
-        self.backwards += 1
+        self.windows.backwards += 1
+        self.state.backwards += 1
         if not self._in_backward:  # the adapter saw no start of this backward: arrivals are not known
             if self.diagnosis is not None:
                 self.diagnosis.after_backward(None)
             return
         self._in_backward = False
         self._tracking = True
-        self._grow()
-        missed = self.arrivals.after_backward(self.registry.params, keep=self.reuse_backward_read)
-        if self.arrival_observer is not None:
-            self.arrival_observer(self._micro_batch, missed)
+        self._sync_size()
+        missed = self._tracker.after_backward(self.registry.params, keep=self._reuse_read)
+        micro_batch = self.windows.micro_batch
+        for observer in self._observers:
+            observer.after_backward(micro_batch, missed)
         if self.diagnosis is not None:
             self.diagnosis.after_backward(missed)
-        mb = self._micro_batch
-        if not missed and self._recorded_in != mb:  # the common case: every parameter, first backward of the batch
-            self._arrived += 1
-            self._arrived_in.fill_(mb)
-        else:
-            arrived = torch.ones(len(self.registry), dtype=torch.bool)
-            if missed:
-                arrived[self._as_index(missed)] = False
-            # a parameter counts once per micro-batch however many backward passes it ran
-            arrived &= self._arrived_in != mb
-            self._arrived += arrived
-            self._arrived_in[arrived] = mb
-        self._recorded_in = mb
+        self._arrivals.record(micro_batch, missed)
 
     # ------------------------------------------------------------------ the step check
     def check_step(
@@ -252,7 +237,7 @@ class GradGuardEngine:
             optimizer: the optimizer about to step; only its parameters are checked.
             step: the global step, for messages and the report.
             accumulate: the ``accumulate_grad_batches`` in effect, for messages.
-            measure: also compute per-parameter norms and non-finite counts (on the device, no sync).
+            measure: also compute per-parameter norms and the counters measured from them (on the device, no sync).
             grad_scale: the loss scale the gradients still carry (AMP with a fused optimizer), as a tensor;
                 norms are divided by it.
 
@@ -260,182 +245,147 @@ class GradGuardEngine:
             GradGuardError: in strict mode, when a checked parameter has no gradient.
 
         """
-        indices, params = self.registry.optimizer_params(optimizer)
-        self._grow()
-        key = id(optimizer)
-        last_mb, last_bw = self._last_step.get(key, self._run_start)
-        window = max(self._micro_batch - last_mb, 1 if self.backwards > last_bw else 0)
-        backwards = self.backwards - last_bw
-        self._last_step[key] = (self._micro_batch, self.backwards)
-        self.steps += 1
+        view = self._gather(optimizer)
+        window, backwards = self.windows.close(optimizer)
+        self.state.steps += 1
+        check = self._classify(view, step, window, backwards, accumulate)
+        check.optimizer = optimizer
+        check.measured = measure
+        if check.checked:
+            if measure:
+                self._measure(view, check, grad_scale)
+            self._explain(check)
+        self._decide(check)
+        return check
 
-        kept, kept_none = self.arrivals.take_kept()
-        none_pos: Optional[list[int]] = None
-        if kept is not None and self.reuse_backward_read and len(kept) == len(self.registry):
-            if self._is_whole_registry(indices):
-                grads, none_pos = kept, kept_none
+    def _gather(self, optimizer: torch.optim.Optimizer) -> _View:
+        indices, params = self.registry.optimizer_params(optimizer)
+        self._sync_size()
+        kept, kept_none = self._tracker.take_kept()
+        none: Optional[list[int]] = None
+        if kept is not None and self._reuse_read and len(kept) == len(self.registry):
+            if self.registry.is_all(indices):
+                grads, none = kept, kept_none
             else:
                 grads = [kept[i] for i in indices]
         else:
-            grads = [p.grad for p in params]
-        # positions (into this optimizer's list) of parameters without .grad; frozen ones are not checked
-        if none_pos is None:
-            none_pos = none_positions(grads)
-        # ... nor, under FSDP1, those whose shard on this rank is empty (their .grad is None there by design)
-        empty = self.skip_empty_shards
-        frozen = {j for j in none_pos if not params[j].requires_grad or (empty and not params[j].numel())}
+            grads = list(map(_GRAD, params))
+        return _View(indices, params, grads, none_positions(grads) if none is None else none)
+
+    def _classify(self, view: _View, step: int, window: int, backwards: int, accumulate: Optional[int]) -> StepCheck:
+        indices, params, grads = view.indices, view.params, view.grads
+        skip_empty = any(o.skip_empty_shards for o in self._observers)
+        # frozen parameters (and, under FSDP1, parameters with no shard here) have no .grad by design
+        frozen = [j for j in view.none if not params[j].requires_grad or (skip_empty and not params[j].numel())]
         if frozen:
-            none_pos = [j for j in none_pos if j not in frozen]
-            positions = [j for j in range(len(indices)) if j not in frozen]
+            frozen_set = set(frozen)
+            none = [j for j in view.none if j not in frozen_set]
         else:
-            positions = range(len(indices))  # a range, not a list: 10k parameters, every step
-        checked = [indices[j] for j in positions] if frozen else indices
-        if not checked:
-            return StepCheck(step, window, backwards, accumulate, [], [], [])
-        row = {j: n for n, j in enumerate(positions)} if frozen else None  # position -> row in `checked`
-        # one optimizer over the whole model (the common case): plain views instead of gathers and scatters
-        whole = not frozen and self._is_whole_registry(checked)
-        idx: Any = slice(None) if whole else self._as_index(checked)
-
+            none = view.none
         if self._tracking:
-            arrived = self._arrived[idx].clone() if whole else self._arrived[idx]
-            self._arrived[idx] = 0
-            # a new window starts now, even inside the same micro-batch (several steps per training_step, as a
-            # WGAN critic does): the next backward's arrival counts for it
-            self._arrived_in[idx] = -1
+            covers_all = self.windows.optimizers <= 1
+            zero, short = self._arrivals.take(indices, window, covers_all)
         else:  # no backward brackets: a gradient present at the step is all that can be known
-            arrived = torch.full((len(checked),), window, dtype=torch.int64)
-            if none_pos:
-                arrived[[row[j] if row else j for j in none_pos]] = 0
-
+            zero = [indices[j] for j in none]
+            short = dict.fromkeys(zero, window) if window else {}
+        zero_set = set(zero)
         missing: list[int] = []
-        for j in none_pos:
+        leftover: list[int] = []
+        excluded = {indices[j] for j in frozen}
+        for j in none:
             index = indices[j]
             missing.append(index)
-            if arrived[row[j] if row else j] > 0:
-                self._set_cause(index, CLEARED, "it received a gradient in backward, but .grad was None at the "
-                                "optimizer step: something called zero_grad() (or set .grad = None) in between")
+            if index not in zero_set:
+                self.state.explain(index, CLEARED, _CLEARED_DETAIL)
             elif backwards == 0:
-                self._set_cause(index, NO_BACKWARD, _no_backward_detail(window))
-        unchecked: list[int] = []  # rows of `checked` that turn out not to be checked after all
-        if self._tracking:
-            # a gradient that is present although nothing arrived: a leftover, or one the user assigned
-            for n in (arrived == 0).nonzero().flatten().tolist():
-                j = positions[n]
-                grad = grads[j]
+                self.state.explain(index, NO_BACKWARD, _no_backward_detail(window))
+        if self._tracking and zero:
+            position = self._positions(indices)
+            for index in zero:
+                j = position.get(index)
+                grad = grads[j] if j is not None else None
                 if grad is None:
                     continue
                 if not params[j].requires_grad:  # frozen, holding an old (zeroed) gradient: not checked
-                    unchecked.append(n)
-                    continue
-                index = indices[j]
-                if backwards == 0:
+                    excluded.add(index)
+                elif backwards == 0:
                     missing.append(index)
-                    self._set_cause(index, NO_BACKWARD, _no_backward_detail(window) + "; .grad still holds a "
-                                    "gradient from an earlier step, which the optimizer is about to apply again")
-                elif self.arrivals.unchanged_since_backward(index, grad):
+                    self.state.explain(index, NO_BACKWARD, _no_backward_detail(window) + "; .grad still holds a "
+                                       "gradient from an earlier step, which the optimizer is about to apply again")
+                elif self._tracker.unchanged_since_backward(index, grad):
                     missing.append(index)
-                    self._set_leftover_detail(index)
+                    leftover.append(index)
+                    self.state.explain(index, None, _LEFTOVER_DETAIL)
+        view.excluded = excluded
+        checked = self._subset(indices, excluded) if excluded else indices
         missing_set = set(missing)
-        none_mb = (window - arrived).clamp_(min=0)
-        counted: Any = 1  # how many steps each row counts: 1, or 0 for the unchecked rows
-        if unchecked:
-            counted = torch.ones(len(checked), dtype=torch.int64)
-            counted[unchecked] = 0
-            none_mb *= counted
-        intermittent = [
-            checked[n] for n in none_mb.nonzero().flatten().tolist() if checked[n] not in missing_set
-        ]
-
-        counts = self._counts
-        counts["steps"][idx] += counted
-        counts["micro_batches"][idx] += window * counted
-        counts["none_micro_batches"][idx] += none_mb
+        if excluded:
+            short = {i: n for i, n in short.items() if i not in excluded}
+        intermittent = [i for i in short if i not in missing_set]
+        # count
+        self.state.add_uniform(checked, steps=1, micro_batches=window)
         if missing:
-            counts["none_steps"][self._as_index(missing)] += 1
+            self.state.add("none_steps", missing, 1)
+        if short:
+            self.state.add("none_micro_batches", list(short), torch.tensor(list(short.values()), dtype=torch.int64))
+        return StepCheck(step, window, backwards, accumulate, checked, missing, intermittent, leftover=leftover)
 
-        result = StepCheck(step, window, backwards, accumulate, checked, missing, intermittent)
-        if measure:
-            if not missing and not frozen:  # every gradient is there: measure the lists as they are
-                result.norms = self._measure(indices, grads, grad_scale)
-            else:
-                present = [j for j in positions if grads[j] is not None and indices[j] not in missing_set]
-                if present:
-                    result.norms = self._measure(
-                        [indices[j] for j in present], [grads[j] for j in present], grad_scale
-                    )
-        if (missing or intermittent) and self.explainer is not None:
-            for index, (cause, detail) in self.explainer(result).items():
-                self._set_cause(index, cause, detail)
+    def _measure(self, view: _View, check: StepCheck, grad_scale: Optional[Tensor]) -> None:
+        if not check.missing and len(check.checked) == len(view.indices):
+            indices, grads = view.indices, view.grads  # every gradient is there: the lists as they are
+        else:
+            indices = self._subset(view.indices, view.excluded.union(check.missing))
+            if not indices:
+                return
+            position = self._positions(view.indices)
+            grads = [view.grads[position[i]] for i in indices]
+        check.norms = self.measurement.measure(indices, grads, grad_scale)  # type: ignore[arg-type]
+
+    def _explain(self, check: StepCheck) -> None:
+        if (check.missing or check.intermittent) and self.diagnosis is not None:
+            for index, (cause, detail) in self.diagnosis.explain(check).items():
+                self.state.explain(index, cause, detail)
         if self.diagnosis is not None:
-            self.diagnosis.after_check(result)
-        if self.config.strict and self.strict_vote is not None:
-            # shard-local gradients: ranks see different Nones, and all must raise together or none may
-            result.missing = self.strict_vote(missing)
-        if result.missing:
-            self._on_missing(result)
-        return result
+            self.diagnosis.after_check(check)
 
-    def _is_whole_registry(self, indices: list[int]) -> bool:
-        """Whether ``indices`` is every registered parameter in registry order."""
-        known, size, whole = self._whole
-        if known is not indices or size != len(self.registry):  # the registry hands back the same list each step
-            size = len(self.registry)
-            whole = len(indices) == size and indices == list(range(size))
-            self._whole = (indices, size, whole)
-        return whole
-
-    def _measure(
-        self, indices: list[int], grads: list[Tensor], grad_scale: Optional[Tensor] = None
-    ) -> list[tuple[list[int], NormGroup]]:
-        out = []
-        for group in per_param_norms(grads, self.config.norm_type):
-            reg = [indices[p] for p in group.positions]
-            device = group.norms.device
-            if grad_scale is not None:  # the norm of unscaled gradients; Inf/NaN stay what they are
-                group.norms = group.norms / grad_scale.to(device=device, dtype=group.norms.dtype, non_blocking=True)
-            counter = self._nonfinite.get(device)
-            if counter is None:
-                counter = self._nonfinite[device] = torch.zeros(len(self.registry), dtype=torch.int64, device=device)
-            counter.index_add_(0, self._as_index(reg, device), (~torch.isfinite(group.norms)).to(torch.int64))
-            out.append((reg, group))
-        return out
-
-    def _on_missing(self, result: StepCheck) -> None:
+    def _decide(self, check: StepCheck) -> None:
         if self.config.strict:
-            self.end_diagnosis()  # the run stops here: no instrument may outlive it
-            raise GradGuardError(self.describe_missing(result), self.names(result.missing), result.step, self.report())
-        new = [i for i in result.missing if i not in self._warned]
-        if new:
-            self._warned.update(new)
-            self._warn(self.describe_missing(result, only=new))
+            for observer in self._observers:  # shard-local or rank-dependent gradients: ranks decide together
+                check.missing = observer.decide(check.missing)
+        if check.missing:
+            if self.config.strict:
+                self.end_diagnosis()  # the run stops here: no instrument may outlive it
+                raise GradGuardError(self.describe_missing(check), self.names(check.missing), check.step, self.report())
+            new = [i for i in check.missing if i not in self.state.warned]
+            if new:
+                self.state.warned.update(new)
+                self.warn(self.describe_missing(check, only=new))
+        for observer in self._observers:
+            observer.after_check(check)
 
-    # ------------------------------------------------------------------ causes and messages
-    def _set_cause(self, index: int, cause: Optional[str], detail: Optional[str]) -> None:
-        current = self.causes.get(index)
-        # the first explanation wins; a later one only fills in what was unknown
-        if current is None or current[0] is None:
-            self.causes[index] = (cause, detail)
+    # ------------------------------------------------------------------ derived index lists
+    def _subset(self, indices: list[int], without: set[int]) -> list[int]:
+        """``indices`` minus ``without``, as the same list object whenever the same subset comes back (the lazy
+        counts and the norm plans are keyed by list identity)."""
+        return self._lists.get(indices, frozenset(without), lambda: [i for i in indices if i not in without])
 
-    def _set_leftover_detail(self, index: int) -> None:
-        self.leftover.add(index)
-        self._set_cause(index, None, "no backward pass gave it a gradient, but .grad is not None: it holds a tensor "
-                        "left by zero_grad(set_to_none=False) (or an earlier step), so the optimizer still applies "
-                        "it (momentum, weight decay)")
+    def _positions(self, indices: list[int]) -> dict[int, int]:
+        """Registry index -> position in ``indices``."""
+        return self._lists.get(indices, "positions", lambda: {index: j for j, index in enumerate(indices)})
 
     # ------------------------------------------------------------------ diagnosis and static findings
     def audit(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> list[Finding]:
         """Check the bound model and ``optimizers`` for trainable tensors nothing will train (call at fit start).
 
-        Findings (``unregistered``, ``not_in_optimizer``; see :mod:`lightning_gradguard.core.audit`) replace those of an
-        earlier audit in :attr:`findings` and are warned about once. Returns the new findings.
+        Findings (``unregistered``, ``not_in_optimizer``; see :mod:`lightning_gradguard.core.audit`) replace those of
+        an earlier audit in :attr:`findings` and are warned about once. Returns the new findings.
         """
         found = audit_model(self.module, list(optimizers), self.registry)
         self.findings[:] = [f for f in self.findings if f.kind not in AUDIT_KINDS] + found
         if found:
             lines = [f"GradGuard found {len(found)} problem{'s' if len(found) != 1 else ''} in the training set-up:"]
             lines += [f"  [{f.kind}] {f.name}: {f.detail}" for f in found]
-            self._warn("\n".join(lines))
+            self.warn("\n".join(lines))
         return found
 
     def end_diagnosis(self) -> None:
@@ -446,109 +396,84 @@ class GradGuardEngine:
     def names(self, indices: Sequence[int]) -> list[str]:
         return [self.registry.names[i] for i in indices]
 
-    def describe_missing(self, result: StepCheck, only: Optional[Sequence[int]] = None) -> str:
+    def describe_missing(self, check: StepCheck, only: Optional[Sequence[int]] = None) -> str:
         """A message naming the parameters without a gradient, grouped by module, with causes and hints."""
         from lightning_gradguard.core.messages import missing_message
 
-        return missing_message(self, result, only)
+        return missing_message(self, check, only)
 
     # ------------------------------------------------------------------ reading out
-    def nonfinite_counts(self) -> Tensor:
-        """Per-parameter non-finite step counts on the host (one copy per device: call rarely)."""
-        total = torch.zeros(len(self.registry), dtype=torch.int64)
-        for counter in self._nonfinite.values():
-            total[: counter.numel()] += counter.cpu()
-        return total
+    def flush(self) -> None:
+        """Bring every pending count into the state (before a reduction across ranks reads it)."""
+        self.measurement.flush()
+        self.state.flush()
 
     def report(self) -> GradReport:
         """The report as it stands: every parameter checked at least once, and the findings."""
-        counts = {name: c.tolist() for name, c in self._counts.items()}
-        nonfinite = self.nonfinite_counts().tolist()
+        self.flush()
+        table = self.state.table()
+        known = {f.name for f in fields(ParamReport)}
+        counters = [name for name in table if name in known]
         params: dict[str, ParamReport] = {}
         for i, name in enumerate(self.registry.names):
-            if counts["steps"][i] == 0 or self.registry.allowed[i]:
+            if table["steps"][i] == 0 or self.registry.allowed[i]:
                 continue
-            cause, detail = self.causes.get(i, (None, None))
-            p = ParamReport(
-                steps=counts["steps"][i],
-                none_steps=counts["none_steps"][i],
-                micro_batches=counts["micro_batches"][i],
-                none_micro_batches=counts["none_micro_batches"][i],
-                nonfinite_steps=nonfinite[i],
-            )
+            p = ParamReport(**{counter: table[counter][i] for counter in counters})
             if p.missing or p.intermittent:
-                p.cause, p.detail = cause, detail
+                p.cause, p.detail = self.state.causes.get(i, (None, None))
             params[name] = p
-        report = GradReport(self.steps, self.backwards, params, list(self.findings))
-        for hook in self.report_hooks:
-            hook(report)
+        report = GradReport(self.state.steps, self.state.backwards, params, list(self.findings))
+        for observer in self._observers:
+            observer.add_to_report(report)
         return report
 
     # ------------------------------------------------------------------ resumable state
     def state_dict(self) -> dict[str, Any]:
-        """Counts by parameter name, so a resumed run continues them exactly."""
-        report = self.report()
-        return {
-            "version": _STATE_VERSION,
-            "steps": self.steps,
-            "backwards": self.backwards,
-            "params": {
-                name: [p.steps, p.none_steps, p.micro_batches, p.none_micro_batches, p.nonfinite_steps, p.cause,
-                       p.detail]
-                for name, p in report.params.items()
-            },
-            "warned": self.names(sorted(self._warned)),
-        }
+        """Counts by parameter name, so that a resumed run continues them exactly."""
+        self.flush()
+        steps = self.state.values("steps")
+        allowed = self.registry.allowed
+        return self.state.state_dict(self.registry.names, keep=lambda i: bool(steps[i]) and not allowed[i])
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not len(self.registry):  # not bound yet: apply at bind()
-            self._pending_state = dict(state)
+    def load_state_dict(self, state: Any) -> None:
+        """Continue from a :meth:`state_dict` (applied at :meth:`bind` when no parameter is bound yet).
+
+        Raises:
+            ValueError: ``state`` is not a GradGuard state; nothing changed.
+
+        """
+        if not len(self.registry):
+            from lightning_gradguard.core.state import parse_state
+
+            parse_state(state)  # fail now, not at bind
+            self._pending_state = state
             return
         # the checkpoint's counts replace whatever this engine counted before (a guard reused for a resumed fit)
-        for counter in self._counts.values():
-            counter.zero_()
-        self.causes = {}
-        self._nonfinite = {}
-        self.steps = int(state.get("steps", 0))
-        self.backwards = int(state.get("backwards", 0))
-        known = {name: i for i, name in enumerate(self.registry.names)}
-        restored = torch.zeros(len(self.registry), dtype=torch.int64)
-        for name, values in state.get("params", {}).items():
-            i = known.get(name)
-            if i is None:
-                continue
-            for counter_name, value in zip(_COUNTERS, values[:4]):
-                self._counts[counter_name][i] = int(value)
-            restored[i] = int(values[4])
-            if values[5] is not None or values[6] is not None:
-                self.causes[i] = (values[5], values[6])
-        if restored.any():
-            self._nonfinite = {torch.device("cpu"): restored}
-        self._warned = {known[n] for n in state.get("warned", []) if n in known}
-        self._run_start = (self._micro_batch, self.backwards)  # restored backward passes belong to no window here
+        self.state.load_state_dict(state, {name: i for i, name in enumerate(self.registry.names)})
+        self.measurement.reset()
+        self.windows.restart_counts()  # restored backward passes belong to no window here
 
-    # ------------------------------------------------------------------ helpers
-    def _as_index(self, indices: list[int], device: Optional[torch.device] = None) -> Tensor:
-        device = device or torch.device("cpu")
-        # big index lists repeat every step (all parameters of an optimizer): cache them; and on an accelerator
-        # every list, because a blocking host-to-device copy would synchronize the device at every step
-        if indices and (len(indices) > 64 or device.type != "cpu"):
-            # the registry hands back the very same list each step: find it by identity before hashing 10k ints
-            same = self._index_cache.get((device, id(indices)))
-            if same is not None and same[0] is indices:
-                return same[1]
-            key = (device, len(indices), indices[0], indices[-1], hash(tuple(indices)))
-            cached = self._index_cache.get(key)
-            if cached is None:
-                if len(self._index_cache) > 64:  # fresh lists (missing, measured) must not pile up
-                    self._index_cache.clear()
-                cached = torch.tensor(indices, dtype=torch.int64)
-                if device.type != "cpu":  # pageable memory is staged before the call returns: no device sync
-                    cached = cached.to(device, non_blocking=True)
-                self._index_cache[key] = cached
-            self._index_cache[(device, id(indices))] = (indices, cached)  # holding the list keeps its id unique
-            return cached
-        return torch.tensor(indices, dtype=torch.int64, device=device)
+
+class _DerivedLists:
+    """A few values derived from index lists, found again by the list's identity; bounded."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[int, Any], tuple[list[int], Any]] = {}
+
+    def get(self, source: list[int], kind: Any, build: Callable[[], Any]) -> Any:
+        key = (id(source), kind)
+        hit = self._values.get(key)
+        if hit is not None and hit[0] is source:  # holding `source` keeps its id from being reused meanwhile
+            return hit[1]
+        if len(self._values) >= _MAX_LISTS:
+            self._values.clear()
+        value = build()
+        self._values[key] = (source, value)
+        return value
+
+
+def _default_warn(message: str) -> None:
+    warnings.warn(message, GradGuardWarning, stacklevel=3)
 
 
 def _no_backward_detail(window: int) -> str:
@@ -556,4 +481,3 @@ def _no_backward_detail(window: int) -> str:
         f"no backward pass ran in the {window} micro-batch{'es' if window != 1 else ''} before this optimizer step "
         "(training_step returned None, or the optimizer stepped without manual_backward)"
     )
-

@@ -25,7 +25,7 @@ def _explained(engine: GradGuardEngine, indices: Sequence[int], indent: str, lim
     """Lines naming ``indices`` with their explanation; parameters that share one are named together."""
     shared: dict[tuple[Optional[str], Optional[str]], list[str]] = defaultdict(list)
     for index in indices:
-        shared[engine.causes.get(index, (None, None))].append(engine.registry.names[index])
+        shared[engine.state.causes.get(index, (None, None))].append(engine.registry.names[index])
     lines = []
     items = list(shared.items())
     for (cause, detail), names in items[:limit]:

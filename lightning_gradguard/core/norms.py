@@ -3,6 +3,10 @@
 As in ``torch.nn.utils.clip_grad``: one ``torch._foreach_norm`` launch per (device, dtype) group and no host
 synchronization; the results stay on their device until a logging step copies them to the host in one go.
 
+Grouping the gradients is done once per parameter layout (:class:`NormPlan`): a gradient has its parameter's
+device, dtype, layout and shape, so the plan built for one step serves every later step with the same parameters,
+and a step only gathers the tensors and launches the kernels.
+
 Special cases take their own, correct paths:
 
 * sparse gradients (``nn.Embedding(sparse=True)``) are split out, because foreach kernels reject them, and
@@ -10,9 +14,8 @@ Special cases take their own, correct paths:
 * DTensor gradients (FSDP2, tensor parallel) contribute the norm of their local shard, in groups flagged
   ``local=True``: :mod:`lightning_gradguard.training.distributed` turns those into global norms;
 * on the CPU, where a foreach kernel is a loop of one dispatch (about 1 us) per tensor, tensors of at most
-  ``SMALL_NUMEL`` elements are stacked by shape (``torch.stack`` copies a few bytes each without creating a view
-  per tensor) and reduced one row per tensor: 5x faster than ``_foreach_norm`` for models made of many tiny
-  tensors;
+  ``SMALL_NUMEL`` elements that share a shape are stacked (one copy) and reduced one row per tensor: several
+  times faster than ``_foreach_norm`` for models made of many small tensors;
 * on accelerators, tensors of at least ``LARGE_NUMEL`` elements (an LLM's embedding and output head) get one
   plain reduction kernel each, which reads memory faster than the fused kernel's fixed 64K-element chunks; the
   rest share the fused kernel. No gradient is ever copied on an accelerator.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -36,9 +39,12 @@ except ImportError:  # pragma: no cover - older torch or builds without distribu
     except ImportError:
         DTensor = None  # type: ignore[assignment,misc]
 
-SMALL_NUMEL = 256  # CPU tensors up to this size are reduced from stacked copies instead of one dispatch each
-STACK_MIN_TENSORS = 32  # ... and only when there are at least this many of them
+SMALL_NUMEL = 4096  # CPU tensors up to this size are reduced from stacked copies instead of one dispatch each
+STACK_MIN_TENSORS = 4  # ... when at least this many share a shape and dtype
 LARGE_NUMEL = 1 << 22  # accelerator tensors from this size (16 MB in float32) get a reduction kernel of their own
+_HALF = (torch.float16, torch.bfloat16)
+
+Kernel = Callable[[Sequence[Tensor]], Tensor]
 
 
 @dataclass
@@ -55,6 +61,72 @@ def local_tensor(grad: Tensor) -> Tensor:
     if DTensor is not None and isinstance(grad, DTensor):
         return grad.to_local()
     return grad
+
+
+class _Part:
+    """Positions whose norms one kernel computes, in the order of its result."""
+
+    __slots__ = ("positions", "kernel", "local", "all")
+
+    def __init__(self, positions: list[int], kernel: Kernel, local: bool, all_positions: bool = False) -> None:
+        self.positions = positions
+        self.kernel = kernel
+        self.local = local
+        self.all = all_positions  # the part covers every position in order: the gradient list is used as it is
+
+
+class NormPlan:
+    """How the norms of one list of gradients are computed, built once for a parameter layout.
+
+    Example::
+
+        plan = NormPlan.build(grads, 2.0)
+        for group in plan.compute(grads):   # every later step with gradients of the same parameters
+            ...
+
+    """
+
+    def __init__(self, parts: list[_Part], size: int) -> None:
+        self.parts = parts
+        self.size = size
+
+    @classmethod
+    def build(cls, grads: Sequence[Tensor], norm_type: float) -> NormPlan:
+        """Group ``grads`` (none of them ``None``) by device, dtype, layout and shape."""
+        dense: list[int] = []
+        parts: list[_Part] = []
+        local_dense: list[int] = []
+        for position, grad in enumerate(grads):
+            # `type(...) is Tensor` is one pointer compare; only the rare others pay for isinstance/layout checks
+            if type(grad) is Tensor and grad.layout == torch.strided:
+                dense.append(position)
+                continue
+            is_dtensor = DTensor is not None and isinstance(grad, DTensor)
+            tensor = grad.to_local() if is_dtensor else grad
+            if tensor.layout != torch.strided:
+                parts.append(_Part([position], _sparse_kernel(norm_type, is_dtensor), is_dtensor))
+            elif is_dtensor:
+                local_dense.append(position)
+            else:  # a dense tensor subclass: its own dispatch may not support foreach, so one kernel each
+                parts.append(_Part([position], _single_kernel(norm_type), False))
+        if dense:
+            parts[:0] = _dense_parts([grads[i] for i in dense], dense, norm_type, local=False)
+            if len(parts) == 1 and len(dense) == len(grads) and parts[0].positions == dense:
+                parts[0].all = True
+        if local_dense:
+            locals_ = [grads[i].to_local() for i in local_dense]  # type: ignore[union-attr]
+            for part in _dense_parts(locals_, local_dense, norm_type, local=True):
+                part.kernel = _on_local(part.kernel)
+                parts.append(part)
+        return cls(parts, len(grads))
+
+    def compute(self, grads: Sequence[Tensor]) -> list[NormGroup]:
+        """The norms of ``grads`` (the same parameters as when the plan was built), no host synchronization."""
+        out = []
+        for part in self.parts:
+            tensors = grads if part.all else [grads[i] for i in part.positions]
+            out.append(NormGroup(part.positions, part.kernel(tensors), part.local))
+        return out
 
 
 def per_param_norms(grads: Sequence[Tensor], norm_type: float) -> list[NormGroup]:
@@ -75,109 +147,133 @@ def per_param_norms(grads: Sequence[Tensor], norm_type: float) -> list[NormGroup
         norms = {pos: value for g in groups for pos, value in zip(g.positions, g.norms.tolist())}
 
     """
-    dense: list[int] = []
-    special: list[int] = []  # sparse layouts, DTensors and other subclasses
-    for position, grad in enumerate(grads):
-        # `type(...) is Tensor` is one pointer compare; only the rare others pay for isinstance/layout checks
-        if type(grad) is Tensor and grad.layout == torch.strided:
-            dense.append(position)
-        else:
-            special.append(position)
-
-    groups: list[NormGroup] = []
-    if dense:
-        tensors = grads if len(dense) == len(grads) else [grads[i] for i in dense]
-        groups.extend(_dense_groups(tensors, dense, norm_type, local=False))
-    if special:
-        local_dense: list[int] = []
-        local_tensors: list[Tensor] = []
-        for position in special:
-            grad = grads[position]
-            is_dtensor = DTensor is not None and isinstance(grad, DTensor)
-            tensor = grad.to_local() if is_dtensor else grad
-            if tensor.layout != torch.strided:
-                groups.append(NormGroup([position], _sparse_norm(tensor, norm_type), local=is_dtensor))
-            elif is_dtensor:
-                local_dense.append(position)
-                local_tensors.append(tensor)
-            else:  # a dense tensor subclass: its own dispatch may not support foreach, so one kernel each
-                norm = torch.linalg.vector_norm(tensor, norm_type).to(torch.float32).reshape(1)
-                groups.append(NormGroup([position], norm))
-        if local_tensors:
-            groups.extend(_dense_groups(local_tensors, local_dense, norm_type, local=True))
-    return groups
+    return NormPlan.build(grads, norm_type).compute(grads)
 
 
-def _dense_groups(tensors: Sequence[Tensor], positions: list[int], norm_type: float, local: bool) -> list[NormGroup]:
-    groups = []
+# ---------------------------------------------------------------------------------------------- grouping
+def _dense_parts(tensors: Sequence[Tensor], positions: list[int], norm_type: float, local: bool) -> list[_Part]:
+    parts: list[_Part] = []
     if math.isinf(norm_type):  # the kernels refuse the inf-norm of an empty tensor; a 0-element gradient has norm 0
         empty = [i for i, t in enumerate(tensors) if t.numel() == 0]
         if empty:
-            for i in empty:
-                groups.append(NormGroup([positions[i]], tensors[i].new_zeros(1, dtype=torch.float32), local))
+            parts.extend(_Part([positions[i]], _empty_kernel, local) for i in empty)
             keep = [i for i in range(len(tensors)) if tensors[i].numel() != 0]
             tensors, positions = [tensors[i] for i in keep], [positions[i] for i in keep]
             if not tensors:
-                return groups
+                return parts
     # the C++ grouping clip_grad_norm_ uses: one pass, no Python attribute reads per tensor
     for (device, _), ([members], member_index) in torch._C._group_tensors_by_device_and_dtype(
         [list(tensors)], True
     ).items():
         member_positions = [positions[i] for i in member_index]
-        if device.type == "cpu" and len(members) > 1:
-            groups.extend(_cpu_groups(members, member_positions, norm_type, local))
-        elif device.type != "cpu":
-            groups.extend(_accelerator_groups(members, member_positions, norm_type, local))
+        if device.type == "cpu":
+            parts.extend(_cpu_parts(members, member_positions, norm_type, local))
         else:
-            groups.append(NormGroup(member_positions, _fused_norms(members, device, norm_type), local))
-    return groups
+            parts.extend(_accelerator_parts(members, member_positions, norm_type, local))
+    return parts
 
 
-def _accelerator_groups(tensors: list[Tensor], positions: list[int], norm_type: float, local: bool) -> list[NormGroup]:
+def _cpu_parts(tensors: list[Tensor], positions: list[int], norm_type: float, local: bool) -> list[_Part]:
+    by_shape: dict[torch.Size, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        if tensor.numel() <= SMALL_NUMEL:
+            by_shape.setdefault(tensor.shape, []).append(i)
+    parts = []
+    stacked: set[int] = set()
+    for shape, members in by_shape.items():
+        if len(members) >= STACK_MIN_TENSORS:  # fewer: their dispatches cost less than a copy and a reduction
+            parts.append(_Part([positions[i] for i in members], _stacked_kernel(norm_type, tensors[0].dtype), local))
+            stacked.update(members)
+    rest = [i for i in range(len(tensors)) if i not in stacked]
+    if rest:
+        parts.append(_Part([positions[i] for i in rest], _fused_kernel(norm_type, tensors[0]), local))
+    return parts
+
+
+def _accelerator_parts(tensors: list[Tensor], positions: list[int], norm_type: float, local: bool) -> list[_Part]:
     # the fused kernel splits every tensor into 64K-element chunks launched 320 blocks at a time, which tops out
     # near 2 TB/s on an H100; a tensor of tens of megabytes reads faster through one plain reduction kernel
     large = [i for i, t in enumerate(tensors) if t.numel() >= LARGE_NUMEL]
-    if not large:
-        return [NormGroup(positions, _fused_norms(tensors, tensors[0].device, norm_type), local)]
-    upcast = {"dtype": torch.float32} if tensors[0].dtype in _HALF else {}
-    norms = torch.stack([torch.linalg.vector_norm(tensors[i], norm_type, **upcast) for i in large])
-    groups = [NormGroup([positions[i] for i in large], norms.to(torch.float32), local)]
-    if len(large) < len(tensors):
-        large_set = set(large)
-        rest = [i for i in range(len(tensors)) if i not in large_set]
-        norms = _fused_norms([tensors[i] for i in rest], tensors[0].device, norm_type)
-        groups.append(NormGroup([positions[i] for i in rest], norms, local))
-    return groups
+    parts = []
+    if large:
+        parts.append(_Part([positions[i] for i in large], _each_kernel(norm_type, tensors[0].dtype), local))
+    large_set = set(large)
+    rest = [i for i in range(len(tensors)) if i not in large_set]
+    if rest:
+        parts.append(_Part([positions[i] for i in rest], _fused_kernel(norm_type, tensors[rest[0]]), local))
+    return parts
 
 
-def _cpu_groups(tensors: list[Tensor], positions: list[int], norm_type: float, local: bool) -> list[NormGroup]:
-    small = [i for i, t in enumerate(tensors) if t.numel() <= SMALL_NUMEL]
-    if len(small) < STACK_MIN_TENSORS:  # a few dispatches cost less than the copies and the row reductions
-        return [NormGroup(positions, _fused_norms(tensors, tensors[0].device, norm_type), local)]
-    order, norms = _stacked_norms([tensors[i] for i in small], norm_type)
-    groups = [NormGroup([positions[small[j]] for j in order], norms, local)]
-    if len(small) < len(tensors):
-        small_set = set(small)
-        large = [i for i in range(len(tensors)) if i not in small_set]
-        groups.append(
-            NormGroup([positions[i] for i in large], _fused_norms([tensors[i] for i in large], None, norm_type), local)
-        )
-    return groups
+def _accelerator_groups(tensors: list[Tensor], positions: list[int], norm_type: float, local: bool) -> list[NormGroup]:
+    """The accelerator grouping applied right away (the large-tensor split, testable on any device)."""
+    order = {p: i for i, p in enumerate(positions)}
+    return [
+        NormGroup(part.positions, part.kernel([tensors[order[p]] for p in part.positions]), local)
+        for part in _accelerator_parts(tensors, positions, norm_type, local)
+    ]
 
 
-def _fused_norms(tensors: list[Tensor], device: Optional[torch.device], norm_type: float) -> Tensor:
-    device = device or tensors[0].device
+# ---------------------------------------------------------------------------------------------- kernels
+def _upcast(dtype: torch.dtype) -> dict:
     # half-precision norms are returned in float32: rounding a norm to bfloat16 would cost it 3 digits
-    upcast = tensors[0].dtype in _HALF
-    if _has_foreach_support(tensors, device):
-        norms = _foreach_norm(tensors, norm_type, upcast)
-    else:
-        kwargs = {"dtype": torch.float32} if upcast else {}
-        norms = [torch.linalg.vector_norm(t, norm_type, **kwargs) for t in tensors]
-    return torch.stack(norms).to(torch.float32)
+    return {"dtype": torch.float32} if dtype in _HALF else {}
 
 
-_HALF = (torch.float16, torch.bfloat16)
+def _fused_kernel(norm_type: float, sample: Tensor) -> Kernel:
+    upcast = sample.dtype in _HALF
+    if _has_foreach_support([sample], sample.device):
+
+        def fused(tensors: Sequence[Tensor]) -> Tensor:
+            return torch.stack(_foreach_norm(list(tensors), norm_type, upcast)).to(torch.float32)
+
+        return fused
+    return _each_kernel(norm_type, sample.dtype)
+
+
+def _each_kernel(norm_type: float, dtype: torch.dtype) -> Kernel:
+    kwargs = _upcast(dtype)
+
+    def each(tensors: Sequence[Tensor]) -> Tensor:
+        return torch.stack([torch.linalg.vector_norm(t, norm_type, **kwargs) for t in tensors]).to(torch.float32)
+
+    return each
+
+
+def _stacked_kernel(norm_type: float, dtype: torch.dtype) -> Kernel:
+    kwargs = _upcast(dtype)
+
+    def stacked(tensors: Sequence[Tensor]) -> Tensor:
+        rows = torch.stack(list(tensors)).reshape(len(tensors), -1)
+        return torch.linalg.vector_norm(rows, norm_type, dim=1, **kwargs).to(torch.float32)
+
+    return stacked
+
+
+def _single_kernel(norm_type: float) -> Kernel:
+    def single(tensors: Sequence[Tensor]) -> Tensor:
+        return torch.linalg.vector_norm(tensors[0], norm_type).to(torch.float32).reshape(1)
+
+    return single
+
+
+def _empty_kernel(tensors: Sequence[Tensor]) -> Tensor:
+    return local_tensor(tensors[0]).new_zeros(1, dtype=torch.float32)
+
+
+def _sparse_kernel(norm_type: float, is_dtensor: bool) -> Kernel:
+    def sparse(tensors: Sequence[Tensor]) -> Tensor:
+        return _sparse_norm(tensors[0].to_local() if is_dtensor else tensors[0], norm_type)
+
+    return sparse
+
+
+def _on_local(kernel: Kernel) -> Kernel:
+    def local(tensors: Sequence[Tensor]) -> Tensor:
+        return kernel([t.to_local() for t in tensors])
+
+    return local
+
+
 _foreach_dtype_supported = True
 
 
@@ -189,28 +285,6 @@ def _foreach_norm(tensors: list[Tensor], norm_type: float, upcast: bool) -> Sequ
         except TypeError:  # torch < 2.4: no dtype argument; the kernel still accumulates in float32
             _foreach_dtype_supported = False
     return torch._foreach_norm(tensors, norm_type)
-
-
-def _stacked_norms(tensors: list[Tensor], norm_type: float) -> tuple[list[int], Tensor]:
-    """Norms of small CPU tensors: one ``torch.stack`` per shape, reduced in float64 one row per tensor.
-
-    Returns ``(order, norms)``: ``norms[j]`` is the norm of ``tensors[order[j]]``.
-    """
-    by_shape: dict[torch.Size, list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        members = by_shape.get(tensor.shape)
-        if members is None:
-            by_shape[tensor.shape] = [i]
-        else:
-            members.append(i)
-    order: list[int] = []
-    parts: list[Tensor] = []
-    for shape, members in by_shape.items():
-        rows = torch.stack([tensors[i] for i in members]).reshape(len(members), math.prod(shape))
-        parts.append(torch.linalg.vector_norm(rows, norm_type, dim=1, dtype=torch.float64))
-        order.extend(members)
-    norms = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return order, norms.to(torch.float32)
 
 
 def _sparse_norm(grad: Tensor, norm_type: float) -> Tensor:
@@ -243,3 +317,6 @@ def total_norm(norms: Tensor, norm_type: float) -> Tensor:
     if math.isinf(norm_type):
         return norms.max()
     return torch.linalg.vector_norm(norms, norm_type)
+
+
+__all__ = ["NormGroup", "NormPlan", "local_tensor", "per_param_norms", "total_norm"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -34,6 +35,7 @@ class ParamRegistry:
         self._index: dict[int, int] = {}
         self._by_name: dict[str, int] = {}
         self._checked_cache: dict[tuple, tuple[list[int], list[Tensor]]] = {}
+        self._all: tuple[Any, int, bool] = (None, 0, False)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -71,6 +73,17 @@ class ParamRegistry:
         self._checked_cache.clear()
         return index
 
+    def is_all(self, indices: list[int]) -> bool:
+        """Whether ``indices`` is every registered parameter in registry order (one optimizer over the model)."""
+        known = self._all
+        if known[0] is not indices or known[1] != len(self.params):  # the same list comes back every step
+            known = self._all = (indices, len(self.params), indices == list(range(len(self.params))))
+        return known[2]
+
+    def find(self, param: Tensor) -> Optional[int]:
+        """The registry index of ``param``, or None when it is not registered."""
+        return self._index.get(id(param))
+
     def index_of(self, name: str) -> int:
         return self._by_name[name]
 
@@ -98,5 +111,7 @@ class ParamRegistry:
                 if not self.allowed[index]:
                     indices.append(index)
                     tensors.append(param)
+        if len(self._checked_cache) >= 16:  # optimizers re-created run after run must not pile up
+            self._checked_cache.clear()
         self._checked_cache[key] = (indices, tensors)
         return indices, tensors

@@ -28,6 +28,7 @@ the values have arrived (a step or so later), so the GPU never waits for logging
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
@@ -108,15 +109,18 @@ class LogLayout:
         return ids
 
 
+_layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def layout_for(engine: GradGuardEngine) -> LogLayout:
     """The engine's :class:`LogLayout`, rebuilt when parameters were added or the config changed."""
     config = engine.config
     key = (len(engine.registry), config.log_granularity, config.max_logged_series, config.log_module_depth)
-    cached = engine.__dict__.get("_log_layout")
+    cached = _layouts.get(engine)
     if cached is None or cached[0] != key:
         layout = LogLayout(engine.registry.names, config.log_granularity, config.max_logged_series,
                            config.log_module_depth)
-        engine.__dict__["_log_layout"] = cached = (key, layout)
+        _layouts[engine] = cached = (key, layout)
     return cached[1]
 
 
@@ -137,7 +141,7 @@ class StagedMetrics:
             f"{PREFIX}/none_params": float(len({i for c in checks for i in c.missing})),
             f"{PREFIX}/intermittent_params": float(len({i for c in checks for i in c.intermittent})),
         }
-        none_steps = engine._counts["none_steps"]
+        none_steps = engine.state.values("none_steps")
         allowed = engine.registry.allowed
         missed = [i for i in none_steps.nonzero().flatten().tolist() if not allowed[i]]
         self._none_steps = list(zip(missed, none_steps[missed].tolist())) if missed else []

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from torch import Tensor
 
+from lightning_gradguard.core.observer import EngineObserver
 from lightning_gradguard.output.metrics import PREFIX
 from lightning_gradguard.report import DistributedInfo, GradReport
 from lightning_gradguard.training.distributed import (
@@ -29,14 +30,15 @@ from lightning_gradguard.training.strategies import DDP, DEEPSPEED, SINGLE, Stra
 if TYPE_CHECKING:
     import torch
 
-    from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
+    from lightning_gradguard.core.engine import GradGuardEngine
+    from lightning_gradguard.core.observer import StepCheck
 
 AMP_SKIPPED_TAG = f"{PREFIX}/amp_skipped_steps"
 _REWORDED = "DDP expected the gradient reduction of the prior iteration to have finished"
 _DEFAULT_REDUCE_EVERY = 50
 
 
-class TrainingContext:
+class TrainingContext(EngineObserver):
     """Precision and strategy knowledge for one fit, on top of a framework-free engine.
 
     Args:
@@ -81,7 +83,7 @@ class TrainingContext:
         self.ledger = RankLedger(engine, info, collective) if collective is not None else None
         self.last_missing: list[int] = []
         self._warned_ddp = False
-        engine.report_hooks.append(self.add_to_report)
+        engine.observe(self)
         statement = info.unchecked()
         if statement:
             self._warn(f"GradGuard: {statement}.")
@@ -102,9 +104,8 @@ class TrainingContext:
         return cls(engine, info, precision_name(trainer), find_scaler(trainer), collective, warn, restored)
 
     def detach(self) -> None:
-        """Take the context's hooks off the engine (the next fit builds a new context)."""
-        if self.add_to_report in self.engine.report_hooks:
-            self.engine.report_hooks.remove(self.add_to_report)
+        """Leave the engine's protocol (the next fit builds a new context)."""
+        self.engine.unobserve(self)
         if self.ledger is not None:
             self.ledger.detach()
 
@@ -128,10 +129,8 @@ class TrainingContext:
         """The loss scale ``optimizer``'s gradients still carry at its step (fused optimizers under 16-mixed)."""
         return self.scale.at_step(optimizer) if self.scale is not None else None
 
-    def after_check(self, check: StepCheck, measured: bool) -> None:
+    def after_check(self, check: StepCheck) -> None:
         self.last_missing = list(check.missing)
-        if self.ledger is not None:
-            self.ledger.after_check(check, measured)
         if check.missing and self.info.name == DDP and self.info.distributed and not self.info.find_unused_parameters:
             self._warn_ddp_unused(check)
 
@@ -200,7 +199,7 @@ class TrainingContext:
         names = [registry.names[i] for i in self.last_missing]
         rank, params = unreduced_parameters(message, getattr(trainer.strategy, "model", None) or trainer.model)
         for param in params:
-            index = registry._index.get(id(param))
+            index = registry.find(param)
             name = registry.names[index] if index is not None else f"<parameter of shape {tuple(param.shape)}>"
             if name not in names:
                 names.append(name)

@@ -21,9 +21,12 @@ of fit, never on other steps:
   ones.
 
 Strict mode must stop every rank at the same step, or the ranks that go on wait forever in their next collective.
-Where every rank sees the same Nones (DDP, FSDP2) each decides alone and all decide alike; under FSDP1, where
-Nones are shard-local, :meth:`RankLedger.vote` takes the decision together (one small all-reduce per step, in
-strict mode only).
+Ranks can see different Nones at a step (FSDP1 shards; a ``zero_grad`` or ``p.grad = None`` run on one rank only),
+so :meth:`RankLedger.decide` takes the decision together: one scalar all-reduce per step in strict mode, and the
+list of parameters only at a step where some rank has one. Every rank then raises the same error.
+
+The counters are combined as :mod:`lightning_gradguard.core.state` declares them: ``same`` counters are taken from
+the ranks that hold the parameter (FSDP1), ``any`` counters are flagged per measured step and OR-ed.
 
 Packing: a float64 holds integers exactly up to 2**53, so up to 52 bits of each word carry flags; an all-reduce SUM
 of words in which every rank sets only its own bits is a bitwise OR. Beyond 52 ranks a cell holds a count of
@@ -42,13 +45,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gradguard.core.norms import NormGroup
+from lightning_gradguard.core.observer import EngineObserver, StepCheck
+from lightning_gradguard.core.state import ANY_RANK, DEVICE_COUNTERS, HOST_COUNTERS, SAME
 from lightning_gradguard.training.strategies import StrategyInfo
 
 if TYPE_CHECKING:
-    from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
+    from lightning_gradguard.core.engine import GradGuardEngine
 
 _WORD_BITS = 52  # integer-exact bits of a float64 mantissa
-_COUNTERS = ("steps", "none_steps", "micro_batches", "none_micro_batches")
+# counters every rank that checks a parameter counts alike, and counters flagged per measured step from norms
+_SAME_COUNTERS = tuple(c.name for c in HOST_COUNTERS if c.combine == SAME)
+_FLAG_COUNTERS = tuple(c for c in DEVICE_COUNTERS if c.combine == ANY_RANK)
 
 
 class Collective:
@@ -139,7 +146,7 @@ def ranks_in(mask: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------- the ledger
-class RankLedger:
+class RankLedger(EngineObserver):
     """Keeps what this rank saw and makes the engine's counts, norms and strict decisions global.
 
     Args:
@@ -172,31 +179,24 @@ class RankLedger:
         self._engine_missed: Optional[set[int]] = None  # the current column: what the engine saw no gradient for
         self._open: list[tuple[set[int], set[int]]] = []  # this window's columns: (autograd missed, engine missed)
         self._closed: list[tuple[set[int], set[int], list[int]]] = []  # ... and the parameters checked at its step
-        self._nonfinite: list[Tensor] = []  # per measured step: this rank's non-finite flags, on the device
+        self._flags: list[Tensor] = []  # per measured step: this rank's flags of the declared flag counters
         self._partial: dict[int, list[int]] = {}  # parameter -> [micro-batches, bitmask of ranks without it]
         self.reductions = 0  # collectives made (for tests and benchmarks)
         self.votes = 0
+        self.skip_empty_shards = info.none_is_local  # FSDP1: a parameter with no shard here is checked elsewhere
         if info.local_micro_batches:
-            engine.arrival_observer = self._observe
             self._hook_parameters()
             self._new_column()
-        if info.none_is_local:
-            engine.skip_empty_shards = True
-            if engine.config.strict:
-                engine.strict_vote = self.vote
+        engine.observe(self)
 
     def detach(self) -> None:
-        """Remove the ledger's hooks from the engine and the parameters (a new fit builds a new ledger)."""
+        """Leave the engine's protocol and take the hooks off the parameters (a new fit builds a new ledger)."""
         self.release_hooks()
-        if self.engine.strict_vote == self.vote:
-            self.engine.strict_vote = None
-        self.engine.skip_empty_shards = False
+        self.engine.unobserve(self)
 
     def release_hooks(self) -> None:
         """Take the per-parameter autograd hooks off (end of fit: the model may train on without the guard);
         what the ledger learned stays readable."""
-        if self.engine.arrival_observer == self._observe:
-            self.engine.arrival_observer = None
         for handle in self._hooks:
             handle.remove()
         self._hooks, self._hooked = [], set()
@@ -243,37 +243,43 @@ class RankLedger:
         self._open.append((missed, self._engine_missed))
         self._engine_missed = None
 
-    def _observe(self, micro_batch: int, missed: list[int]) -> None:
+    def after_backward(self, micro_batch: int, missed: Sequence[int]) -> None:
         # the engine's view of this backward pass: a parameter counts as arrived if any backward of the column
         # changed its .grad, so what it missed is what every backward of the column missed
+        if not self.info.local_micro_batches or not self._seen:
+            return
         if self._engine_missed is None:
             self._engine_missed = set(missed)
         else:
             self._engine_missed &= set(missed)
 
-    def after_check(self, check: StepCheck, measured: bool) -> None:
-        """Call after every optimizer-step check; ``measured``: norms were computed at this step (on every rank)."""
-        if self.info.local_micro_batches:
+    def after_check(self, check: StepCheck) -> None:
+        """After every optimizer-step check (every rank measures on the same steps)."""
+        if self.info.local_micro_batches and self._seen:
             # the window is complete: its columns belong to the parameters this step checked
             self._end_column()
             self._closed.extend((autograd, engine, check.checked) for autograd, engine in self._open)
             self._open = []
             self._new_column()
-        if measured and self.info.shard_local_grads:
-            self._nonfinite.append(self._nonfinite_flags(check))
+        if check.measured and self.info.shard_local_grads:
+            self._flags.append(self._step_flags(check))
 
-    def _nonfinite_flags(self, check: StepCheck) -> Tensor:
-        flags = torch.zeros(len(self.engine.registry), dtype=torch.bool, device=self.collective.device)
+    def _step_flags(self, check: StepCheck) -> Tensor:
+        """``[counter, parameter]``: this rank's flags, at this step, of each counter measured from norms."""
+        flags = torch.zeros(len(_FLAG_COUNTERS), len(self.engine.registry), dtype=torch.bool,
+                            device=self.collective.device)
         for indices, group in check.norms:
             idx = torch.tensor(indices, dtype=torch.int64, device=flags.device)
-            flags[idx] = ~torch.isfinite(group.norms.to(flags.device, non_blocking=True))
+            norms = group.norms.to(flags.device, non_blocking=True)
+            for row, counter in enumerate(_FLAG_COUNTERS):
+                flags[row, idx] = counter.from_norms(norms)  # type: ignore[misc]
         return flags
 
     # ------------------------------------------------------------------ the one collective of a logging step
     def pending(self, checks: Sequence[StepCheck] = ()) -> bool:
         """Whether :meth:`reduce` has anything to reduce (the same answer on every rank)."""
         shard_norms = self.info.shard_local_grads and bool(checks)
-        return bool(self._closed or self._nonfinite or shard_norms or self.info.none_is_local)
+        return bool(self._closed or self._flags or shard_norms or self.info.none_is_local)
 
     def reduce(self, checks: Sequence[StepCheck] = ()) -> None:
         """Make the counts global and the norms of ``checks`` (this logging step's checks) global: one all-reduce.
@@ -292,10 +298,11 @@ class RankLedger:
                 if missed:
                     arrived[c, list(missed)] = False
             segments.append(("arrivals", pack_flags(arrived, self.rank, self.world_size)))
-        nonfinite = self._nonfinite
-        if nonfinite:
-            local_nonfinite = torch.stack([_pad(f, size) for f in nonfinite])  # stays on the device
-            segments.append(("nonfinite", pack_flags(local_nonfinite, self.rank, self.world_size)))
+        flags = self._flags
+        if flags:
+            local_flags = torch.stack([_pad_columns(f, size) for f in flags])  # [steps, counters, params], on device
+            steps, kinds, _ = local_flags.shape
+            segments.append(("flags", pack_flags(local_flags.reshape(steps * kinds, size), self.rank, self.world_size)))
         p = self.engine.config.norm_type
         norms_local = None
         if self.info.shard_local_grads and checks:
@@ -306,8 +313,9 @@ class RankLedger:
         if self.info.none_is_local:
             held = torch.tensor([float(bool(param.numel())) for param in self.engine.registry.params])
             segments.append(("held", held))
-            for name in _COUNTERS:
-                segments.append((name, self.engine._counts[name].to(torch.float64) * held))
+            self.engine.flush()
+            for name in _SAME_COUNTERS:
+                segments.append((name, self.engine.state.values(name).to(torch.float64) * held))
             missing = torch.zeros(size, dtype=torch.float64)
             for check in checks:
                 if check.missing:
@@ -329,9 +337,9 @@ class RankLedger:
         if columns:
             self._apply_arrivals(columns, result["arrivals"], arrived)
             self._closed = []
-        if nonfinite:
-            self._apply_nonfinite(result["nonfinite"], local_nonfinite)
-            self._nonfinite = []
+        if flags:
+            self._apply_flags(result["flags"], local_flags)
+            self._flags = []
         if "measured" in result:
             if math.isinf(p):  # a max does not add up: one more collective, only for norm_type="inf" when sharded
                 self.reductions += 1
@@ -377,11 +385,12 @@ class RankLedger:
         # the engine counted what this rank's .grad showed; a micro-batch is "no gradient" only where no rank's
         # backward pass reached the parameter
         delta = ((engine_none.to(torch.int64) - (~anywhere).to(torch.int64)) * checked).sum(0)
-        self.engine._counts["none_micro_batches"] -= delta
+        state = self.engine.state
+        state.add("none_micro_batches", torch.arange(delta.numel()), -delta)
         for index in (delta < 0).nonzero().flatten().tolist():
             # .grad showed DDP's averaged window gradient, so the step check saw nothing amiss; the cause is not
             # known here, only the fact
-            self.engine._set_cause(
+            state.explain(
                 index, None, "in some micro-batches no rank's backward pass reached it; under DDP .grad then holds "
                 "the averaged gradient of the window's other micro-batches (found by GradGuard's cross-rank count)"
             )
@@ -397,16 +406,14 @@ class RankLedger:
             entry[0] += int(rows.sum())
             entry[1] |= mask
 
-    def _apply_nonfinite(self, words: Tensor, local: Tensor) -> None:
-        cells = unpack_flags(words, local.shape[0], self.world_size)
-        # global non-finite steps (any shard) minus what this rank counted, added on the device: no host copy
-        delta = (cells != 0).sum(0).to(local.device, non_blocking=True) - local.to(torch.int64).sum(0)
-        counter = self.engine._nonfinite.get(local.device)
-        if counter is None:
-            counter = self.engine._nonfinite[local.device] = torch.zeros_like(delta)
-        elif counter.numel() < delta.numel():
-            counter = self.engine._nonfinite[local.device] = _pad(counter, delta.numel())
-        counter[: delta.numel()] += delta
+    def _apply_flags(self, words: Tensor, local: Tensor) -> None:
+        steps, kinds, size = local.shape
+        cells = unpack_flags(words, steps * kinds, self.world_size).reshape(steps, kinds, size)
+        index = torch.arange(size, device=local.device)
+        for k, counter in enumerate(_FLAG_COUNTERS):
+            # global flagged steps (any shard) minus what this rank counted, added on the device: no host copy
+            counted = (cells[:, k] != 0).sum(0).to(local.device, non_blocking=True)
+            self.engine.state.add_device(counter.name, index, counted - local[:, k].to(torch.int64).sum(0))
 
     def _write_norms(self, checks: Sequence[StepCheck], norms: Tensor, measured: Tensor) -> None:
         indices = (measured > 0).nonzero().flatten().tolist()
@@ -422,18 +429,24 @@ class RankLedger:
         known = held > 0
         if not known.any():
             return
-        for name in _COUNTERS:
-            counter = self.engine._counts[name]
+        for name in _SAME_COUNTERS:
             # the ranks that hold a parameter agree on its counts; the others did not check it
-            counter[known] = torch.round(result[name][known] / held[known]).to(torch.int64)
+            self.engine.state.assign(name, known, torch.round(result[name][known] / held[known]))
 
-    # ------------------------------------------------------------------ strict mode under FSDP1
-    def vote(self, missing: list[int]) -> list[int]:
-        """The parameters missing on any rank that holds them: every rank gets the same list (a collective)."""
+    # ------------------------------------------------------------------ strict mode: one decision for all ranks
+    def decide(self, missing: list[int]) -> list[int]:
+        """The parameters missing on any rank: every rank gets the same list, so all raise at the same step or none.
+
+        A rank-dependent ``zero_grad`` or an FSDP shard makes ranks see different Nones; a rank that raised alone
+        would leave the others waiting in their next collective. One scalar all-reduce per step, and the list
+        itself only at a step where some rank has one.
+        """
+        self.votes += 1
+        if not self.collective.sum(torch.tensor([float(bool(missing))], dtype=torch.float64)).item():
+            return []
         flags = torch.zeros(len(self.engine.registry), dtype=torch.float64)
         if missing:
             flags[missing] = 1.0
-        self.votes += 1
         return (self.collective.sum(flags) > 0).nonzero().flatten().tolist()
 
     # ------------------------------------------------------------------ reading out
@@ -449,12 +462,11 @@ class RankLedger:
         return out
 
 
-def _pad(tensor: Optional[Tensor], size: int) -> Tensor:
-    if tensor is None:
-        return torch.zeros(size, dtype=torch.int64)
-    if tensor.numel() >= size:
-        return tensor[:size]
-    return torch.cat([tensor, tensor.new_zeros(size - tensor.numel())])
+def _pad_columns(flags: Tensor, size: int) -> Tensor:
+    """``[counters, params]`` flags widened to ``size`` parameters (the registry grew since they were taken)."""
+    if flags.shape[-1] >= size:
+        return flags[..., :size]
+    return torch.cat([flags, flags.new_zeros(*flags.shape[:-1], size - flags.shape[-1])], dim=-1)
 
 
 # ---------------------------------------------------------------------- DDP's "unused parameters" error

@@ -321,7 +321,7 @@ class Diagnosis:
 
         engine.bind(model.named_parameters(), module=model)   # creates engine.diagnosis, opens the first window
         # ... engine.start_micro_batch(); forward; engine.before_backward(loss); backward; engine.after_backward()
-        engine.check_step(optimizer, step)                     # causes land in engine.causes
+        engine.check_step(optimizer, step)                     # causes land in engine.state.causes
         engine.end_diagnosis()                                 # on exceptions and at the end of the run
 
     """
@@ -411,7 +411,7 @@ class Diagnosis:
             self._disarm()
         except Exception:  # noqa: BLE001 - already failing; the stale-mode retry removes what is left
             pass
-        self.engine._warn(
+        self.engine.warn(
             f"GradGuard: internal error in the diagnosis of missing gradients ({type(err).__name__}: {err}); causes "
             "are not diagnosed for the rest of this run, training continues. Please report this at the project's "
             "issue tracker."
@@ -461,8 +461,8 @@ class Diagnosis:
         engine = self.engine
         out: dict[int, tuple[Optional[str], Optional[str]]] = {}
         for index in list(check.missing) + list(check.intermittent):
-            known = engine.causes.get(index)
-            if known is not None and (known[0] is not None or (known[1] and index not in engine.leftover)):
+            known = engine.state.causes.get(index)
+            if known is not None and (known[0] is not None or (known[1] and index not in check.leftover)):
                 continue  # the first explanation wins (a leftover .grad's note still needs its cause)
             reason = self._reason(index)
             if reason is None:
@@ -473,7 +473,7 @@ class Diagnosis:
                     self._open_pending = True
                 continue
             cause, detail = self._render(index, reason)
-            if index in getattr(engine, "leftover", ()):
+            if index in check.leftover:
                 detail = f"{detail} {LEFTOVER_NOTE}" if detail else LEFTOVER_NOTE
             out[index] = (cause, detail)
             self._awaiting.discard(index)
@@ -699,11 +699,11 @@ class Diagnosis:
         return self._reasons.get(index)
 
     def _finish_awaiting(self) -> None:
-        causes = self.engine.causes
+        state = self.engine.state
         for index in self._awaiting:
-            cause, detail = causes.get(index, (None, None))
+            cause, detail = state.causes.get(index, (None, None))
             if cause is None and (detail is None or _UNDIAGNOSED not in detail):
-                causes[index] = (None, f"{detail} {_UNDIAGNOSED}." if detail else f"{_UNDIAGNOSED}.")
+                state.explain(index, None, f"{detail} {_UNDIAGNOSED}." if detail else f"{_UNDIAGNOSED}.")
         self._awaiting.clear()
 
     # ------------------------------------------------------------------ rendering

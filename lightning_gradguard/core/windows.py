@@ -1,0 +1,221 @@
+"""Accumulation windows: which micro-batches an optimizer step covers, and which of them gave each parameter a
+gradient.
+
+With ``accumulate_grad_batches=k`` an optimizer step applies the gradients of the k micro-batches since that
+optimizer's previous step: its *window*. :class:`Windows` counts micro-batches and backward passes and tells each
+step its window. :class:`ArrivalCounts` keeps, per parameter, how many micro-batches of its current window gave it
+a gradient; a step compares that with the window's length to tell "no gradient in all k micro-batches" from "in
+some".
+
+Per-parameter vectors cost a few tensor operations per backward pass and per step, which a small model notices
+(each is a few microseconds). So the healthy case is kept as two scalars instead: as long as every backward pass
+misses the same parameters (usually none; sometimes an unused layer or a frozen backbone), "every other parameter
+received a gradient in ``n`` micro-batches" is all there is to know, and a step of the only optimizer reads it in
+constant time. The vectors come into play when the pattern changes (a branch taken in some micro-batches) or
+several optimizers share the model (a GAN), and leave again at the next step that covers every parameter.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+class Windows:
+    """Counts micro-batches and backward passes, and where each optimizer's current window began."""
+
+    def __init__(self) -> None:
+        self.micro_batch = 0  # micro-batches started in this run
+        self.backwards = 0  # backward passes in this run
+        self._start = (0, 0)  # (micro-batch, backward) where this run's windows begin
+        self._last: Any = weakref.WeakKeyDictionary()  # optimizer -> (micro-batch, backward) at its last step
+        self.optimizers = 0  # distinct optimizers that stepped in this run
+
+    def start_run(self) -> None:
+        """A new run: windows restart (optimizers are new objects in a new run)."""
+        self.micro_batch = 0
+        self._start = (0, self.backwards)
+        self._last = weakref.WeakKeyDictionary()
+        self.optimizers = 0
+
+    def restart_counts(self) -> None:
+        """Counts restored from a checkpoint belong to no window of this run."""
+        self._start = (self.micro_batch, self.backwards)
+
+    def close(self, optimizer: Any) -> tuple[int, int]:
+        """``optimizer`` steps now: its window's micro-batches and backward passes (a new window begins)."""
+        last = self._last.get(optimizer)
+        if last is None:
+            last = self._start
+            self.optimizers += 1
+        last_mb, last_bw = last
+        # a step in the same micro-batch as the previous one (a WGAN critic's several steps per batch) covers the
+        # backward passes in between: a window of one micro-batch
+        window = max(self.micro_batch - last_mb, 1 if self.backwards > last_bw else 0)
+        self._last[optimizer] = (self.micro_batch, self.backwards)
+        return window, self.backwards - last_bw
+
+    def restart(self, optimizer: Any) -> bool:
+        """``optimizer``'s window begins at the next micro-batch (its gradients were cleared without a step).
+
+        Returns False when nothing happened since its last step (the window is fresh already).
+        """
+        now = (self.micro_batch, self.backwards)
+        if self._last.get(optimizer) == now:
+            return False
+        if optimizer not in self._last:
+            self.optimizers += 1
+        self._last[optimizer] = now
+        return True
+
+
+class ArrivalCounts:
+    """Per parameter: the micro-batches of its current window in which a backward pass gave it a gradient.
+
+    Example::
+
+        arrivals = ArrivalCounts()
+        arrivals.resize(3)
+        arrivals.record(micro_batch=1, missed=[2])         # parameter 2 got nothing in micro-batch 1
+        zero, short = arrivals.take([0, 1, 2], window=1, covers_all=True)
+        # zero == [2] (no arrival in the window); short == {2: 1} (one micro-batch without a gradient)
+
+    """
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self._count = torch.zeros(self.size, dtype=torch.int64)
+        self._last = torch.full((self.size,), -1, dtype=torch.int64)
+        self._clean = True  # the vectors hold nothing (every count 0, every last -1)
+        # the lazy part, on top of the vectors: every parameter outside `_absent` arrived in `_extra` more
+        # micro-batches, the latest being `_extra_in`
+        self._extra = 0
+        self._extra_in = -1
+        self._absent: list[int] = []
+        self._absent_set: Optional[frozenset[int]] = None
+        self._index: dict[int, tuple[Sequence[int], Tensor]] = {}
+
+    def resize(self, size: int) -> None:
+        if size <= self.size:
+            return
+        self._materialize()
+        extra = size - self.size
+        self._count = torch.cat([self._count, self._count.new_zeros(extra)])
+        self._last = torch.cat([self._last, self._last.new_full((extra,), -1)])
+        self.size = size
+
+    # ------------------------------------------------------------------ recording
+    def record(self, micro_batch: int, missed: list[int]) -> None:
+        """A backward pass of ``micro_batch`` gave every parameter but ``missed`` a gradient.
+
+        A parameter counts once per micro-batch, however many backward passes it ran.
+        """
+        if self._extra:
+            if missed == self._absent:  # the same pattern as before: the lazy part absorbs it
+                if self._extra_in != micro_batch:
+                    self._extra += 1
+                    self._extra_in = micro_batch
+                return
+        elif self._clean:  # nothing counted yet in any window: start the lazy part
+            self._extra, self._extra_in = 1, micro_batch
+            self._absent, self._absent_set = missed, None
+            return
+        self._materialize()
+        arrived = torch.ones(self.size, dtype=torch.bool)
+        if missed:
+            arrived[torch.tensor(missed, dtype=torch.int64)] = False
+        arrived &= self._last != micro_batch
+        self._count += arrived
+        self._last[arrived] = micro_batch
+        self._clean = False
+
+    def restart(self, indices: Sequence[int], covers_all: bool) -> None:
+        """Forget the arrivals of ``indices``: their window starts again (``covers_all``: every parameter)."""
+        if covers_all:
+            self.reset_counts()
+            return
+        self._materialize()
+        index = self._index_of(indices)
+        self._count[index] = 0
+        self._last[index] = -1
+
+    def reset_counts(self) -> None:
+        self._count.zero_()
+        self._last.fill_(-1)
+        self._clean = True
+        self._extra, self._extra_in, self._absent, self._absent_set = 0, -1, [], None
+
+    # ------------------------------------------------------------------ a step
+    def take(self, indices: Sequence[int], window: int, covers_all: bool) -> tuple[list[int], dict[int, int]]:
+        """The arrivals of ``indices`` for a step whose window has ``window`` micro-batches; their windows restart.
+
+        Args:
+            indices: the registry indices the step checks.
+            window: the number of micro-batches in the step's window.
+            covers_all: the step's optimizer is the only one: every parameter's window restarts.
+
+        Returns:
+            ``(zero, short)``: the indices that received no gradient in the window, and for each index that missed
+            some micro-batches of it, how many (``window`` minus its arrivals).
+
+        """
+        if covers_all and self._clean and self._extra >= window:
+            # no micro-batch with an arrival since the last step (a step without backward): nobody arrived
+            absent = self._absent if self._extra else list(indices)
+            zero: list[int] = []
+            short: dict[int, int] = {}
+            if absent:
+                wanted = absent if absent is indices or len(indices) >= self.size else self._members(indices, absent)
+                zero = list(wanted)
+                if window > 0:
+                    short = dict.fromkeys(wanted, window)
+            self._extra, self._extra_in, self._absent, self._absent_set = 0, -1, [], None
+            return zero, short
+        self._materialize()
+        index = self._index_of(indices)
+        rows = self._count[index]
+        zero_rows = (rows == 0).nonzero().flatten().tolist()
+        missing = (window - rows).clamp_(min=0)
+        short_rows = missing.nonzero().flatten().tolist()
+        short = dict(zip([indices[r] for r in short_rows], missing[short_rows].tolist())) if short_rows else {}
+        if covers_all:
+            self.reset_counts()
+        else:
+            self._count[index] = 0
+            self._last[index] = -1
+        return [indices[r] for r in zero_rows], short
+
+    # ------------------------------------------------------------------ helpers
+    def _members(self, indices: Sequence[int], absent: list[int]) -> list[int]:
+        wanted = set(indices)
+        return [i for i in absent if i in wanted]
+
+    def _materialize(self) -> None:
+        """Move the lazy part into the vectors."""
+        if not self._extra:
+            return
+        present = torch.ones(self.size, dtype=torch.bool)
+        if self._absent:
+            present[torch.tensor(self._absent, dtype=torch.int64)] = False
+        self._count[present] += self._extra
+        self._last[present] = self._extra_in
+        self._extra, self._extra_in, self._absent, self._absent_set = 0, -1, [], None
+        self._clean = False
+
+    def _index_of(self, indices: Sequence[int]) -> Tensor:
+        # the same index lists come back every step (one per optimizer): convert each once, keep a few
+        cached = self._index.get(id(indices))
+        if cached is not None and cached[0] is indices:
+            return cached[1]
+        if len(self._index) >= 8:
+            self._index.clear()
+        index = torch.tensor(list(indices), dtype=torch.int64)
+        self._index[id(indices)] = (indices, index)
+        return index
