@@ -87,10 +87,11 @@ class StepTimer(Callback):
 
 
 def variant_callbacks(variant: str) -> list[Callback]:
+    # two guards share the run's logger: each takes a name, so that their tags do not mix
     if variant == "defaults":
-        return [GradGuard(summary=False)]
+        return [GradGuard(summary=False, name="defaults")]
     if variant == "every_step":
-        return [GradGuard(log_every_n_steps=1, summary=False)]
+        return [GradGuard(log_every_n_steps=1, summary=False, name="every_step")]
     return []
 
 

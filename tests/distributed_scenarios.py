@@ -300,15 +300,15 @@ def fabric_usage(root: str) -> dict[str, Any]:
         return fabric.no_backward_sync(model, enabled=enabled)
 
     _accumulating_loop(model, optimizer, data, fabric.backward, no_sync)
-    reductions_before_close = guard._context.ledger.reductions
+    reductions_before_close = guard.context.ledger.reductions
     report = guard.close()
     return {
         "counts": counts(report),
         "distributed": report.to_dict().get("distributed"),
         "reductions_before_close": reductions_before_close,
-        "reductions": guard._context.ledger.reductions,
+        "reductions": guard.context.ledger.reductions,
         "hooks_left": sum(bool(getattr(p, "_post_accumulate_grad_hooks", None)) for p in net.parameters()),
-        "writes": guard._writes(),
+        "writes": guard.writes,
     }
 
 
@@ -335,7 +335,7 @@ def torch_ddp_usage(root: str) -> dict[str, Any]:
     return {
         "counts": counts(report),  # the user's names: no "module." from the wrapper
         "distributed": report.to_dict().get("distributed"),
-        "reductions": guard._context.ledger.reductions,
+        "reductions": guard.context.ledger.reductions,
     }
 
 
@@ -539,7 +539,7 @@ def fsdp1_watch(root: str) -> dict[str, Any]:
             "counts": counts(report),
             "raised": raised,
             "distributed": report.to_dict().get("distributed"),
-            "reductions": guard._context.ledger.reductions,
+            "reductions": guard.context.ledger.reductions,
         }
     return results
 

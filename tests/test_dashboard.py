@@ -27,9 +27,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_gradguard import GradGuard, GradGuardError
+from lightning_gradguard.output.sinks.pictures import gradient_flow_stats
 from lightning_gradguard.output.sinks.tensorboard import (
     dashboard_layout,
-    gradient_flow_stats,
     report_from_text,
     report_markdown,
 )
@@ -163,19 +163,33 @@ def test_histograms_and_gradient_flow_on_their_own_cadence(make_trainer, tmp_pat
 
 
 def test_gradient_flow_stats_mean_max_and_missing():
-    grads = [torch.tensor([[1.0, -3.0]]), None, torch.tensor([-2.0])]
-    labels, means, maxes, missing = gradient_flow_stats(["a.weight", "b.weight", "a.bias"], grads)
+    # per parameter: L1 norm, max |g| and element count as the engine measures them; b.weight had no gradient
+    names = ["a.weight", "b.weight", "a.bias"]
+    l1, peak, numel, missing = [4.0, 0.0, 2.0], [3.0, 0.0, 2.0], [2, 0, 1], [False, True, False]
+    labels, means, maxes, flags = gradient_flow_stats(names, l1, peak, numel, missing)
     assert labels == ["a.weight", "b.weight", "a.bias"]
     assert means == pytest.approx([2.0, 0.0, 2.0])
     assert maxes == pytest.approx([3.0, 0.0, 2.0])
-    assert missing == [False, True, False]
+    assert flags == [False, True, False]
     # more parameters than bars: grouped by module, a module with a missing parameter says how many
-    labels, means, maxes, missing = gradient_flow_stats(
-        ["a.weight", "b.weight", "a.bias"], grads, max_bars=2
-    )
+    labels, means, maxes, flags = gradient_flow_stats(names, l1, peak, numel, missing, max_bars=2)
     assert labels == ["a", "b (1 missing)"]
     assert means == pytest.approx([(4.0 + 2.0) / 3, 0.0]) and maxes == pytest.approx([3.0, 0.0])
-    assert missing == [False, True]
+    assert flags == [False, True]
+
+
+def test_engine_measures_the_gradient_flow_statistics():
+    """The dashboard's statistics come from the engine's measurement: mean and max |g| of the gradients."""
+    from lightning_gradguard.core.measure import StatsRequest, measure_stats
+
+    grads = [torch.tensor([[1.0, -3.0]]), None, torch.tensor([-2.0])]
+    stats = measure_stats(StatsRequest(flow=True, histograms=[("a", [0, 2])]), [0, 1, 2], grads)
+    indices, l1, peak, numel = stats.flow
+    assert indices == [0, 2] and l1.tolist() == [4.0, 2.0] and peak.tolist() == [3.0, 2.0] and numel == [2, 1]
+    (name, packed), = stats.histograms
+    low, high, count, total, squares = packed[:5].tolist()
+    assert name == "a" and (low, high, count, total, squares) == (-3.0, 1.0, 3.0, -4.0, 14.0)
+    assert packed[5:].sum().item() == 3
 
 
 def test_report_markdown_round_trips_and_hides_the_json():

@@ -130,7 +130,7 @@ def test_amp_norms_are_unscaled_and_skipped_steps_counted(tmp_path):
     assert report.amp_skipped_steps == 1
     assert report.missing == []  # an overflow is a non-finite gradient, never a missing one
     assert report.params["head.weight"].nonfinite_steps == 1
-    acc = EventAccumulator(guard.writer.get_logdir())
+    acc = EventAccumulator(fabric.logger.experiment.get_logdir())
     acc.Reload()
     logged = {e.step: e.value for e in acc.Scalars("gradguard/norm/head.weight")}
     for step in (0, 1, 3, 4):
@@ -164,7 +164,7 @@ def test_fabric_tensorboard_logger_gets_the_dashboard(tmp_path):
     model, optimizer = fabric.setup(net, torch.optim.Adam(net.parameters(), lr=1e-3))
     with watch_fabric(fabric, model, optimizer, log_every_n_steps=1, summary=False) as guard:
         fabric_train(fabric, model, optimizer, n_steps=3)
-    acc = EventAccumulator(guard.writer.get_logdir(), size_guidance={"tensors": 0})
+    acc = EventAccumulator(fabric.logger.experiment.get_logdir(), size_guidance={"tensors": 0})
     acc.Reload()
     assert "gradguard/none_steps/unused.weight" in acc.Tags()["scalars"]
     assert "custom_scalars__config__" in acc.Tags()["tensors"]

@@ -229,12 +229,12 @@ def test_summary_false_prints_nothing(make_trainer, capsys):
 
 # ------------------------------------------------------------ the guard's own failures
 def test_internal_failure_in_logging_is_reported_once_and_training_completes(make_trainer, tmp_path, monkeypatch):
-    import lightning_gradguard.adapters.lightning as callback_module
+    import lightning_gradguard.output.reporter as reporter_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(callback_module, "stage_metrics", broken)
+    monkeypatch.setattr(reporter_module, "StagedMetrics", broken)
     guard = GradGuard(summary=False)
     trainer = make_trainer(callbacks=[guard], logger=CSVLogger(str(tmp_path)), log_every_n_steps=1)
     with warnings.catch_warnings(record=True) as record:

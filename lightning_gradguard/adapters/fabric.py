@@ -11,56 +11,59 @@
         optimizer.zero_grad()
     guard.close()                                           # optional: the report is also printed at exit
 
-``Fabric(callbacks=[...])`` calls no hook around the backward pass or before the optimizer step
-(lightning-internals.md, section 8), so the adapter works like the plain PyTorch one
-(:mod:`lightning_gradguard.adapters.loop`: gradient hooks on the parameters find the backward passes, a forward hook on the
-Fabric module finds the micro-batches), with two Fabric specifics:
+``Fabric(callbacks=[...])`` calls no hook around the backward pass or before the optimizer step, so the adapter
+wraps the two calls every Fabric loop makes, and translates them into the
+:class:`~lightning_gradguard.adapters.watcher.Watcher`'s calls, as the plain PyTorch adapter does with its hooks:
 
-* **the step check runs before Fabric's step**: the adapter wraps the ``step`` of each ``_FabricOptimizer`` it
-  is given, so every step is checked before the precision plugin runs it, including the steps the AMP gradient
-  scaler then skips;
-* **AMP scaling**: under ``precision="16-mixed"`` the gradients stay multiplied by the loss scale until
-  ``scaler.step`` (unless ``fabric.clip_gradients`` unscaled them first); the adapter divides its norms by the
-  scaler's ``_scale`` tensor on the device, without a host synchronization. It also counts the steps the scaler
-  skipped for an overflow (:class:`~lightning_gradguard.training.precision.LossScaleTracker`, shared with the Trainer
-  callback), logs them as ``gradguard/amp_skipped_steps`` and puts them in the report.
+* ``fabric.backward(loss)`` brackets each backward pass exactly (no per-parameter hook), with the loss, so the
+  diagnosis walks the graph from it; a forward call of the model since the previous backward pass starts a new
+  micro-batch;
+* each ``_FabricOptimizer.step`` it is given is checked before Fabric's precision plugin runs it (strict mode
+  raises there, before any weight changes), including the steps the AMP gradient scaler then skips.
 
-TensorBoard output goes to the Fabric's ``TensorBoardLogger`` when it has one (``Fabric(loggers=...)``), to
-``log_dir``/``writer`` otherwise; only global rank zero writes and prints. Under DDP and FSDP the counts, norms and
-strict decisions are global, as with the Trainer callback (:mod:`lightning_gradguard.training.distributed`: one collective
-per logging step, and one when the guard is closed, on every rank). DeepSpeed keeps gradients outside ``.grad``,
-so the adapter refuses it with a clear error.
+**AMP scaling**: under ``precision="16-mixed"`` the gradients stay multiplied by the loss scale until ``scaler.step``
+(unless ``fabric.clip_gradients`` unscaled them first); the adapter divides its norms by the scaler's ``_scale``
+tensor on the device, without a host synchronization, and counts the steps the scaler skipped
+(:class:`~lightning_gradguard.training.precision.LossScaleTracker`, shared with the Trainer callback).
+
+Several models and optimizers under one guard: ``watch_fabric(fabric, [generator, discriminator], [opt_g, opt_d])``
+(parameter names get the model's class name in front, or the keys of a dict of models). Logging goes through the
+Fabric's loggers (``Fabric(loggers=...)``: scalars to every logger, the dashboard to a ``TensorBoardLogger``), or to
+``log_dir``/``writer``; only global rank zero writes and prints. Under DDP and FSDP the counts, norms and strict
+decisions are global, as with the Trainer callback. DeepSpeed keeps gradients outside ``.grad``, so the adapter
+refuses it with a clear error.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_gradguard.adapters.loop import LoopGuard
-from lightning_gradguard.core.engine import StepCheck
-from lightning_gradguard.output.sinks.tensorboard import AMP_SKIPPED_TAG, tensorboard_writers
-from lightning_gradguard.report import GradReport
+from lightning_gradguard.adapters.watcher import MethodWrapper, Watcher
+from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.training.precision import LossScaleTracker
-from lightning_gradguard.training.strategies import StrategyInfo, class_names, describe_strategy
+from lightning_gradguard.training.strategies import class_names, describe_strategy
+
+Models = Union[nn.Module, Sequence[nn.Module], Mapping[str, nn.Module]]
 
 
-class FabricGuard(LoopGuard):
+class FabricGuard(Watcher):
     r"""GradGuard for a Lightning Fabric training loop (see :func:`watch_fabric`, which builds one).
 
     Args:
         fabric: the ``lightning.fabric.Fabric`` the model and optimizers were set up with.
-        model: the module ``fabric.setup`` returned (a ``_FabricModule``), or the module itself.
+        model: the module ``fabric.setup`` returned (a ``_FabricModule``), the module itself, or several of them
+            (a list, or a dict whose keys prefix the parameter names).
         optimizers: the optimizer(s) ``fabric.setup`` returned; their ``step`` is checked before Fabric's
             precision plugin runs it.
-        log_dir, writer: where TensorBoard output goes; by default the ``experiment`` of the Fabric's first
-            ``TensorBoardLogger`` (``Fabric(loggers=TensorBoardLogger(...))``), if any.
-        \**options: every other :class:`~lightning_gradguard.adapters.loop.LoopGuard` argument (``strict``,
-            ``allow_none``, ``log_every_n_steps``, ...).
+        log_dir, writer: where TensorBoard output goes; by default the Fabric's loggers.
+        \**options: every :class:`~lightning_gradguard.config.GuardConfig` option (``strict``, ``allow_none``,
+            ``log_every_n_steps``, ``name``, ...).
 
     Raises:
         TypeError: ``fabric`` is not a Fabric, or an argument has the wrong type.
@@ -78,8 +81,8 @@ class FabricGuard(LoopGuard):
     def __init__(
         self,
         fabric: Any,
-        model: nn.Module,
-        optimizers: Union[torch.optim.Optimizer, Iterable[torch.optim.Optimizer]],
+        model: Models,
+        optimizers: Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]],
         *,
         log_dir: Optional[Union[str, os.PathLike]] = None,
         writer: Optional[Any] = None,
@@ -87,6 +90,9 @@ class FabricGuard(LoopGuard):
     ) -> None:
         from lightning.fabric import Fabric
 
+        from lightning_gradguard.adapters.loop import _check_destination, _optimizer_list
+
+        config = GuardConfig.create(**options)
         if not isinstance(fabric, Fabric):
             raise TypeError(f"`fabric` must be a lightning.fabric.Fabric, got {type(fabric).__name__}")
         if type(fabric.strategy).__name__.startswith("DeepSpeed"):
@@ -94,115 +100,92 @@ class FabricGuard(LoopGuard):
                 "GradGuard's Fabric adapter does not support DeepSpeed: ZeRO keeps gradients outside `.grad`, so "
                 "every parameter would look like it had none"
             )
+        _check_destination(log_dir, writer)
         self.fabric = fabric
-        wrapped = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
-        self._fabric_optimizers = [opt for opt in wrapped if _is_fabric_optimizer(opt)]
-        raw = [opt.optimizer if _is_fabric_optimizer(opt) else opt for opt in wrapped]
-        self._call_module = model  # the module the loop calls (its forward marks micro-batches)
-        module = getattr(model, "module", model) if _is_fabric_module(model) else model
+        wrapped = _optimizer_list([opt.optimizer if _is_fabric_optimizer(opt) else opt for opt in _flat(optimizers)])
+        fabric_optimizers = [opt for opt in _flat(optimizers) if _is_fabric_optimizer(opt)]
+        self._called, named = _models(model)
         scaler = getattr(fabric.strategy.precision, "scaler", None)
         enabled = scaler is not None and hasattr(scaler, "_per_optimizer_states") and scaler.is_enabled()
-        self._scale_tracker = LossScaleTracker(scaler) if enabled else None
-        self._pending_log: Optional[tuple[StepCheck, int]] = None
-        if log_dir is None and writer is None and fabric.is_global_zero:
-            writers = tensorboard_writers(fabric.loggers)
-            writer = writers[0] if writers else None
-        super().__init__(module, raw, log_dir=log_dir, writer=writer, **options)
-
-    # ------------------------------------------------------------------ LoopGuard overrides
-    def _writes(self) -> bool:
-        return bool(self.fabric.is_global_zero)
-
-    def _strategy(self) -> StrategyInfo:
-        return describe_strategy(self.fabric)  # Fabric's strategies share the Trainer's names and settings
-
-    def _ddp_fix(self) -> str:
-        return "Fabric(strategy='ddp_find_unused_parameters_true')"
-
-    def _amp(self) -> bool:
-        return self._scale_tracker is not None
-
-    def _install_hooks(self) -> None:
-        self._handles.append(self._call_module.register_forward_pre_hook(self._on_forward))
-        wrapped_raw = {id(opt.optimizer) for opt in self._fabric_optimizers}
-        for fabric_optimizer in self._fabric_optimizers:
-            self._handles.append(_StepWrapper(self, fabric_optimizer))
+        loggers = list(fabric.loggers) if log_dir is None and writer is None else []
+        super().__init__(
+            named,
+            wrapped,
+            config,
+            writes=bool(fabric.is_global_zero),
+            strategy=describe_strategy(fabric),  # Fabric's strategies share the Trainer's names and settings
+            log_dir=os.fspath(log_dir) if log_dir is not None else None,
+            writer=writer,
+            loggers=loggers,
+            ddp_fix="Fabric(strategy='ddp_find_unused_parameters_true')",
+            scale=LossScaleTracker(scaler) if enabled else None,
+        )
+        self._forward_since_backward = False
+        self._forward_seen = False
+        for module in self._called:  # a forward call since the previous backward pass starts a micro-batch
+            self._handles.append(module.register_forward_pre_hook(self._on_forward))
+        self._handles.append(MethodWrapper(fabric, "backward", self._backward))
+        stepped = {id(opt.optimizer) for opt in fabric_optimizers}
+        for fabric_optimizer in fabric_optimizers:
+            self._handles.append(MethodWrapper(fabric_optimizer, "step", self._fabric_step(fabric_optimizer.optimizer)))
         for optimizer in self.optimizers:
-            if id(optimizer) not in wrapped_raw:  # a raw optimizer: checked from inside its own step
+            if id(optimizer) not in stepped:  # a raw optimizer: checked from inside its own step
                 self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre_hook))
-        self._hook_new_params()
-        self._hook_flat_params(self._call_module)  # the wrapped module: FSDP's root unit included
+                self._handles.append(optimizer.register_step_post_hook(self._on_step_post_hook))
+        self._hook_flat_params()
 
-    def _device_scalars(self) -> dict[str, Tensor]:
-        if self._scale_tracker is None:
-            return {}
-        skipped = self._scale_tracker.skipped_tensor()
-        return {AMP_SKIPPED_TAG: skipped if skipped is not None else torch.zeros((), dtype=torch.int64)}
+    def _hook_flat_params(self) -> None:
+        for root in self._called:  # the wrapped modules: FSDP's root unit included
+            for module in root.modules():
+                flat = getattr(getattr(module, "_handle", None), "flat_param", None)
+                if isinstance(flat, torch.Tensor) and flat.requires_grad:
+                    self._handles.append(flat.register_hook(lambda grad: None))
 
-    def report(self) -> GradReport:
-        report = super().report()
-        if self._scale_tracker is not None:
-            report.amp_skipped_steps = self._scale_tracker.skipped_steps()
-        return report
+    # ------------------------------------------------------------------ Fabric's calls
+    def _on_forward(self, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():  # evaluation under no_grad is not a micro-batch
+            self._forward_since_backward = True
+            self._forward_seen = True
 
-    def _log(self, check: StepCheck, step: int) -> None:
-        # written after Fabric's step, so that the skipped-step count includes this step
-        self._pending_log = (check, step)
-
-    # ------------------------------------------------------------------ the wrapped step
-    def _before_fabric_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Check the step before the precision plugin runs it, with the norms divided by the pending loss scale."""
-        # None when there is no scaler or fabric.clip_gradients() already unscaled the gradients
-        scale = self._scale_tracker.at_step(optimizer) if self._scale_tracker is not None else None
-        self._check(optimizer, scale)
-
-    def _after_fabric_step(self) -> None:
+    def _backward(self, original: Any, tensor: Any, *args: Any, **kwargs: Any) -> Any:
         if self._closed:
-            return
-        if self._scale_tracker is not None:
-            self._scale_tracker.settle()  # scaler.update() ran: count the step if the scaler skipped it
-        pending, self._pending_log = self._pending_log, None
-        if pending is not None:
-            LoopGuard._log(self, *pending)
+            return original(tensor, *args, **kwargs)
+        new_micro_batch = self._forward_since_backward or not self._forward_seen
+        self._forward_since_backward = False
+        self.backward_started(tensor if isinstance(tensor, torch.Tensor) else None, new_micro_batch=new_micro_batch)
+        output = original(tensor, *args, **kwargs)
+        self.backward_ended()
+        return output
 
-
-class _StepWrapper:
-    """Wraps one ``_FabricOptimizer.step`` (as an instance attribute); ``remove()`` restores the original."""
-
-    def __init__(self, guard: FabricGuard, fabric_optimizer: Any) -> None:
-        self._target = fabric_optimizer
-        original = fabric_optimizer.step  # the bound method of the wrapper class
-        raw = fabric_optimizer.optimizer
-
-        def step(*args: Any, **kwargs: Any) -> Any:
-            if not guard._closed:
-                guard._before_fabric_step(raw)
+    def _fabric_step(self, raw: torch.optim.Optimizer) -> Any:
+        def step(original: Any, *args: Any, **kwargs: Any) -> Any:
+            if not self._closed:
+                # None when there is no scaler or fabric.clip_gradients() already unscaled the gradients
+                self.before_step(raw, self.scale.at_step(raw) if self.scale is not None else None)
             output = original(*args, **kwargs)
-            guard._after_fabric_step()
+            self.after_step()
             return output
 
-        step.__wrapped__ = original  # type: ignore[attr-defined]
-        fabric_optimizer.step = step
+        return step
 
-    def remove(self) -> None:
-        if "step" in vars(self._target):
-            del self._target.step
+    def _on_step_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
+        scale = getattr(optimizer, "grad_scale", None)
+        self.before_step(optimizer, scale if isinstance(scale, torch.Tensor) else None)
+
+    def _on_step_post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
+        self.after_step()
 
 
-def watch_fabric(
-    fabric: Any,
-    model: nn.Module,
-    *optimizers: torch.optim.Optimizer,
-    **options: Any,
-) -> FabricGuard:
+def watch_fabric(fabric: Any, model: Models, *optimizers: Any, **options: Any) -> FabricGuard:
     """Guard a Fabric training loop with one line, after ``fabric.setup``; returns the :class:`FabricGuard`.
 
     Args:
         fabric: the ``Fabric``.
-        model: the module ``fabric.setup`` returned.
-        *optimizers: the optimizer(s) ``fabric.setup`` returned.
-        **options: any :class:`FabricGuard` / :class:`~lightning_gradguard.adapters.loop.LoopGuard` argument (``strict``,
-            ``allow_none``, ``log_dir``, ``writer``, ``log_every_n_steps``, ...).
+        model: the module ``fabric.setup`` returned, or several (a list, or a dict of name -> module).
+        *optimizers: the optimizer(s) ``fabric.setup`` returned (each may also be a list of them).
+        **options: any :class:`FabricGuard` argument (``log_dir``, ``writer``) or
+            :class:`~lightning_gradguard.config.GuardConfig` option (``strict``, ``allow_none``,
+            ``log_every_n_steps``, ``name``, ...).
 
     Raises:
         TypeError, ValueError: as :class:`FabricGuard`; no optimizer given raises ``ValueError``.
@@ -212,10 +195,55 @@ def watch_fabric(
         model, optimizer = fabric.setup(model, optimizer)
         guard = watch_fabric(fabric, model, optimizer, strict=True)
 
+        # a GAN, one guard for both networks
+        guard = watch_fabric(fabric, [generator, discriminator], [opt_g, opt_d])
+
     """
     if not optimizers:
         raise ValueError("watch_fabric(fabric, model, *optimizers) needs at least one optimizer")
-    return FabricGuard(fabric, model, list(optimizers), **options)
+    return FabricGuard(fabric, model, _flat(optimizers), **options)
+
+
+def _flat(optimizers: Any) -> list[Any]:
+    if isinstance(optimizers, (list, tuple)):
+        return [opt for item in optimizers for opt in _flat(item)]
+    return [optimizers]
+
+
+def _models(model: Models) -> tuple[list[nn.Module], nn.Module]:
+    """The modules the loop calls, and the one module whose parameter names the report uses."""
+    if isinstance(model, nn.Module):
+        return [model], _unwrap(model)
+    if isinstance(model, Mapping):
+        items = list(model.items())
+    elif isinstance(model, (list, tuple)):
+        items = _class_keys(model)
+    else:
+        raise TypeError(f"`model` must be a module, a list of modules or a dict of them, got {type(model).__name__}")
+    for key, module in items:
+        if not isinstance(module, nn.Module) or not isinstance(key, str):
+            raise TypeError(f"`model` must hold modules under string names, got {key!r}: {type(module).__name__}")
+    if len(items) == 1:
+        return [items[0][1]], _unwrap(items[0][1])
+    return [m for _, m in items], nn.ModuleDict({key: _unwrap(m) for key, m in items})
+
+
+def _class_keys(models: Sequence[Any]) -> list[tuple[str, Any]]:
+    """``[generator, discriminator]`` -> ``generator``/``discriminator`` from the class names; repeats numbered."""
+    keys: list[tuple[str, Any]] = []
+    for module in models:
+        base = re.sub(r"(?<!^)(?=[A-Z])", "_", type(_unwrap(module)).__name__).lower() if isinstance(module, nn.Module) \
+            else "model"
+        key, n = base, 1
+        while any(key == k for k, _ in keys):
+            n += 1
+            key = f"{base}{n}"
+        keys.append((key, module))
+    return keys
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module) if _is_fabric_module(module) else module
 
 
 def _is_fabric_optimizer(optimizer: Any) -> bool:

@@ -1,4 +1,4 @@
-"""The Lightning Trainer adapter: translates Trainer hooks into engine calls and writes what the engine found."""
+"""The Lightning Trainer adapter: translates Trainer hooks into engine and reporter calls."""
 
 from __future__ import annotations
 
@@ -10,34 +10,20 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_gradguard.config import GuardConfig
-from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
+from lightning_gradguard.config import OPTIONS, GuardConfig, LogGranularity, NonfiniteCheck
+from lightning_gradguard.core.engine import GradGuardEngine
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
-from lightning_gradguard.output.metrics import stage_metrics
-from lightning_gradguard.output.sinks import log_to_loggers, print_summary, write_report
+from lightning_gradguard.output.reporter import Reporter, claim, release
+from lightning_gradguard.output.sinks.console import ConsoleSink
+from lightning_gradguard.output.sinks.json_file import JsonSink
+from lightning_gradguard.output.sinks.loggers import LoggerSink
 from lightning_gradguard.output.sinks.tensorboard import TensorBoardDashboard, tensorboard_writers
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.training.context import TrainingContext
 from lightning_gradguard.training.strategies import DDP, SINGLE
 
-
-def _batches_started(trainer: Trainer) -> Optional[int]:
-    """Training batches Lightning has started in this fit (None if this Lightning version does not say)."""
-    progress = getattr(getattr(trainer.fit_loop.epoch_loop, "batch_progress", None), "total", None)
-    return getattr(progress, "started", None)
-
-
-def _zero_grad_sets_none(pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the ``zero_grad`` Lightning is about to run leaves every gradient of ``optimizer`` None: neither the
-    LightningModule's ``optimizer_zero_grad`` nor the optimizer's ``zero_grad`` is overridden, and torch's
-    ``zero_grad`` sets gradients to None by default."""
-    return (
-        type(pl_module).optimizer_zero_grad is LightningModule.optimizer_zero_grad
-        and type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
-    )
-
-
+_DEFAULT_EVERY = 50  # Lightning's default log_every_n_steps
 
 
 class GradGuard(Callback):
@@ -66,6 +52,8 @@ class GradGuard(Callback):
         gradient_flow_every_n_steps: with a ``TensorBoardLogger``, draw the gradient-flow image every n steps and
             at the first missing gradient (``None``: never); needs matplotlib.
         summary: print the report at the end of fit (rank zero).
+        name: a name for this guard, when several share a Trainer's loggers: metrics under ``gradguard/<name>/``,
+            the report in ``gradguard-<name>.json``.
 
     Raises:
         TypeError: an argument has the wrong type (or an unknown keyword was passed).
@@ -89,44 +77,33 @@ class GradGuard(Callback):
         allow_none: Union[str, Iterable[str]] = (),
         log_every_n_steps: Optional[int] = None,
         norm_type: Union[float, str] = 2.0,
-        nonfinite_check: str = "auto",
-        log_granularity: str = "auto",
+        nonfinite_check: NonfiniteCheck = "auto",
+        log_granularity: LogGranularity = "auto",
         log_module_depth: Optional[int] = None,
         max_logged_series: int = 256,
         histogram_every_n_steps: Optional[int] = None,
         gradient_flow_every_n_steps: Optional[int] = None,
         summary: bool = True,
+        name: Optional[str] = None,
     ) -> None:
         super().__init__()
-        self.config = GuardConfig.create(
-            strict=strict,
-            allow_none=allow_none,
-            log_every_n_steps=log_every_n_steps,
-            norm_type=norm_type,
-            nonfinite_check=nonfinite_check,
-            log_granularity=log_granularity,
-            log_module_depth=log_module_depth,
-            max_logged_series=max_logged_series,
-            histogram_every_n_steps=histogram_every_n_steps,
-            gradient_flow_every_n_steps=gradient_flow_every_n_steps,
-        )
-        if not isinstance(summary, bool):
-            raise TypeError(f"`summary` must be True or False, got {summary!r}")
-        self.summary = summary
+        given = locals()
+        self.config = GuardConfig.create(**{option: given[option] for option in OPTIONS})
         self.engine = GradGuardEngine(self.config, warn=_warn)
+        self.reporter: Optional[Reporter] = None  # built for each fit
+        self.report_path: Optional[str] = None
         self._disabled: set[str] = set()
-        self._pending_logs: list[StepCheck] = []
-        self._log_step: Optional[int] = None
-        self._unwritten: list[tuple[Any, int]] = []  # (StagedMetrics, step): values still on their way to the host
         self._batches_started: Optional[int] = None
         self._cleared: Optional[torch.optim.Optimizer] = None  # its zero_grad(set_to_none) ran in this micro-batch
         self._measure_every_step = self.config.nonfinite_check == "every_step"  # decided at fit start
-        self.report_path: Optional[str] = None
-        self._dashboard: Optional[TensorBoardDashboard] = None  # set when a TensorBoardLogger is in trainer.loggers
-        # precision and strategy knowledge for the current fit (lightning_gradguard.training.context)
-        self._context: Optional[TrainingContext] = None
+        self._context: Optional[TrainingContext] = None  # precision and strategy knowledge for the current fit
         self._context_state: dict[str, Any] = {}  # restored from a checkpoint until the fit builds its context
-        self._reduce_due = False  # the cross-rank reduction is due at the end of this batch
+        self._step: Optional[tuple[int, bool]] = None  # this batch's (step number, logging step) once it stepped
+        self._json: Optional[JsonSink] = None
+
+    @property
+    def summary(self) -> bool:
+        return self.config.summary
 
     # ------------------------------------------------------------------ public
     def _report_internal_error(self, message: str) -> None:
@@ -141,8 +118,9 @@ class GradGuard(Callback):
         # Lightning reads this at every hook call (profiler names): build it once, the config is frozen
         key = self.__dict__.get("_state_key")
         if key is None:
+            extra = {"name": self.config.name} if self.config.name is not None else {}
             key = self.__dict__["_state_key"] = self._generate_state_key(
-                allow_none=self.config.allow_none, strict=self.config.strict
+                allow_none=self.config.allow_none, strict=self.config.strict, **extra
             )
         return key
 
@@ -150,25 +128,43 @@ class GradGuard(Callback):
         extra = self._context.state_dict() if self._context is not None else self._context_state
         return {**self.engine.state_dict(), **extra}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.engine.load_state_dict(state_dict)
-        self._context_state = {k: v for k, v in state_dict.items() if k == "amp_skipped_steps"}
+    def load_state_dict(self, state_dict: Any) -> None:
+        """Continue the counts of a checkpoint; an unusable state is ignored with one warning (counting restarts
+        from zero, checking stays on)."""
+        try:
+            skipped = state_dict.get("amp_skipped_steps", 0) if isinstance(state_dict, dict) else 0
+            if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+                raise ValueError(f"`amp_skipped_steps` must be a non-negative integer, got {skipped!r}")
+            self.engine.load_state_dict(state_dict)
+        except Exception as err:  # noqa: BLE001 - a bad checkpoint entry must never stop the resumed run
+            _warn(
+                f"GradGuard: the checkpoint's GradGuard state cannot be used ({err}); it is ignored, and counting "
+                "starts from zero with checking on."
+            )
+            return
+        self._context_state = {"amp_skipped_steps": skipped} if skipped else {}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The state key includes allow_none and strict, so resuming with `strict=True` turned on (to stop at the
         # bad step) would silently restart every count. When the checkpoint holds exactly one GradGuard state and
         # none under this key, continue from it. (Lightning calls load_state_dict after this hook; it finds
         # nothing under our key and does not overwrite.)
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
+        states = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
+        if not isinstance(states, dict) or self.state_key in states:
             return
         ours = [key for key in states if isinstance(key, str) and key.startswith(f"{type(self).__qualname__}{{")]
         if len(ours) == 1:
             self.load_state_dict(copy.deepcopy(states[ours[0]]))
 
     # ------------------------------------------------------------------ Trainer hooks
-    @feature("check")
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        reporter = self._reporter(trainer)
+        claim(reporter, [(("logger", id(logger)), f"the logger {type(logger).__name__}") for logger in trainer.loggers])
+        self.reporter = reporter
+        self._start(trainer, pl_module)
+
+    @feature("check")
+    def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after the strategy has wrapped the model: the parameter objects are now the ones optimizers hold
         self.engine.bind(pl_module.named_parameters(), module=pl_module)
         self._batches_started = None
@@ -176,19 +172,49 @@ class GradGuard(Callback):
         self._start_context(trainer)
         # a guard reused for a second fit: windows restart, counts carry on
         self.engine.start_run(reuse_backward_read=self._nothing_between_backward_and_step(trainer, pl_module))
-        self._start_dashboard(trainer)
+        self._start_reporter(trainer)
         self._audit(trainer)
+
+    def _reporter(self, trainer: Trainer) -> Reporter:
+        every = self.config.log_every_n_steps or trainer.log_every_n_steps or _DEFAULT_EVERY
+        optimizers = list(trainer.optimizers)
+        reporter = Reporter(
+            self.engine,
+            every=every,
+            logs=bool(trainer.loggers),
+            name=self.config.name,
+            writes=trainer.is_global_zero,
+            label=lambda opt: f"optimizer_{optimizers.index(opt)}" if opt in optimizers else type(opt).__name__,
+        )
+        # Trainer.log_dir broadcasts from rank zero (a collective): every rank asks, at the same point
+        log_dir = trainer.log_dir if trainer.loggers else None
+        if trainer.loggers:
+            reporter.add(LoggerSink(trainer.loggers))
+        writers = tensorboard_writers(trainer.loggers) if trainer.is_global_zero else []
+        if writers:
+            reporter.add(TensorBoardDashboard(writers, self.config.histogram_every_n_steps,
+                                              self.config.gradient_flow_every_n_steps, self.config.max_logged_series))
+        if self.config.summary:
+            reporter.add(ConsoleSink())
+        self._json = JsonSink(log_dir) if log_dir is not None else None
+        if self._json is not None:
+            reporter.add(self._json)
+        return reporter
 
     def _start_context(self, trainer: Trainer) -> None:
         # precision (AMP loss scale) and strategy (DDP, FSDP, DeepSpeed): what a gradient means in this fit
         if self._context is not None:  # a reused guard: counts carry on, and so do the skipped AMP steps
             self._context_state = self._context.state_dict()
             self._context.detach()
-        self._context = TrainingContext.from_trainer(
-            trainer, self.engine, warn=_warn, restored=self._context_state
-        )
+        self._context = TrainingContext.from_trainer(trainer, self.engine, warn=_warn, restored=self._context_state)
         if self._context.measure_every_step and self.config.nonfinite_check == "auto":
             self._measure_every_step = True
+
+    @feature("dashboard")
+    def _start_reporter(self, trainer: Trainer) -> None:
+        assert self.reporter is not None
+        self.reporter.context = self._context
+        self.reporter.start(amp=getattr(trainer.precision_plugin, "scaler", None) is not None)
 
     def _nothing_between_backward_and_step(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         """Whether no code can change a ``.grad`` between this guard's ``on_after_backward`` and its step check.
@@ -220,8 +246,11 @@ class GradGuard(Callback):
 
     @feature("diagnosis")
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._explain_exception(trainer, exception)
         self.engine.end_diagnosis()  # a step raised: no diagnosis instrument may outlive it
+        self._explain_exception(trainer, exception)
+        if self.reporter is not None:  # nothing more is written for this run, and no collective is started
+            self.reporter.drop()
+            release(self.reporter)
 
     @feature("distributed")
     def _explain_exception(self, trainer: Trainer, exception: BaseException) -> None:
@@ -238,23 +267,22 @@ class GradGuard(Callback):
             self.engine.cancel_micro_batch()
         self._batches_started = started
         self._cleared = None
+        self._step = None
         self.engine.start_micro_batch()
         if self._context is not None:  # under DDP, each micro-batch's own gradients are recorded per rank
             self._context.start_micro_batch()
 
     @feature("check")
-    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        cleared, self._cleared = self._cleared, None
-        self.engine.before_backward(loss, cleared=cleared)
-
-    @feature("check")
-    def on_before_zero_grad(
-        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
+    def on_before_zero_grad(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         # Lightning zeroes the gradients right before this micro-batch's backward pass; when that sets every one of
         # `optimizer`'s to None, the snapshot before backward does not need to read them (10k tensors: 0.5-2 ms)
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the user's
         self._cleared = optimizer if _zero_grad_sets_none(pl_module, optimizer) else None
+
+    @feature("check")
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        cleared, self._cleared = self._cleared, None
+        self.engine.before_backward(loss, cleared=cleared)
 
     @feature("check")
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -267,131 +295,91 @@ class GradGuard(Callback):
         if getattr(trainer.strategy, "handles_gradient_accumulation", False) and trainer.fit_loop._should_accumulate():
             return
         try:
-            self._check(trainer, pl_module, optimizer)
+            self._check(trainer, optimizer)
         except GradGuardError as err:  # strict mode: the report reaches TensorBoard before the run stops
-            self._dashboard_report(trainer, err.report, f"GradGuard stopped training at step {err.step}")
+            self._stopped(err)
             raise
 
     @feature("check")
-    def _check(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        context = self._context
-        if context is not None and not context.checks_gradients:  # DeepSpeed: p.grad is not where gradients are
+    def _check(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+        context, reporter = self._context, self.reporter
+        if context is None or reporter is None or not context.checks_gradients:  # DeepSpeed: not in p.grad
             return
-        should_log = self._should_log(trainer)
-        log = "log" not in self._disabled and should_log
-        measure = log or self._measure_every_step
+        stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
+        # decided alike on every rank, whatever failed on this one: the reduction of a logging step is a collective
+        due = reporter.log_due(stepped) or (reporter.logs and trainer.should_stop)
+        self._step = (stepped, due)
         check = self.engine.check_step(
             optimizer,
             step=trainer.global_step,
             accumulate=trainer.accumulate_grad_batches,
-            measure=measure,
-            grad_scale=context.grad_scale(optimizer) if context is not None else None,
+            measure=due or self._measure_every_step,
+            grad_scale=context.grad_scale(optimizer),
+            extras=reporter.extras(stepped) if "dashboard" not in self._disabled else None,
         )
-        if context is not None:
-            stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
-            every = self.config.log_every_n_steps or trainer.log_every_n_steps
-            # decided alike on every rank (never from this rank's own state): the reduction is a collective
-            self._reduce_due = self._reduce_due or should_log or context.reduce_due(stepped, every)
-        self._dashboard_check(trainer, check)
-        if log:
-            self._pending_logs.append(check)
-            self._log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self._after_check(check, stepped)
+
+    @feature("dashboard")
+    def _after_check(self, check: Any, stepped: int) -> None:
+        if self.reporter is not None:
+            self.reporter.after_check(check, stepped)
+
+    @feature("dashboard")
+    def _stopped(self, err: GradGuardError) -> None:
+        if self.reporter is not None and err.report is not None and self._step is not None:
+            self.reporter.stopped(err.report, self._step[0])
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._reduce(trainer)  # its own feature: if logging fails on one rank, the others must not wait for it
-        self._log_batch_end(trainer)
-
-    @feature("log")
-    def _log_batch_end(self, trainer: Trainer) -> None:
-        self._flush_logs(trainer)
+        if self._step is None or self.reporter is None:
+            return
+        self._reduce()  # its own feature: if logging fails on one rank, the others must not wait for it
+        self._write()
 
     @feature("distributed")
-    def _reduce(self, trainer: Trainer) -> None:
-        if self._context is None:
-            return
-        self._context.settle()  # the AMP scaler has finished this batch's steps
-        if self._reduce_due:  # the one collective of a logging step: counts and norms become global
-            self._reduce_due = False
-            self._context.reduce(self._pending_logs)
-
-    def _flush_logs(self, trainer: Trainer, wait: bool = False) -> None:
-        if self._pending_logs:
-            checks, self._pending_logs = self._pending_logs, []
-            if trainer.is_global_zero:  # the counts and norms are global by now: rank zero writes them
-                scalars = self._context.log_scalars() if self._context is not None else None
-                # the copy to the host starts now and is written once it has landed (on the CPU: right away), so
-                # the GPU never waits for logging
-                self._unwritten.append((stage_metrics(self.engine, checks, scalars), self._log_step or 0))
-        while self._unwritten and (wait or self._unwritten[0][0].ready()):
-            staged, step = self._unwritten.pop(0)
-            if trainer.loggers:
-                log_to_loggers(trainer.loggers, staged.result(), step=step)
+    def _reduce(self) -> None:
+        if self._context is not None:
+            self._context.settle()  # the AMP scaler has finished this batch's steps
+        step, due = self._step  # type: ignore[misc]
+        self.reporter.reduce(step, due)  # type: ignore[union-attr]
 
     @feature("log")
-    def _finish_logs(self, trainer: Trainer) -> None:
-        self._flush_logs(trainer, wait=True)
+    def _write(self) -> None:
+        step, due = self._step  # type: ignore[misc]
+        scalars = self._context.log_scalars() if due and self._context is not None else None
+        self.reporter.write(step, due, scalars)  # type: ignore[union-attr]
 
     @feature("report")
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.engine.end_diagnosis()
-        self._finish_logs(trainer)  # logging steps whose values were still in flight
-        self._pending_logs = []
         self._finish_context()
         report = self.engine.report()  # every rank reads its device counters: a local, not collective, copy
-        # Trainer.log_dir broadcasts from rank zero (a collective): every rank must ask, or rank zero waits forever
-        log_dir = trainer.log_dir if trainer.loggers else None
-        if not trainer.is_global_zero:
-            return
-        if self.summary:
-            print_summary(report)
-        if log_dir is not None:
-            self.report_path = write_report(report, log_dir)
-        self._dashboard_report(trainer, report, None)
+        if self.reporter is not None:
+            self.reporter.finish(report, trainer.fit_loop.epoch_loop._batches_that_stepped)
+            json_sink = getattr(self, "_json", None)
+            self.report_path = json_sink.path if json_sink is not None else None
 
     @feature("distributed")
     def _finish_context(self) -> None:
         if self._context is not None:  # every rank: the last steps' counts become global (a collective)
             self._context.finish()
 
-    # ------------------------------------------------------------------ TensorBoard dashboard (rank zero)
-    @feature("dashboard")
-    def _start_dashboard(self, trainer: Trainer) -> None:
-        writers = tensorboard_writers(trainer.loggers) if trainer.is_global_zero else []
-        if not writers:
-            self._dashboard = None
-            return
-        self._dashboard = TensorBoardDashboard(
-            writers, self.engine, self.config.histogram_every_n_steps, self.config.gradient_flow_every_n_steps
-        )
-        self._dashboard.start(amp=getattr(trainer.precision_plugin, "scaler", None) is not None)
 
-    @feature("dashboard")
-    def _dashboard_check(self, trainer: Trainer, check: StepCheck) -> None:
-        if self._dashboard is not None:
-            self._dashboard.after_check(check, trainer.fit_loop.epoch_loop._batches_that_stepped)
+def _batches_started(trainer: Trainer) -> Optional[int]:
+    """Training batches Lightning has started in this fit (None if this Lightning version does not say)."""
+    progress = getattr(getattr(trainer.fit_loop.epoch_loop, "batch_progress", None), "total", None)
+    return getattr(progress, "started", None)
 
-    @feature("dashboard")
-    def _dashboard_report(self, trainer: Trainer, report: Optional[GradReport], title: Optional[str]) -> None:
-        if self._dashboard is None or report is None:
-            return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        if title is None:
-            self._dashboard.finish(report, step)
-        else:
-            self._dashboard.write_report(report, step, title)
-            self._dashboard.flush()
 
-    # ------------------------------------------------------------------ helpers
-    def _should_log(self, trainer: Trainer) -> bool:
-        if not trainer.loggers:
-            return False
-        every = self.config.log_every_n_steps or trainer.log_every_n_steps
-        if not every:
-            return False
-        stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
-        return (stepped + 1) % every == 0 or trainer.should_stop
+def _zero_grad_sets_none(pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the ``zero_grad`` Lightning is about to run leaves every gradient of ``optimizer`` None: neither the
+    LightningModule's ``optimizer_zero_grad`` nor the optimizer's ``zero_grad`` is overridden, and torch's
+    ``zero_grad`` sets gradients to None by default."""
+    return (
+        type(pl_module).optimizer_zero_grad is LightningModule.optimizer_zero_grad
+        and type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
+    )
 
 
 def _warn(message: str) -> None:

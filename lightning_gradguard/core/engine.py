@@ -30,7 +30,7 @@ from lightning_gradguard.core.arrivals import ArrivalTracker, none_positions
 from lightning_gradguard.core.audit import AUDIT_KINDS, audit_model
 from lightning_gradguard.core.causes import CLEARED, NO_BACKWARD
 from lightning_gradguard.core.diagnosis import Diagnosis
-from lightning_gradguard.core.measure import Measurement
+from lightning_gradguard.core.measure import Measurement, StatsRequest, measure_stats
 from lightning_gradguard.core.observer import EngineObserver, StepCheck
 from lightning_gradguard.core.registry import ParamRegistry
 from lightning_gradguard.core.state import GuardState
@@ -108,6 +108,7 @@ class GradGuardEngine:
         self._tracking = False  # True once a before/after backward bracket was seen
         self._in_backward = False
         self._reuse_read = False
+        self._marked = False  # mark_gradients() took the snapshot the next backward pass is compared with
         self._lists = _DerivedLists()
         self._pending_state: Optional[Any] = None
 
@@ -188,19 +189,42 @@ class GradGuardEngine:
             self._sync_size()
             self._arrivals.restart(indices, covers_all=self.windows.optimizers <= 1)
 
-    def before_backward(self, loss: Optional[Tensor] = None, cleared: Optional[torch.optim.Optimizer] = None) -> None:
-        """Call right before a backward pass; ``loss`` (the tensor backward starts from) enables diagnosis.
+    def mark_gradients(self, cleared: Optional[torch.optim.Optimizer] = None) -> None:
+        """The gradients as they are now are what the next backward pass starts from.
 
-        ``cleared``: an optimizer whose ``zero_grad()`` with ``set_to_none=True`` ran since the previous backward
-        pass (the Lightning adapter knows it from ``on_before_zero_grad``): its gradients are not read again here.
+        Adapters that notice a backward pass only once it runs (plain loops) call this earlier, at a point where no
+        gradient changes until the backward pass starts (before the forward pass, after ``zero_grad``): by the time
+        the adapter notices the backward pass, parameters used only in the loss may have received theirs already.
+        ``cleared``: an optimizer whose ``zero_grad()`` just set every gradient to None: they are not read.
         """
-        if self.diagnosis is not None:  # first: a micro-batch started below must keep this forward's records
-            self.diagnosis.before_backward(loss)
-        if self.micro_batch_per_backward:
-            self.start_micro_batch()
         known_none = self.registry.optimizer_params(cleared)[0] if cleared is not None else None
         self._sync_size()
         self._tracker.before_backward(self.registry.params, known_none)
+        self._marked = True
+
+    def before_backward(
+        self,
+        loss: Optional[Tensor] = None,
+        cleared: Optional[torch.optim.Optimizer] = None,
+        new_micro_batch: bool = False,
+    ) -> None:
+        """Call right before a backward pass; ``loss`` (the tensor backward starts from) enables diagnosis.
+
+        Args:
+            loss: the tensor the backward pass starts from, when the adapter sees it.
+            cleared: an optimizer whose ``zero_grad()`` with ``set_to_none=True`` ran since the previous backward
+                pass (the Lightning adapter knows it from ``on_before_zero_grad``): its gradients are not read again.
+            new_micro_batch: this backward pass starts a micro-batch whose forward pass already ran (adapters that
+                learn of a micro-batch only at its backward pass).
+
+        """
+        if self.diagnosis is not None:  # first: a micro-batch started below must keep this forward's records
+            self.diagnosis.before_backward(loss)
+        if self.micro_batch_per_backward or new_micro_batch:
+            self.start_micro_batch()
+        if not self._marked:
+            self.mark_gradients(cleared)
+        self._marked = False
         self._in_backward = True
 
     def after_backward(self) -> None:
@@ -230,6 +254,7 @@ class GradGuardEngine:
         accumulate: Optional[int] = None,
         measure: bool = False,
         grad_scale: Optional[Tensor] = None,
+        extras: Optional[Callable[[StepCheck], Optional[StatsRequest]]] = None,
     ) -> StepCheck:
         """Check the parameters ``optimizer`` is about to update; call right before ``optimizer.step()``.
 
@@ -240,6 +265,8 @@ class GradGuardEngine:
             measure: also compute per-parameter norms and the counters measured from them (on the device, no sync).
             grad_scale: the loss scale the gradients still carry (AMP with a fused optimizer), as a tensor;
                 norms are divided by it.
+            extras: asked with the classified check (so that a picture can be drawn at the first missing
+                gradient): what else to measure at this step (the dashboard's statistics).
 
         Raises:
             GradGuardError: in strict mode, when a checked parameter has no gradient.
@@ -254,6 +281,12 @@ class GradGuardEngine:
         if check.checked:
             if measure:
                 self._measure(view, check, grad_scale)
+            request = extras(check) if extras is not None else None
+            if request is not None:
+                checked = set(check.checked)
+                missing = set(check.missing)
+                pairs = [(i, None if i in missing else g) for i, g in zip(view.indices, view.grads) if i in checked]
+                check.stats = measure_stats(request, [i for i, _ in pairs], [g for _, g in pairs])
             self._explain(check)
         self._decide(check)
         return check
@@ -410,6 +443,7 @@ class GradGuardEngine:
 
     def report(self) -> GradReport:
         """The report as it stands: every parameter checked at least once, and the findings."""
+        self._sync_size()  # an optimizer's unregistered tensors may have joined the registry since
         self.flush()
         table = self.state.table()
         known = {f.name for f in fields(ParamReport)}
@@ -430,6 +464,7 @@ class GradGuardEngine:
     # ------------------------------------------------------------------ resumable state
     def state_dict(self) -> dict[str, Any]:
         """Counts by parameter name, so that a resumed run continues them exactly."""
+        self._sync_size()
         self.flush()
         steps = self.state.values("steps")
         allowed = self.registry.allowed

@@ -224,7 +224,8 @@ def _fused_kernel(norm_type: float, sample: Tensor) -> Kernel:
     if _has_foreach_support([sample], sample.device):
 
         def fused(tensors: Sequence[Tensor]) -> Tensor:
-            return torch.stack(_foreach_norm(list(tensors), norm_type, upcast)).to(torch.float32)
+            norms = torch.stack(_foreach_norm(list(tensors), norm_type, upcast))
+            return norms if norms.dtype == torch.float32 else norms.to(torch.float32)
 
         return fused
     return _each_kernel(norm_type, sample.dtype)
@@ -243,8 +244,9 @@ def _stacked_kernel(norm_type: float, dtype: torch.dtype) -> Kernel:
     kwargs = _upcast(dtype)
 
     def stacked(tensors: Sequence[Tensor]) -> Tensor:
-        rows = torch.stack(list(tensors)).reshape(len(tensors), -1)
-        return torch.linalg.vector_norm(rows, norm_type, dim=1, **kwargs).to(torch.float32)
+        rows = torch.stack(list(tensors)).view(len(tensors), -1)
+        norms = torch.linalg.vector_norm(rows, norm_type, dim=1, **kwargs)
+        return norms if norms.dtype == torch.float32 else norms.to(torch.float32)
 
     return stacked
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
+    from lightning_gradguard.core.measure import StepStats
     from lightning_gradguard.core.norms import NormGroup
     from lightning_gradguard.report import GradReport
 
@@ -28,6 +29,7 @@ class StepCheck:
         leftover: missing parameters whose ``.grad`` still holds an old tensor no backward pass touched.
         optimizer: the optimizer that is about to step.
         measured: norms were asked for at this step (every rank asks at the same steps).
+        stats: what a sink asked to be measured beyond the norms (the dashboard's pictures), when it did.
 
     """
 
@@ -42,6 +44,7 @@ class StepCheck:
     leftover: list[int] = field(default_factory=list)
     optimizer: Any = None
     measured: bool = False
+    stats: Optional[StepStats] = None
 
 
 class EngineObserver:

@@ -28,7 +28,6 @@ the values have arrived (a step or so later), so the GPU never waits for logging
 from __future__ import annotations
 
 import math
-import weakref
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
@@ -109,19 +108,11 @@ class LogLayout:
         return ids
 
 
-_layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def layout_for(engine: GradGuardEngine) -> LogLayout:
-    """The engine's :class:`LogLayout`, rebuilt when parameters were added or the config changed."""
+    """A :class:`LogLayout` for the engine's parameters and settings (callers keep it while the registry's size
+    stays the same: see :class:`~lightning_gradguard.output.reporter.Reporter`)."""
     config = engine.config
-    key = (len(engine.registry), config.log_granularity, config.max_logged_series, config.log_module_depth)
-    cached = _layouts.get(engine)
-    if cached is None or cached[0] != key:
-        layout = LogLayout(engine.registry.names, config.log_granularity, config.max_logged_series,
-                           config.log_module_depth)
-        _layouts[engine] = cached = (key, layout)
-    return cached[1]
+    return LogLayout(engine.registry.names, config.log_granularity, config.max_logged_series, config.log_module_depth)
 
 
 class StagedMetrics:
@@ -132,15 +123,27 @@ class StagedMetrics:
     """
 
     def __init__(
-        self, engine: GradGuardEngine, checks: Sequence[StepCheck], scalars: Optional[Mapping[str, Tensor]] = None
+        self,
+        engine: GradGuardEngine,
+        checks: Sequence[StepCheck],
+        scalars: Optional[Mapping[str, Tensor]] = None,
+        *,
+        prefix: str = PREFIX,
+        layout: Optional[LogLayout] = None,
+        labels: Optional[Sequence[str]] = None,
     ) -> None:
         self._names = engine.registry.names
         self._norm_type = engine.config.norm_type
-        self._layout = layout_for(engine)
+        self._layout = layout or layout_for(engine)
+        self._prefix = prefix
         self._fixed: dict[str, float] = {
-            f"{PREFIX}/none_params": float(len({i for c in checks for i in c.missing})),
-            f"{PREFIX}/intermittent_params": float(len({i for c in checks for i in c.intermittent})),
+            f"{prefix}/none_params": float(len({i for c in checks for i in c.missing})),
+            f"{prefix}/intermittent_params": float(len({i for c in checks for i in c.intermittent})),
         }
+        # several optimizers at this logging step: each one's own total norm too, by label
+        self._owners: list[tuple[str, set[int]]] = []
+        if labels is not None and len(checks) > 1:
+            self._owners = [(label, set(c.checked)) for label, c in zip(labels, checks)]
         none_steps = engine.state.values("none_steps")
         allowed = engine.registry.allowed
         missed = [i for i in none_steps.nonzero().flatten().tolist() if not allowed[i]]
@@ -188,10 +191,15 @@ class StagedMetrics:
 
     def _norm_metrics(self, keys: list[int], values: Tensor) -> dict[str, float]:
         p, layout, names = self._norm_type, self._layout, self._names
-        out: dict[str, float] = {f"{PREFIX}/nonfinite_params": float((~torch.isfinite(values)).sum())}
-        out[f"{PREFIX}/total_norm"] = _p_norm(values, p)
+        out: dict[str, float] = {f"{self._prefix}/nonfinite_params": float((~torch.isfinite(values)).sum())}
+        out[f"{self._prefix}/total_norm"] = _p_norm(values, p)
+        if self._owners:
+            for label, members in self._owners:
+                mask = torch.tensor([key in members for key in keys], dtype=torch.bool)
+                if mask.any():
+                    out[f"{self._prefix}/total_norm/{label}"] = _p_norm(values[mask], p)
         if layout.per_param:
-            out.update({f"{PREFIX}/norm/{names[i]}": v for i, v in zip(keys, values.tolist())})
+            out.update({f"{self._prefix}/norm/{names[i]}": v for i, v in zip(keys, values.tolist())})
             return out
         ids = layout.ids_for(keys)
         count = len(layout.modules)
@@ -202,12 +210,12 @@ class StagedMetrics:
             modules = values.new_zeros(count).index_add_(0, ids, powered).pow_(1.0 / p)
         present = torch.zeros(count, dtype=torch.bool).index_fill_(0, ids, True)
         for position in present.nonzero().flatten().tolist():
-            out[f"{PREFIX}/module_norm/{layout.modules[position]}"] = float(modules[position])
+            out[f"{self._prefix}/module_norm/{layout.modules[position]}"] = float(modules[position])
         if layout.top_k:
             # topk ranks NaN above everything, and inf above every number: a non-finite gradient is always named
             top = torch.topk(values, min(layout.top_k, len(keys))).indices.tolist()
             for position in top:
-                out[f"{PREFIX}/norm/{names[keys[position]]}"] = float(values[position])
+                out[f"{self._prefix}/norm/{names[keys[position]]}"] = float(values[position])
         return out
 
     def _none_metrics(self) -> dict[str, float]:
@@ -215,7 +223,7 @@ class StagedMetrics:
         cap = self._layout.none_cap
         if cap is not None and len(entries) > cap:  # the most often missing first, then in model order
             entries = sorted(entries, key=lambda e: (-e[1], e[0]))[:cap]
-        return {f"{PREFIX}/none_steps/{self._names[i]}": float(count) for i, count in entries}
+        return {f"{self._prefix}/none_steps/{self._names[i]}": float(count) for i, count in entries}
 
 
 def stage_metrics(

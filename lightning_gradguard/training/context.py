@@ -162,7 +162,7 @@ class TrainingContext(EngineObserver):
         skipped = self.scale.skipped_tensor()
         if skipped is None:
             return {}
-        return {AMP_SKIPPED_TAG: skipped + self.scale._restored}
+        return {"amp_skipped_steps": skipped + self.scale._restored}
 
     def finish(self) -> None:
         """End of fit, on every rank: settle the scaler's last step and make the final counts global."""

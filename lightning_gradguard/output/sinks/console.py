@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from lightning_gradguard.output.sinks.base import Sink
 from lightning_gradguard.report import GradReport
 
 
@@ -12,3 +13,11 @@ def print_summary(report: GradReport, write: Optional[Callable[[str], None]] = N
     text = report.summary()
     (write or print)(text)
     return text
+
+
+class ConsoleSink(Sink):
+    """The final report on the console: the one-line verdict, or the table of problems."""
+
+    def write_report(self, report: GradReport, step: int, title: Optional[str]) -> None:
+        if title is None:
+            print_summary(report)

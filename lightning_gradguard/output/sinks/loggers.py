@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lightning_gradguard.output.sinks.base import Sink
+
 
 def log_to_loggers(loggers: Iterable[Any], metrics: Mapping[str, float], step: int) -> None:
     for logger in loggers:
@@ -39,3 +41,19 @@ def _tensorboard_in_one_event(logger: Any, metrics: Mapping[str, float], step: i
     values = [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in metrics.items()]
     get_writer().add_summary(Summary(value=values), step, None)
     return True
+
+
+class LoggerSink(Sink):
+    """Scalars through Lightning loggers (``trainer.loggers``, ``fabric.loggers``), at Lightning's step numbering.
+
+    Example::
+
+        reporter.add(LoggerSink(trainer.loggers))
+
+    """
+
+    def __init__(self, loggers: Iterable[Any]) -> None:
+        self.loggers = list(loggers)
+
+    def write_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        log_to_loggers(self.loggers, metrics, step=step)

@@ -1,0 +1,377 @@
+"""What the adapters for loops GradGuard does not own have in common: plain PyTorch, Fabric, the Hugging Face Trainer.
+
+A :class:`Watcher` holds the engine, the reporter and the training context, numbers the steps, and offers the few
+calls an adapter translates its loop's events into:
+
+* :meth:`Watcher.start_micro_batch`, :meth:`Watcher.backward_started`, :meth:`Watcher.backward_ended` around each
+  backward pass,
+* :meth:`Watcher.before_step` right before an optimizer steps (the check; strict mode raises from here) and
+  :meth:`Watcher.after_step` once it has stepped (logging, the collective of a logging step),
+* :meth:`Watcher.close` at the end.
+
+The adapters (:mod:`~lightning_gradguard.adapters.loop`, :mod:`~lightning_gradguard.adapters.fabric`) only install
+their framework's hooks and call these; they override nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gradguard.config import GuardConfig
+from lightning_gradguard.core.engine import GradGuardEngine
+from lightning_gradguard.errors import GradGuardError, GradGuardWarning
+from lightning_gradguard.isolation import feature
+from lightning_gradguard.output.reporter import Reporter, claim
+from lightning_gradguard.output.sinks.console import ConsoleSink
+from lightning_gradguard.output.sinks.json_file import JsonSink
+from lightning_gradguard.output.sinks.loggers import LoggerSink
+from lightning_gradguard.output.sinks.tensorboard import ScalarWriterSink, TensorBoardDashboard, tensorboard_writers
+from lightning_gradguard.report import GradReport
+from lightning_gradguard.training.context import TrainingContext
+from lightning_gradguard.training.distributed import Collective
+from lightning_gradguard.training.precision import LossScaleTracker
+from lightning_gradguard.training.strategies import DDP, FSDP, FSDP2, StrategyInfo
+
+DEFAULT_LOG_EVERY_N_STEPS = 50  # Lightning's default cadence
+
+
+class Watcher:
+    """The engine, reporter and context of one guarded loop, and the calls that drive them.
+
+    Args:
+        model: the module whose parameter names the report uses (unwrapped from DDP and the like).
+        optimizers: the optimizers whose steps are checked.
+        config: the validated options.
+        writes: this process writes logs, the report and warnings (global rank zero).
+        strategy: how the model is distributed.
+        log_dir: write TensorBoard scalars, the dashboard and the report file here.
+        writer: a ``SummaryWriter`` to write to instead (the report file goes to its log directory).
+        loggers: Lightning loggers to log through (Fabric's), with their TensorBoard dashboard and log directory.
+        ddp_fix: how the user turns on DDP's search for unused parameters in their framework.
+        scale: the AMP loss-scale tracker, when the loop runs under a ``GradScaler`` the adapter can see.
+
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        config: GuardConfig,
+        *,
+        writes: bool,
+        strategy: StrategyInfo,
+        log_dir: Optional[str] = None,
+        writer: Any = None,
+        loggers: Sequence[Any] = (),
+        ddp_fix: str = "DistributedDataParallel(model, find_unused_parameters=True)",
+        scale: Optional[LossScaleTracker] = None,
+    ) -> None:
+        self.config = config
+        self.optimizers = list(optimizers)
+        self.writes = writes
+        self.scale = scale
+        self.engine = GradGuardEngine(config, warn=self._warn)
+        self.global_step = 0  # optimizer steps checked, all optimizers together (Lightning's global_step)
+        self.report_path: Optional[str] = None
+        self._disabled: set[str] = set()
+        self._closed = False
+        self._handles: list[Any] = []
+        self._step: Optional[tuple[int, bool]] = None  # the step being taken: (number, logging step)
+        self._json: Optional[JsonSink] = None
+        self.engine.bind(model.named_parameters(), module=model)
+        self._require_trainable(model)
+        self.engine.audit(self.optimizers)  # unregistered tensors, parameters in no optimizer
+        self._measure_every_step = config.measures_every_step(self.engine.registry.params) or scale is not None
+        self.context = self._context(strategy, ddp_fix)
+        # the step check reuses the gradients read at the end of the last backward pass (zero_grad, the one way a
+        # loop normally clears them in between, invalidates that read), except where gradients are rewritten after
+        # the backward pass the adapter brackets: DDP's reducer, FSDP's sharded views
+        self.engine.start_run(reuse_backward_read=not strategy.distributed)
+        self.reporter = self._reporter(log_dir, writer, loggers)
+
+    # ------------------------------------------------------------------ set-up
+    def _require_trainable(self, model: nn.Module) -> None:
+        registered = {id(p) for p in model.parameters()}
+        for optimizer in self.optimizers:
+            _, params = self.engine.registry.optimizer_params(optimizer)
+            if any(p.requires_grad and id(p) in registered for p in params):
+                return
+        self.engine.end_diagnosis()
+        raise ValueError(
+            "the optimizers hold no trainable parameter of `model`: nothing for GradGuard to check (pass the model "
+            "whose parameters the optimizers update)"
+        )
+
+    def _context(self, info: StrategyInfo, ddp_fix: str) -> Optional[TrainingContext]:
+        # several processes (DDP, FSDP): counts, norms and strict decisions become global through one collective
+        # per logging step, as in the Trainer callback
+        if not info.distributed or info.name not in (DDP, FSDP, FSDP2) or not Collective.available():
+            return None
+        device = next((p.device for p in self.engine.registry.params if p.device.type != "meta"), None)
+        return TrainingContext(self.engine, info, collective=Collective(device=device), warn=self._warn,
+                               ddp_fix=ddp_fix)
+
+    def _reporter(self, log_dir: Optional[str], writer: Any, loggers: Sequence[Any]) -> Reporter:
+        config = self.config
+        reporter = Reporter(
+            self.engine,
+            every=config.log_every_n_steps or DEFAULT_LOG_EVERY_N_STEPS,
+            logs=log_dir is not None or writer is not None or bool(loggers),
+            name=config.name,
+            writes=self.writes,
+            context=self.context,
+            label=lambda opt: f"optimizer_{self.optimizers.index(opt)}" if opt in self.optimizers else "optimizer",
+        )
+        if self.writes:
+            destinations: list[tuple[Any, str]] = []
+            if log_dir is not None and writer is None:
+                writer = _open_writer(log_dir)
+                if writer is not None:
+                    reporter.add(ScalarWriterSink(writer, owned=True))
+            elif writer is not None:
+                reporter.add(ScalarWriterSink(writer))
+                log_dir = _writer_log_dir(writer)
+            if writer is not None:
+                destinations.append((("writer", id(writer)), f"the SummaryWriter of {log_dir or 'this run'}"))
+            if loggers:
+                reporter.add(LoggerSink(loggers))
+                destinations += [(("logger", id(logger)), f"the logger {type(logger).__name__}") for logger in loggers]
+                log_dir = log_dir or next((getattr(lg, "log_dir", None) for lg in loggers), None)
+            writers = ([writer] if writer is not None else []) + tensorboard_writers(loggers)
+            if writers:
+                reporter.add(TensorBoardDashboard(writers, config.histogram_every_n_steps,
+                                                  config.gradient_flow_every_n_steps, config.max_logged_series))
+            if config.summary:
+                reporter.add(ConsoleSink())
+            if log_dir is not None:
+                self._json = JsonSink(os.fspath(log_dir))
+                reporter.add(self._json)
+                destinations.append((("dir", os.path.realpath(os.fspath(log_dir))), f"the directory {log_dir}"))
+            claim(reporter, destinations)
+        reporter.start(amp=self.scale is not None)
+        return reporter
+
+    # ------------------------------------------------------------------ the calls adapters make
+    @feature("check")
+    def backward_started(self, loss: Optional[Tensor] = None, new_micro_batch: bool = False) -> None:
+        """A backward pass that writes ``.grad`` starts (``loss``: its root, when the adapter sees it).
+
+        ``new_micro_batch``: it belongs to a new micro-batch (its forward pass ran since the previous backward).
+        """
+        if new_micro_batch and self.context is not None:  # DDP: this micro-batch's own arrivals, per rank
+            self.context.start_micro_batch()
+        self.engine.before_backward(loss, new_micro_batch=new_micro_batch)
+
+    @feature("check")
+    def backward_ended(self) -> None:
+        self.engine.after_backward()
+
+    def before_step(self, optimizer: torch.optim.Optimizer, grad_scale: Optional[Tensor] = None) -> None:
+        """``optimizer`` is about to step: check it (strict mode raises here, before any weight changes).
+
+        ``grad_scale``: the loss scale its gradients still carry (AMP with a fused optimizer), as a tensor.
+        """
+        if self._closed:
+            return
+        try:
+            self._check(optimizer, grad_scale)
+        except GradGuardError as err:  # strict mode: the report reaches TensorBoard before the raise
+            self._stopped(err)
+            raise
+
+    @feature("check")
+    def _check(self, optimizer: torch.optim.Optimizer, grad_scale: Optional[Tensor]) -> None:
+        step = self.global_step
+        self.global_step += 1
+        reporter = self.reporter
+        due = reporter.log_due(step)
+        self._step = (step, due)
+        # with several ranks every rank measures on the same steps (rank zero alone logs): shard norms add up
+        measure = self._measure_every_step or reporter.measure_due(step, ahead=len(self.optimizers))
+        extras = reporter.extras(step) if "dashboard" not in self._disabled else None
+        check = self.engine.check_step(optimizer, step=step, measure=measure, grad_scale=grad_scale, extras=extras)
+        self._after_check(check, step)
+
+    @feature("dashboard")
+    def _after_check(self, check: Any, step: int) -> None:
+        self.reporter.after_check(check, step)
+
+    @feature("dashboard")
+    def _stopped(self, err: GradGuardError) -> None:
+        if err.report is not None:
+            self.reporter.stopped(err.report, max(self.global_step - 1, 0))
+
+    def after_step(self, scalars: Optional[dict[str, Tensor]] = None) -> None:
+        """The optimizer stepped (or the AMP scaler skipped the step): log, and under DDP/FSDP reduce."""
+        if self._closed or self._step is None:
+            return
+        if self.scale is not None:
+            self.scale.settle()  # scaler.update() ran: the step counts as skipped if it overflowed
+        self._reduce()  # its own feature: if logging fails on one rank, the others must not wait for it
+        self._write(scalars)
+        self._step = None
+
+    @feature("distributed")
+    def _reduce(self) -> None:
+        step, due = self._step  # type: ignore[misc]
+        self.reporter.reduce(step, due)
+
+    @feature("log")
+    def _write(self, scalars: Optional[dict[str, Tensor]]) -> None:
+        step, due = self._step  # type: ignore[misc]
+        if due and self.scale is not None:
+            skipped = self.scale.skipped_tensor()
+            scalars = {**(scalars or {}), "amp_skipped_steps": skipped if skipped is not None else torch.zeros(())}
+        self.reporter.write(step, due, scalars)
+
+    # ------------------------------------------------------------------ reading out, closing
+    def _report_internal_error(self, message: str) -> None:
+        warnings.warn(message, GradGuardWarning, stacklevel=3)
+
+    def report(self) -> GradReport:
+        """The :class:`~lightning_gradguard.report.GradReport` for the steps so far."""
+        report = self.engine.report()
+        if self.scale is not None:
+            report.amp_skipped_steps = self.scale.skipped_steps()
+        return report
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self, summary: bool = True) -> GradReport:
+        """Remove every hook, print the summary, write the report file and the dashboard's final report.
+
+        Safe to call more than once; returns the final report. ``summary=False`` leaves the console summary out
+        (the guard's ``summary`` option still decides when it is True). With several processes (DDP, FSDP) it makes one
+        collective, so that the last steps' counts are global: call it on every rank, at the same point (as for
+        ``torch.distributed.destroy_process_group``). A guard left open is closed at interpreter exit without a
+        collective (its report then holds the counts of the last logging step plus this rank's own since).
+        """
+        return self._close(collective=True, summary=summary)
+
+    def _close(self, collective: bool, summary: bool = True) -> GradReport:
+        if self._closed:
+            return self.report()
+        self._closed = True
+        self.engine.end_diagnosis()  # a window still open (the loop raised or ended early): instruments come out
+        self._finish_context(collective)
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        report = self.report()
+        self._finish(report, summary)
+        return report
+
+    @feature("distributed")
+    def _finish_context(self, collective: bool) -> None:
+        if self.context is None:
+            return
+        if collective:  # every rank closes its guard at the same point: the last steps' counts become global
+            self.context.finish()
+        else:  # at interpreter exit, or the loop raised: another rank may be gone, so no collective
+            self.context.release()
+
+    @feature("report")
+    def _finish(self, report: GradReport, summary: bool) -> None:
+        if not summary:
+            self.reporter.sinks = [sink for sink in self.reporter.sinks if not isinstance(sink, ConsoleSink)]
+        self.reporter.finish(report, self.global_step)
+        json_sink = getattr(self, "_json", None)
+        self.report_path = json_sink.path if json_sink is not None else None
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # the loop raised: the user's exception must come out unchanged, and another rank may never get here
+        try:
+            self._close(collective=False)
+        except Exception:  # noqa: BLE001 - never replace the user's exception with one of ours
+            pass
+
+    def _warn(self, message: str) -> None:
+        """Warnings come from the process that writes (global rank zero), pointing at the user's line."""
+        if self.writes:
+            warn_at_user_code(message)
+
+
+def warn_at_user_code(message: str) -> None:
+    """Warn with the location of the user's line (``optimizer.step()``), not of a hook inside torch or GradGuard."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    internal = (package, os.path.dirname(os.path.abspath(torch.__file__)))
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, GradGuardWarning, stacklevel=level)
+
+
+def _open_writer(log_dir: str) -> Any:
+    """A ``SummaryWriter`` on ``log_dir``, or None with a warning that says why when it cannot be created."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    try:
+        return SummaryWriter(log_dir=log_dir)
+    except OSError as err:
+        warnings.warn(
+            f"GradGuard cannot write TensorBoard logs to {log_dir}: {err.strerror or err}. It checks every step and "
+            "prints its report as usual, without logs there.",
+            GradGuardWarning,
+            stacklevel=4,
+        )
+        return None
+
+
+def _writer_log_dir(writer: Any) -> Optional[str]:
+    get = getattr(writer, "get_logdir", None)
+    if callable(get):
+        return get()
+    return getattr(writer, "log_dir", None) or getattr(writer, "logdir", None)
+
+
+
+class MethodWrapper:
+    """Replaces ``owner.<name>`` (as an instance attribute) by ``wrapper(original, *args, **kwargs)``.
+
+    ``remove()`` puts back what was there; when another wrapper went on top in the meantime (two guards on one
+    Fabric), this one stays in the chain and only passes calls through.
+    """
+
+    def __init__(self, owner: Any, name: str, wrapper: Any) -> None:
+        self._owner = owner
+        self._name = name
+        self._previous = vars(owner).get(name, _ABSENT)
+        original = getattr(owner, name)
+        self._active = True
+
+        @functools.wraps(original)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if not self._active:
+                return original(*args, **kwargs)
+            return wrapper(original, *args, **kwargs)
+
+        self._wrapped = wrapped
+        setattr(owner, name, wrapped)
+
+    def remove(self) -> None:
+        self._active = False
+        if vars(self._owner).get(self._name) is self._wrapped:
+            if self._previous is _ABSENT:
+                delattr(self._owner, self._name)
+            else:
+                setattr(self._owner, self._name, self._previous)
+
+
+_ABSENT = object()
