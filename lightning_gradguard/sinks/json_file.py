@@ -1,16 +1,62 @@
-"""``gradguard.json``: the report next to the logger's files, for the ``gradguard report`` command and CI."""
+"""``gradguard.json``: the report next to the logger's files, for the ``gradguard report`` command and CI.
+
+The file is written atomically (:meth:`GradReport.save`). A problem of the environment (a read-only or full disk, a
+path that is a file) is not a failure of the run: it becomes one :class:`~lightning_gradguard.GradGuardWarning`
+that says what went wrong and where, and training ends normally.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import warnings
 from typing import Optional
 
+from lightning_gradguard.errors import GradGuardWarning
 from lightning_gradguard.report import REPORT_FILENAME, GradReport
+
+# what an OSError means for the user, by errno; the rest are described by the system's own message
+_MEANING = {
+    getattr(errno, code): meaning
+    for code, meaning in (
+        ("EACCES", "no permission to write there"),
+        ("EPERM", "no permission to write there"),
+        ("EROFS", "the file system is read-only"),
+        ("ENOSPC", "the disk is full"),
+        ("EDQUOT", "the disk quota is exceeded"),
+        ("ENOTDIR", "a part of the path is a file, not a directory"),
+        ("EEXIST", "a part of the path is a file, not a directory"),
+        ("EISDIR", "the path is a directory"),
+    )
+    if hasattr(errno, code)
+}
 
 
 def write_report(report: GradReport, directory: Optional[str]) -> Optional[str]:
-    """Write ``directory/gradguard.json``; returns its path, or None when there is no directory."""
+    """Write ``directory/gradguard.json``; returns its path, or None when there is no directory or it failed.
+
+    Example::
+
+        path = write_report(guard.report(), trainer.log_dir)
+
+    """
     if not directory:
         return None
-    os.makedirs(directory, exist_ok=True)
-    return report.save(os.path.join(directory, REPORT_FILENAME))
+    path = os.path.join(directory, REPORT_FILENAME)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        return report.save(directory)
+    except OSError as err:
+        warnings.warn(_could_not_write(path, err), GradGuardWarning, stacklevel=2)
+        return None
+
+
+def _could_not_write(path: str, err: OSError) -> str:
+    meaning = _MEANING.get(err.errno or 0, err.strerror or str(err))
+    where = err.filename if err.filename and os.fspath(err.filename) != path else None
+    return (
+        f"GradGuard: could not write the report to {path}: {meaning}"
+        + (f" ({where})" if where else "")
+        + f" [{type(err).__name__}: {err.strerror or err}]. Training is not affected and the report is still "
+        "available as guard.report(); point the logger (or log_dir) at a writable directory to get the file."
+    )
