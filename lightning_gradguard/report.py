@@ -13,6 +13,9 @@ from lightning_gradguard.causes import hint_for
 from lightning_gradguard.report_schema import check_report
 
 REPORT_FILENAME = "gradguard.json"
+_NOTHING_CHECKED = (
+    "the optimizers that stepped hold no parameter with requires_grad=True that allow_none leaves checked"
+)
 
 
 @dataclass
@@ -230,8 +233,7 @@ class GradReport:
             if not self.params:
                 return (
                     f"GradGuard: nothing was checked in {self.steps} optimizer step{'s' if self.steps != 1 else ''}: "
-                    "the optimizers that stepped hold no parameter that requires grad (requires_grad=True) outside "
-                    "allow_none" + "".join(f"; {note}" for note in self._notes())
+                    f"{_NOTHING_CHECKED}" + "".join(f"; {note}" for note in self._notes())
                 )
             n = len(self.params)
             if any(p.steps != self.steps for p in self.params.values()):
@@ -352,6 +354,8 @@ class GradReport:
 
     def _headline(self) -> str:
         parts = [f"GradGuard: {self.steps} optimizer steps, {self.micro_batches} backward passes"]
+        if not self.params and self.steps:
+            parts.append(f"no parameter was checked ({_NOTHING_CHECKED})")
         if self.missing:
             parts.append(f"{len(self.missing)} of {len(self.params)} parameters missed a gradient at some step")
         if self.intermittent:
