@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_gradguard.config import GuardConfig
+from lightning_gradguard.config import GuardConfig, LogGranularity, NonfiniteCheck
 from lightning_gradguard.context import TrainingContext
 from lightning_gradguard.engine import GradGuardEngine, StepCheck
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
@@ -88,9 +88,9 @@ class GradGuard(Callback):
         strict: bool = False,
         allow_none: Union[str, Iterable[str]] = (),
         log_every_n_steps: Optional[int] = None,
-        norm_type: Union[float, str] = 2.0,
-        nonfinite_check: str = "auto",
-        log_granularity: str = "auto",
+        norm_type: Union[float, Literal["inf"]] = 2.0,
+        nonfinite_check: NonfiniteCheck = "auto",
+        log_granularity: LogGranularity = "auto",
         log_module_depth: Optional[int] = None,
         max_logged_series: int = 256,
         histogram_every_n_steps: Optional[int] = None,
