@@ -178,22 +178,7 @@ class GradReport:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, REPORT_FILENAME)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=".gradguard-", suffix=".json.tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; a report is as readable as any file
-            os.replace(temporary, path)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            raise
+        write_atomically(path, self.to_json())
         return path
 
     @classmethod
@@ -413,6 +398,38 @@ def _render(header: list[str], rows: list[list[str]], fmt: str) -> str:
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(out)
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename.
+
+    A reader sees the old file or the new one, never a part; whatever is at ``path`` (a file, a symbolic link) is
+    replaced, and a link's target is left untouched.
+
+    Raises:
+        OSError: the directory cannot be created or written, the disk is full, ``path`` is a directory, ...
+
+    Example::
+
+        write_atomically("run/gradguard.json", report.to_json())
+
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=".gradguard-", suffix=".json.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; a report is as readable as any file
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
 
 
 def _umask() -> int:

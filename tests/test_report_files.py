@@ -41,6 +41,11 @@ def test_a_link_at_the_destination_is_replaced_and_its_target_untouched(report, 
     assert target.read_text() == "someone else's file"
     assert not os.path.islink(path) and GradReport.load(path).to_dict() == report.to_dict()
     assert sorted(os.listdir(run)) == [REPORT_FILENAME]  # no temporary file left behind
+    elsewhere = tmp_path / "elsewhere"  # a link to a directory at the file's place: replaced, not written through
+    os.remove(run / REPORT_FILENAME)
+    os.symlink(elsewhere, run / REPORT_FILENAME)
+    assert write_report(report, str(run)) == str(run / REPORT_FILENAME)
+    assert os.listdir(elsewhere) == ["precious.txt"] and not os.path.islink(run / REPORT_FILENAME)
     os.symlink(target, tmp_path / "direct.json")  # GradReport.save on the link's own path: the same
     report.save(tmp_path / "direct.json")
     assert target.read_text() == "someone else's file" and not os.path.islink(tmp_path / "direct.json")

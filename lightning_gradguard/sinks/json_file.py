@@ -13,7 +13,7 @@ import warnings
 from typing import Optional
 
 from lightning_gradguard.errors import GradGuardWarning
-from lightning_gradguard.report import REPORT_FILENAME, GradReport
+from lightning_gradguard.report import REPORT_FILENAME, GradReport, write_atomically
 
 # what an OSError means for the user, by errno; the rest are described by the system's own message
 _MEANING = {
@@ -32,8 +32,9 @@ _MEANING = {
 }
 
 
-def write_report(report: GradReport, directory: Optional[str]) -> Optional[str]:
-    """Write ``directory/gradguard.json``; returns its path, or None when there is no directory or it failed.
+def write_report(report: GradReport, directory: Optional[str], filename: str = REPORT_FILENAME) -> Optional[str]:
+    """Write ``directory/filename`` atomically; returns its path, or None when there is no directory or it failed
+    (then one :class:`~lightning_gradguard.GradGuardWarning` says why and where).
 
     Example::
 
@@ -42,10 +43,10 @@ def write_report(report: GradReport, directory: Optional[str]) -> Optional[str]:
     """
     if not directory:
         return None
-    path = os.path.join(directory, REPORT_FILENAME)
+    path = os.path.join(directory, filename)
     try:
-        os.makedirs(directory, exist_ok=True)
-        return report.save(directory)
+        write_atomically(path, report.to_json())  # a link at `path` is replaced, never followed
+        return path
     except OSError as err:
         warnings.warn(_could_not_write(path, err), GradGuardWarning, stacklevel=2)
         return None
