@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from plain_models import PlantedNet, batches
 
+from lightning_gradguard import watch
 from lightning_gradguard.cli import EXIT_ERROR, EXIT_MISSING, EXIT_OK, main
-from lightning_gradguard.plain import watch
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.report_text import REPORT_TAG, report_markdown
 

@@ -11,9 +11,8 @@ from models import HealthyMLP, RegressionData
 from test_cli_inputs import planted_report
 from torch import nn
 
-from lightning_gradguard import GradGuard
+from lightning_gradguard import GradGuard, watch
 from lightning_gradguard.cli import EXIT_MISSING, main
-from lightning_gradguard.plain import watch
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.sinks.console import CONSOLE_MAX_ROWS, print_summary
 
