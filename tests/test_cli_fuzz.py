@@ -89,6 +89,14 @@ def check(directory: str, content: bytes) -> int:
             assert code == (EXIT_MISSING if flag and report.missing else EXIT_OK)
     plain = {code for flag, code in codes if not flag}
     assert len(plain) == 1  # the file and its directory read alike
+    for fmt in ("markdown", "json"):
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main(["report", path, "--format", fmt])
+        assert code in plain and "internal error" not in err.getvalue(), err.getvalue()
+        if code == EXIT_OK and fmt == "json":
+            report = GradReport.from_dict(json.loads(content.decode("utf-8-sig")))  # absent fields: their defaults
+            assert json.loads(out.getvalue()) == report.to_dict()
     return plain.pop()
 
 
