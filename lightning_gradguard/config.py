@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 if TYPE_CHECKING:
     from torch import Tensor
 
+# the types the adapters' signatures declare (jsonargparse validates a LightningCLI config against them)
 NonfiniteCheck = Literal["auto", "every_step", "log_steps"]
 LogGranularity = Literal["auto", "param", "module"]
+AllowNone = Union[str, Iterable[str]]
+NormType = Union[float, Literal["inf"]]
 
 # above this many parameter tensors on the CPU, "auto" computes norms on logging steps only (see GuardConfig)
 CPU_EVERY_STEP_MAX_TENSORS = 1000
@@ -190,7 +193,3 @@ class GuardConfig:
 
 
 OPTIONS = tuple(f.name for f in fields(GuardConfig))
-
-# the types the adapters' signatures declare (jsonargparse validates a YAML config against them)
-AllowNone = Union[str, Iterable[str]]
-NormType = Union[float, Literal["inf"]]

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
 from lightning_gradguard.core.causes import hint_for
+from lightning_gradguard.report_schema import check_report
 
 REPORT_FILENAME = "gradguard.json"
+_NOTHING_CHECKED = (
+    "the optimizers that stepped hold no parameter with requires_grad=True that allow_none leaves checked"
+)
 
 
 @dataclass
@@ -126,49 +132,94 @@ class GradReport:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GradReport:
-        """Rebuild a report from :meth:`to_dict` output.
+    def from_dict(cls, data: Any) -> GradReport:
+        """Rebuild a report from :meth:`to_dict` output, checking every field first.
 
         Raises:
-            ValueError: ``data`` is not a GradGuard report.
+            ValueError: ``data`` is not a GradGuard report; the message names the field that is wrong and what it
+                accepts (counts are non-negative integers, text fields strings, no unknown fields).
+
+        Example::
+
+            report = GradReport.from_dict(json.loads(text))
 
         """
         try:
-            return cls(
-                steps=int(data["steps"]),
-                micro_batches=int(data["micro_batches"]),
-                params={name: ParamReport(**p) for name, p in data["params"].items()},
-                findings=[Finding(**f) for f in data.get("findings", [])],
-                amp_skipped_steps=data.get("amp_skipped_steps"),
-                distributed=DistributedInfo(**data["distributed"]) if data.get("distributed") else None,
-            )
-        except (KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"not a GradGuard report: {err!r}") from err
+            check_report(data)
+        except ValueError as err:
+            raise ValueError(f"not a GradGuard report: {err}") from None
+        return cls(
+            steps=data["steps"],
+            micro_batches=data["micro_batches"],
+            params={name: ParamReport(**p) for name, p in data["params"].items()},
+            findings=[Finding(**f) for f in data.get("findings", [])],
+            amp_skipped_steps=data.get("amp_skipped_steps"),
+            distributed=DistributedInfo(**data["distributed"]) if data.get("distributed") else None,
+        )
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: Union[str, os.PathLike]) -> str:
-        """Write the report as JSON; a directory gets ``gradguard.json`` inside it. Returns the file path."""
+        """Write the report as JSON; a directory gets ``gradguard.json`` inside it. Returns the file path.
+
+        The file is written atomically: to a temporary file in the same directory, then renamed over ``path``, so a
+        reader (or a run killed mid-write) never sees half a report. A symbolic link at ``path`` is replaced by the
+        file; the link's target is left untouched.
+
+        Raises:
+            OSError: the file cannot be written (a read-only directory, a full disk, a parent that is a file).
+
+        Example::
+
+            path = report.save("lightning_logs/version_0")  # lightning_logs/version_0/gradguard.json
+
+        """
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, REPORT_FILENAME)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
+        write_atomically(path, self.to_json())
         return path
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> GradReport:
+        """Read a report written by :meth:`save`.
+
+        Raises:
+            OSError: the file cannot be read.
+            ValueError: the file is not a GradGuard report (not JSON, or a field is wrong: see :meth:`from_dict`).
+
+        Example::
+
+            report = GradReport.load("lightning_logs/version_0/gradguard.json")
+
+        """
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
     # ------------------------------------------------------------------ rendering
-    def summary(self) -> str:
-        """A one-line verdict when everything is fine, otherwise the table (see :meth:`format_table`)."""
+    def summary(self, max_rows: Optional[int] = None) -> str:
+        """A one-line verdict when everything is fine, otherwise the table (see :meth:`format_table`).
+
+        Args:
+            max_rows: show at most this many entries of each list (explanations, table rows, findings,
+                rank-dependent parameters), each cut list ending in a line "... and N more"; ``None`` (the default)
+                shows everything. The console summary at the end of a fit uses a bound, so that a model with
+                thousands of parameters without a gradient prints a few dozen lines.
+
+        Example::
+
+            print(report.summary())  # GradGuard: all 6 trainable parameters received a gradient at each of ...
+
+        """
         if not self.steps:
             return "GradGuard: no optimizer step was checked" + "".join(f"; {note}" for note in self._notes())
         if self.ok and not self.intermittent and not self._rank_dependent_lines():
+            if not self.params:
+                return (
+                    f"GradGuard: nothing was checked in {self.steps} optimizer step{'s' if self.steps != 1 else ''}: "
+                    f"{_NOTHING_CHECKED}" + "".join(f"; {note}" for note in self._notes())
+                )
             n = len(self.params)
             if any(p.steps != self.steps for p in self.params.values()):
                 # several optimizers: each parameter was checked at its own optimizer's steps only
@@ -179,59 +230,83 @@ class GradReport:
                 f"GradGuard: all {n} trainable parameter{'s' if n != 1 else ''} received a gradient {when}"
                 + "".join(f"; {note}" for note in self._notes())
             )
-        return self.format_table()
+        return self.format_table(max_rows=max_rows)
 
-    def format_table(self, fmt: str = "text") -> str:
-        """The problems as a table: ``fmt`` is ``"text"`` (aligned columns) or ``"markdown"``."""
+    def format_table(self, fmt: str = "text", max_rows: Optional[int] = None) -> str:
+        """The problems as a table: ``fmt`` is ``"text"`` (aligned columns) or ``"markdown"``.
+
+        Args:
+            fmt: ``"text"`` or ``"markdown"``.
+            max_rows: the most entries shown of each list (see :meth:`summary`); ``None`` shows everything.
+
+        Example::
+
+            print(report.format_table("markdown"))
+
+        """
         header = ["parameter", "None steps", "None micro-batches", "non-finite", "cause", "hint"]
-        rows = []
-        for name, p in self.params.items():
-            if not (p.missing or p.intermittent or p.nonfinite_steps):
-                continue
-            if not (p.missing or p.intermittent):
-                hint = "check the loss scale and learning rate"
-            elif p.detail and "fix" in p.detail.lower():
-                hint = "see above"
-            else:
-                hint = hint_for(p.cause)
-            rows.append(
-                [
-                    name,
-                    f"{p.none_steps}/{p.steps}",
-                    f"{p.none_micro_batches}/{p.micro_batches}",
-                    f"{p.nonfinite_steps}/{p.steps}" if p.nonfinite_steps else "0",
-                    _cause_text(p),
-                    hint,
-                ]
-            )
+        problems = [(name, p) for name, p in self.params.items() if p.missing or p.intermittent or p.nonfinite_steps]
+        rows = [_row(name, p) for name, p in problems[:max_rows]]
         lines = [self._headline()]
-        why = self.explanations(markdown=fmt == "markdown")
+        why = self.explanations(markdown=fmt == "markdown", max_lines=max_rows)
         if why:
             lines.append("Why, and where:")
             lines.extend(why)
         if rows:
             lines.append(_render(header, rows, fmt))
+            if len(problems) > len(rows):
+                lines.append(_more(problems[len(rows) :], "parameter"))
         if self.findings:
             lines.append("Findings:")
-            lines.extend(f"- [{f.kind}] {f.name}: {f.detail}" for f in self.findings)
+            lines.extend(f"- [{f.kind}] {f.name}: {f.detail}" for f in self.findings[:max_rows])
+            if max_rows is not None and len(self.findings) > max_rows:
+                kinds = Counter(f.kind for f in self.findings[max_rows:])
+                lines.append(
+                    f"- ... and {len(self.findings) - max_rows} more findings ("
+                    + ", ".join(f"{kind}: {n}" for kind, n in kinds.items())
+                    + ")"
+                )
         rank_lines = self._rank_dependent_lines()
         if rank_lines:
             lines.append("Rank-dependent gradients (no gradient on some ranks only):")
-            lines.extend(rank_lines)
+            lines.extend(rank_lines[:max_rows])
+            if max_rows is not None and len(rank_lines) > max_rows:
+                lines.append(f"- ... and {len(rank_lines) - max_rows} more parameters")
         lines.extend(f"Note: {note}" for note in self._notes())
         return "\n".join(lines)
 
-    def explanations(self, markdown: bool = False, max_names: int = 8) -> list[str]:
-        """One line per distinct explanation (cause and detail), naming the parameters that share it."""
+    def explanations(self, markdown: bool = False, max_names: int = 8, max_lines: Optional[int] = None) -> list[str]:
+        """One line per distinct explanation (cause and detail), naming the parameters that share it.
+
+        Args:
+            markdown: quote the names as code.
+            max_names: names shown per explanation before "and N more".
+            max_lines: the most explanations listed; the rest are summed up by cause in one last line.
+
+        Example::
+
+            for line in report.explanations():
+                print(line)  # - enc.weight, enc.bias (unused): module `enc` (Linear) was never called ...
+
+        """
         groups: dict[tuple[Optional[str], str], list[str]] = {}
         for name, p in self.params.items():
             if p.detail and (p.missing or p.intermittent):
                 groups.setdefault((p.cause, p.detail), []).append(name)
+        items = list(groups.items())
         lines = []
-        for (cause, detail), names in groups.items():
+        for (cause, detail), names in items[:max_lines]:
             quoted = [f"`{n}`" if markdown else n for n in names[:max_names]]
             shown = ", ".join(quoted) + (f" and {len(names) - max_names} more" if len(names) > max_names else "")
             lines.append(f"- {shown} ({cause or 'cause unknown'}): {detail}")
+        if max_lines is not None and len(items) > max_lines:
+            causes: Counter[str] = Counter()
+            for (cause, _), names in items[max_lines:]:
+                causes[cause or "cause unknown"] += len(names)
+            lines.append(
+                f"- ... and {len(items) - max_lines} more explanations, of "
+                + ", ".join(f"{n} parameter{'s' if n != 1 else ''} ({cause})" for cause, n in causes.items())
+            )
         return lines
 
     def _notes(self) -> list[str]:
@@ -249,15 +324,23 @@ class GradReport:
     def _rank_dependent_lines(self) -> list[str]:
         if self.distributed is None:
             return []
-        return [
-            f"- {name}: no gradient on rank{'s' if len(info['ranks']) != 1 else ''} "
-            f"{', '.join(map(str, info['ranks']))} in {info['micro_batches']} micro-batch"
-            f"{'es' if info['micro_batches'] != 1 else ''} in which other ranks gave it one"
-            for name, info in self.distributed.rank_dependent.items()
-        ]
+        lines = []
+        for name, info in self.distributed.rank_dependent.items():
+            ranks, count = info["ranks"], info["micro_batches"]
+            if ranks is None:  # beyond 52 ranks the report keeps the count only
+                where = f"some of the {self.distributed.world_size} ranks (which ones is not kept beyond 52 ranks)"
+            else:
+                where = f"rank{'s' if len(ranks) != 1 else ''} {', '.join(map(str, ranks))}"
+            lines.append(
+                f"- {name}: no gradient on {where} in {count} micro-batch{'es' if count != 1 else ''} in which "
+                "other ranks gave it one"
+            )
+        return lines
 
     def _headline(self) -> str:
         parts = [f"GradGuard: {self.steps} optimizer steps, {self.micro_batches} backward passes"]
+        if not self.params and self.steps:
+            parts.append(f"no parameter was checked ({_NOTHING_CHECKED})")
         if self.missing:
             parts.append(f"{len(self.missing)} of {len(self.params)} parameters missed a gradient at some step")
         if self.intermittent:
@@ -279,6 +362,31 @@ def _cause_text(p: ParamReport) -> str:
     return f"{p.cause or 'unknown'} ({when})"
 
 
+def _row(name: str, p: ParamReport) -> list[str]:
+    if not (p.missing or p.intermittent):
+        hint = "check the loss scale and learning rate"
+    elif p.detail and "fix" in p.detail.lower():
+        hint = "see above"
+    else:
+        hint = hint_for(p.cause)
+    nonfinite = f"{p.nonfinite_steps}/{p.steps}" if p.nonfinite_steps else "0"
+    return [name, f"{p.none_steps}/{p.steps}", f"{p.none_micro_batches}/{p.micro_batches}", nonfinite,
+            _cause_text(p), hint]
+
+
+def _more(rest: list[tuple[str, ParamReport]], noun: str) -> str:
+    """The line that ends a cut table: how many rows are left out, and of what kind."""
+    missing = sum(p.missing for _, p in rest)
+    intermittent = sum(p.intermittent for _, p in rest)
+    kinds = [f"{missing} missed a gradient at some step" if missing else "",
+             f"{intermittent} in some micro-batches" if intermittent else ""]
+    others = len(rest) - missing - intermittent
+    if others:
+        kinds.append(f"{others} with non-finite gradients only")
+    detail = "; ".join(k for k in kinds if k)
+    return f"... and {len(rest)} more {noun}{'s' if len(rest) != 1 else ''} ({detail})"
+
+
 def _render(header: list[str], rows: list[list[str]], fmt: str) -> str:
     if fmt == "markdown":
         out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -290,3 +398,49 @@ def _render(header: list[str], rows: list[list[str]], fmt: str) -> str:
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(out)
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename.
+
+    A reader sees the old file or the new one, never a part; whatever is at ``path`` (a file, a symbolic link) is
+    replaced, and a link's target is left untouched.
+
+    Raises:
+        OSError: the directory cannot be created or written, the disk is full, ``path`` is a directory, ...
+
+    Example::
+
+        write_atomically("run/gradguard.json", report.to_json())
+
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=".gradguard-", suffix=".json.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; a report is as readable as any file
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows (changing it races other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

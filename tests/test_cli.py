@@ -170,7 +170,7 @@ def test_json_that_is_not_a_report(tmp_path, capsys):
     path = tmp_path / "other.json"
     path.write_text(json.dumps({"loss": 0.1}))
     code, _, err = run_cli(capsys, "report", str(path))
-    assert code == EXIT_ERROR and "valid JSON but not a GradGuard report" in err
+    assert code == EXIT_ERROR and 'not a GradGuard report: the report lacks the field "steps"' in err
     path.write_text("[1, 2]")
     code, _, err = run_cli(capsys, "report", str(path))
     assert code == EXIT_ERROR and "not an object" in err
@@ -181,6 +181,45 @@ def test_missing_path_and_no_command(tmp_path, capsys):
     assert code == EXIT_ERROR and "no such file or directory" in err
     code, _, err = run_cli(capsys)
     assert code == EXIT_ERROR and "report" in err  # the help names the command
-    with pytest.raises(SystemExit) as info:
-        main(["report", str(tmp_path), "--format", "xml"])
-    assert info.value.code == 2
+    code, _, err = run_cli(capsys, "report", str(tmp_path), "--format", "xml")  # argparse's usage error, returned
+    assert code == EXIT_ERROR and "invalid choice: 'xml'" in err
+    code, out, _ = run_cli(capsys, "report", "--help")
+    assert code == EXIT_OK and "--fail-on-missing" in out
+
+
+# ---------------------------------------------------------------------------------------------- no torch, no Lightning
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEAVY = ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities")
+
+
+def _imported_modules(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run ``python -X importtime -m lightning_gradguard.cli ...``; returns the result and the modules it imported."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "lightning_gradguard.cli", *argv],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    modules = {line.rsplit("|", 1)[-1].strip() for line in lines}
+    return result, modules
+
+
+def test_the_command_imports_neither_torch_nor_lightning(planted_run, tmp_path):
+    """A CI gate answers at once: reading gradguard.json imports no torch, no Lightning, not even tensorboard."""
+    result, modules = _imported_modules("report", planted_run[0], "--fail-on-missing")
+    assert result.returncode == EXIT_MISSING, result.stderr[-2000:]
+    assert "net.unused.weight" in result.stdout
+    assert "lightning_gradguard.report" in modules  # the importtime listing is there to be read
+    heavy = sorted(m for m in modules if m.split(".")[0] in (*HEAVY, "tensorboard"))
+    assert heavy == []
+
+
+def test_event_files_need_tensorboard_but_not_torch(planted_run, tmp_path):
+    copy = tmp_path / "only_events"
+    shutil.copytree(planted_run[0], copy)
+    os.remove(copy / "gradguard.json")
+    result, modules = _imported_modules("report", str(copy))
+    assert result.returncode == EXIT_OK, result.stderr[-2000:]
+    assert "net.unused.weight" in result.stdout
+    assert any(m.startswith("tensorboard") for m in modules)
+    assert sorted(m for m in modules if m.split(".")[0] in HEAVY) == []

@@ -28,11 +28,8 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_gradguard import GradGuard, GradGuardError
 from lightning_gradguard.output.sinks.pictures import gradient_flow_stats
-from lightning_gradguard.output.sinks.tensorboard import (
-    dashboard_layout,
-    report_from_text,
-    report_markdown,
-)
+from lightning_gradguard.output.sinks.tensorboard import dashboard_layout
+from lightning_gradguard.report_text import report_from_text, report_markdown
 
 HAS_MATPLOTLIB = __import__("importlib").util.find_spec("matplotlib") is not None
 NAMES = {f"net.{n}" for n in PLANTED}

@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_gradguard import GradGuardError, GradGuardWarning
 from lightning_gradguard.adapters.loop import LoopGuard, watch
-from lightning_gradguard.output.sinks.tensorboard import report_from_text
+from lightning_gradguard.report_text import report_from_text
 
 DIAGNOSIS = importlib.util.find_spec("lightning_gradguard.core.diagnosis") is not None
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_gradguard.config import OPTIONS, GuardConfig, LogGranularity, NonfiniteCheck
+from lightning_gradguard.config import OPTIONS, AllowNone, GuardConfig, LogGranularity, NonfiniteCheck, NormType
 from lightning_gradguard.core.engine import GradGuardEngine
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
@@ -74,9 +73,9 @@ class GradGuard(Callback):
     def __init__(
         self,
         strict: bool = False,
-        allow_none: Union[str, Iterable[str]] = (),
+        allow_none: AllowNone = (),
         log_every_n_steps: Optional[int] = None,
-        norm_type: Union[float, str] = 2.0,
+        norm_type: NormType = 2.0,
         nonfinite_check: NonfiniteCheck = "auto",
         log_granularity: LogGranularity = "auto",
         log_module_depth: Optional[int] = None,
@@ -194,11 +193,12 @@ class GradGuard(Callback):
         if writers:
             reporter.add(TensorBoardDashboard(writers, self.config.histogram_every_n_steps,
                                               self.config.gradient_flow_every_n_steps, self.config.max_logged_series))
-        if self.config.summary:
-            reporter.add(ConsoleSink())
         self._json = JsonSink(log_dir) if log_dir is not None else None
-        if self._json is not None:
+        if self._json is not None:  # written before the console summary, which names it
             reporter.add(self._json)
+        if self.config.summary:
+            json_sink = self._json
+            reporter.add(ConsoleSink(lambda: json_sink.target if json_sink is not None else None))
         return reporter
 
     def _start_context(self, trainer: Trainer) -> None:

@@ -149,12 +149,13 @@ class Watcher:
             if writers:
                 reporter.add(TensorBoardDashboard(writers, config.histogram_every_n_steps,
                                                   config.gradient_flow_every_n_steps, config.max_logged_series))
-            if config.summary:
-                reporter.add(ConsoleSink())
-            if log_dir is not None:
+            if log_dir is not None:  # written before the console summary, which names it
                 self._json = JsonSink(os.fspath(log_dir))
                 reporter.add(self._json)
                 destinations.append((("dir", os.path.realpath(os.fspath(log_dir))), f"the directory {log_dir}"))
+            if config.summary:
+                json_sink = self._json
+                reporter.add(ConsoleSink(lambda: json_sink.target if json_sink is not None else None))
             claim(reporter, destinations)
         reporter.start(amp=self.scale is not None)
         return reporter

@@ -1,23 +1,69 @@
-"""The end-of-run summary on the console."""
+"""The end-of-run summary on the console: the one-line verdict, or a bounded table that says where the full one is.
+
+A model with thousands of parameters without a gradient would print thousands of lines; the console gets at most
+:data:`CONSOLE_MAX_ROWS` entries of each list (explanations, table rows, findings, rank-dependent parameters), each cut
+list ending in "... and N more", and a last line naming where the full table is: ``gradguard.json`` in the log
+directory, which ``gradguard report`` prints in full.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 from lightning_gradguard.output.sinks.base import Sink
-from lightning_gradguard.report import GradReport
+from lightning_gradguard.report import REPORT_FILENAME, GradReport
+
+CONSOLE_MAX_ROWS = 8  # entries per list: about 25 lines for a typical big model, 45 at most with every list cut
 
 
-def print_summary(report: GradReport, write: Optional[Callable[[str], None]] = None) -> str:
-    """Print the one-line verdict or the table; returns the text."""
-    text = report.summary()
+def print_summary(
+    report: GradReport,
+    write: Optional[Callable[[str], None]] = None,
+    report_path: Optional[str] = None,
+    max_rows: Optional[int] = CONSOLE_MAX_ROWS,
+) -> str:
+    """Print the one-line verdict or the (bounded) table; returns the text.
+
+    Args:
+        report: the run's report.
+        write: where the text goes (default: ``print``).
+        report_path: the ``gradguard.json`` the report was (or will be) written to, named when the table is cut.
+        max_rows: the most entries of each list (see :meth:`GradReport.summary`); ``None`` prints everything.
+
+    Example::
+
+        print_summary(guard.report(), report_path="lightning_logs/version_0/gradguard.json")
+
+    """
+    text = report.summary(max_rows=max_rows)
+    if max_rows is not None and text != report.summary():
+        text += "\n" + _where_the_full_table_is(report_path)
     (write or print)(text)
     return text
 
 
+def _where_the_full_table_is(report_path: Optional[str]) -> str:
+    if report_path:
+        directory = os.path.dirname(report_path) or "."
+        return f"The full table: {report_path} (`gradguard report {directory}` prints it)"
+    return (
+        f"The full table: {REPORT_FILENAME} in the run's log directory (`gradguard report <log_dir>` prints it), "
+        "or guard.report().format_table()"
+    )
+
+
 class ConsoleSink(Sink):
-    """The final report on the console: the one-line verdict, or the table of problems."""
+    """The final report on the console: the one-line verdict, or the (bounded) table of problems.
+
+    Args:
+        report_path: where the report file goes (named when the console table is cut), if anywhere.
+
+    """
+
+    def __init__(self, report_path: Optional[Callable[[], Optional[str]]] = None) -> None:
+        self._report_path = report_path
 
     def write_report(self, report: GradReport, step: int, title: Optional[str]) -> None:
         if title is None:
-            print_summary(report)
+            print_summary(report, report_path=self._report_path() if self._report_path is not None else None)

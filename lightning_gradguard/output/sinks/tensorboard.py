@@ -24,7 +24,6 @@ and the layout and the text cost nothing per step. A named guard writes under ``
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,18 +34,16 @@ from lightning_gradguard.output.metrics import PREFIX, auto_depth, module_key
 from lightning_gradguard.output.sinks.base import RunInfo, Sink
 from lightning_gradguard.output.sinks.pictures import gradient_flow_stats, render_gradient_flow
 from lightning_gradguard.report import GradReport
+from lightning_gradguard.report_text import REPORT_TAG, report_markdown
 
 if TYPE_CHECKING:
     from lightning_gradguard.core.observer import StepCheck
 
-REPORT_TAG = f"{PREFIX}/report"
 FLOW_TAG = f"{PREFIX}/gradient_flow"
 HISTOGRAM_PREFIX = f"{PREFIX}/grad_hist"
 AMP_SKIPPED_TAG = f"{PREFIX}/amp_skipped_steps"
 ROOT_MODULE = "(root)"
 
-_JSON_OPEN = "<!-- gradguard-report-json "
-_JSON_CLOSE = " -->"
 _MAX_MODULE_CHARTS = 64  # top-level modules with their own chart; the rest share one
 
 
@@ -128,61 +125,6 @@ def dashboard_layout(names: Sequence[str], amp: bool = False, prefix: str = PREF
         f"{title}: gradient norm by module": norms,
         f"{title}: steps without a gradient by module": nones,
     }
-
-
-# ---------------------------------------------------------------------------------------------- report text
-def report_markdown(report: GradReport, title: Optional[str] = None) -> str:
-    """The report as markdown for TensorBoard's text tab, with the report's JSON in a hidden HTML comment."""
-    blocks = [f"### {title}"] if title else []
-    blocks.append(problems_markdown(report))
-    # ">" only occurs inside JSON strings, so escaping it keeps "-->" out of the comment and the JSON valid
-    payload = json.dumps(report.to_dict(), separators=(",", ":")).replace(">", "\\u003e")
-    blocks.append(f"{_JSON_OPEN}{payload}{_JSON_CLOSE}")
-    return "\n\n".join(blocks)
-
-
-def problems_markdown(report: GradReport) -> str:
-    """The report as markdown: the one-line verdict, or the headline, the causes with their source lines
-    (parameters that share an explanation grouped), the table and its notes (:meth:`GradReport.format_table`)."""
-    if report.ok and not report.intermittent and "\n" not in report.summary():
-        return report.summary()
-    return _markdown_blocks(report.format_table("markdown"))
-
-
-def _markdown_blocks(text: str) -> str:
-    """Separate tables, lists and paragraphs by blank lines: Python-Markdown (TensorBoard) needs them."""
-    out: list[str] = []
-    previous = None
-    for line in text.splitlines():
-        kind = "table" if line.startswith("|") else "list" if line.startswith(("- ", "  ")) else "text"
-        if previous is not None and (kind != previous or kind == "text"):
-            out.append("")
-        if kind == "text" and line.endswith(":"):
-            line = f"**{line}**"
-        out.append(line)
-        previous = kind
-    return "\n".join(out)
-
-
-def report_from_text(text: str) -> Optional[GradReport]:
-    """The report embedded in a text entry written by :func:`report_markdown`, or None when there is none.
-
-    Raises:
-        ValueError: the entry carries a report that cannot be parsed.
-
-    """
-    start = text.rfind(_JSON_OPEN)
-    if start < 0:
-        return None
-    end = text.find(_JSON_CLOSE, start)
-    if end < 0:
-        raise ValueError("the GradGuard text entry is truncated (no end of the embedded report)")
-    payload = text[start + len(_JSON_OPEN) : end]
-    try:
-        data = json.loads(payload)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"the report embedded in the GradGuard text entry is not valid JSON: {err}") from err
-    return GradReport.from_dict(data)
 
 
 # ---------------------------------------------------------------------------------------------- the sinks
