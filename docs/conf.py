@@ -42,6 +42,13 @@ nitpicky = True
 nitpick_ignore_regex = [
     ("py:class", r"(torch|nn|lightning|pytorch_lightning|os|collections|typing|pathlib)\..*"),
 ]
+# Public docstrings that still point at names outside the public API. Each entry silences exactly one reference;
+# remove it once the docstring is fixed (then the build checks that reference again).
+nitpick_ignore = [
+    ("py:class", "lightning_gradguard.config.GuardConfig"),  # GradGuard's docstring, argument nonfinite_check
+    ("py:class", "lightning_gradguard.report.DistributedInfo"),  # GradReport's field `distributed` (type hint)
+    ("py:meth", "to_dict"),  # GradReport.from_dict's docstring: :meth:`to_dict` does not resolve
+]
 
 html_theme = "furo"
 html_title = f"lightning_gradguard {release}"
