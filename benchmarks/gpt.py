@@ -3,7 +3,7 @@
 The model follows nanoGPT: learned position embeddings, pre-norm blocks with causal self-attention
 (``scaled_dot_product_attention``) and a 4x MLP, the input embedding tied to the output head, AdamW. With the
 ``gpu`` preset (12 layers, width 768, 12 heads, vocabulary 50257, sequence 1024) it is GPT-2 small with an untied
-output head, the model of the issue's H100 measurements: 163M parameters in 149 tensors, 652 MB of float32
+output head, the model of the GPU overhead measurements: 163M parameters in 149 tensors, 652 MB of float32
 gradients (``tie_weights=True`` gives GPT-2's own 124M in 148 tensors).
 
 ``grad_norm_recipe=True`` adds Lightning's documented recipe for per-parameter gradient norms
@@ -35,7 +35,7 @@ class GPTConfig:
 
 
 PRESETS = {
-    # GPT-2 small, batch 8 x 1024 tokens: the configuration of the issue's H100 measurements
+    # GPT-2 small, batch 8 x 1024 tokens: the configuration of the GPU overhead measurements
     "gpu": GPTConfig(),
     # small enough for a 2-core CPU (about 0.1-0.2 s per step), large enough that the step dominates Python
     # bookkeeping the way it does on real hardware; 4 layers: 52 parameter tensors

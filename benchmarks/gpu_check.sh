@@ -3,7 +3,7 @@
 #   1. sync_check.py     non-logging steps under torch.cuda.set_sync_debug_mode("error"), logged norms verified
 #   2. norm_throughput   per-parameter norms of every GPT-2-small gradient: effective TB/s (target >= 2.0)
 #   3. overhead.py       the gpu preset: no callback / GradGuard defaults / logging every step / Lightning recipe
-#   4. gpu_features.sh   16-mixed overflow, fused Adam, Lightning FSDPStrategy, torch.compile (issue 5)
+#   4. gpu_features.sh   16-mixed overflow, fused Adam, Lightning FSDPStrategy, torch.compile
 # Results (JSON and text) go to $OUT when it is set, else to benchmarks/out/.
 # Usage: bash benchmarks/gpu_check.sh                 (from anywhere; runs against this checkout)
 #        bash benchmarks/gpu_check.sh --no-features    (steps 1-3 only)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GradGuard's GPU feature checks (issue 5), about a minute on an H100 (two minutes at most):
+# GradGuard's GPU feature checks, about a minute on an H100 (two minutes at most):
 #   16-mixed on CUDA with a planted overflow (one skipped step counted, norms unscaled), fused Adam under 16-mixed,
 #   Lightning's FSDPStrategy on one GPU with a planted unused layer, a torch.compile'd model (Inductor).
 # Prints a Markdown table (paste it into the README) and writes every figure to $OUT/gpu_features.json

@@ -1,8 +1,8 @@
-"""The seed article's examples in plain PyTorch, each loop with one added line: ``guard = watch(model, optimizer)``.
+"""The RNN article's examples in plain PyTorch, each loop with one added line: ``guard = watch(model, optimizer)``.
 
-The article ("Why is .grad returning None when updating weighted matrices in a PyTorch RNN?",
-``shared/seed/why-is-grad-none-rnn.md``) uses hand-written loops, so this is where its readers live. Each example
-below is the article's code with the one GradGuard line added:
+The article "Why is .grad returning None when updating weighted matrices in a PyTorch RNN?" (January 2025) uses
+hand-written loops, so this is where its readers live. Each example below is the article's code with the one
+GradGuard line added:
 
 1. ``h0 = torch.zeros(...).detach()``: the article says this blocks gradient flow. GradGuard: every parameter
    received a gradient (a fresh tensor of zeros has no history to cut).

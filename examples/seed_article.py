@@ -1,7 +1,7 @@
-"""The article "Why is .grad returning None ... in a PyTorch RNN?", checked by GradGuard.
+"""The article "Why is .grad returning None when updating weighted matrices in a PyTorch RNN?", checked by GradGuard.
 
-The article (``shared/seed/why-is-grad-none-rnn.md``) blames three code examples for ``None`` gradients. Run
-as LightningModules with GradGuard watching, they tell a different story:
+The article (January 2025) blames three code examples for ``None`` gradients. Run as LightningModules with
+GradGuard watching, they tell a different story:
 
 1. ``h0 = torch.zeros(...).detach()``: every parameter receives a gradient. Detaching a fresh tensor of zeros
    cuts nothing: ``h0`` was never part of the graph, and the RNN's weights are used after it.
