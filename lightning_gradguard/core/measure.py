@@ -1,13 +1,15 @@
 """Where gradient values are read: per-parameter norms at a measured step, and the counters computed from them.
 
-A measured step computes the norm of every gradient it checks (:mod:`lightning_gradguard.core.norms`) and, from
-those norms, every counter declared with ``from_norms`` in :mod:`lightning_gradguard.core.state` (non-finite
-gradients, all-zero gradients). Nothing here waits for the device: the counts accumulate on the gradients' device,
-in the order of a cached plan, and reach :class:`~lightning_gradguard.core.state.GuardState` (one index-add per
-counter) only when the state is read or the plan is retired.
+A measured step computes the norm of every gradient it checks (:mod:`lightning_gradguard.core.norms`). The counters
+declared with ``from_norms`` in :mod:`lightning_gradguard.core.state` (non-finite gradients, all-zero gradients) are
+computed from those norms, but not at every step: each step's norms are written by the kernels straight into the
+next row of a small ring buffer on the gradients' device, and the counters read the buffer a whole block of rows at
+a time, when it is full or when the state is read. A step therefore costs its norm kernels and nothing more, and
+nothing waits for the device.
 
 Plans are keyed by the list of parameters measured (the same list object comes back step after step), and at most
-``MAX_PLANS`` are kept: a model whose measured set keeps changing retires old plans, it does not pile them up.
+``MAX_PLANS`` are kept: a model whose measured set keeps changing retires old plans, it does not pile them up. The
+ring buffers hold at most ``BUFFER_VALUES`` norms each, so memory does not grow with the run.
 """
 
 from __future__ import annotations
@@ -25,35 +27,57 @@ from lightning_gradguard.core.norms import NormGroup, NormPlan, local_tensor, pe
 from lightning_gradguard.core.state import DEVICE_COUNTERS, GuardState
 
 MAX_PLANS = 8
+BUFFER_VALUES = 1 << 16  # norms a plan's ring buffer holds: at most 64 steps of a small model, 6 of a 10k-tensor one
+MAX_ROWS = 64
+
+
+class _Device:
+    """One device's share of a plan: its ring buffer of norms (a row per measured step) and the views each step's
+    kernels write into."""
+
+    __slots__ = ("registry", "index", "local", "buffer", "views")
+
+    def __init__(self, parts: list[tuple[int, list[int]]], indices: Sequence[int], device: torch.device, rows: int,
+                 local: bool) -> None:
+        self.registry = [indices[p] for _, positions in parts for p in positions]
+        self.index: Optional[Tensor] = None  # registry indices on the device, built at the first count
+        self.local = local
+        self.buffer = torch.zeros(rows, len(self.registry), dtype=torch.float32, device=device)
+        # per row: the slice of each part, so that a step creates no view
+        self.views: list[list[Tensor]] = []
+        for row in self.buffer:
+            start, views = 0, []
+            for _, positions in parts:
+                views.append(row[start : start + len(positions)])
+                start += len(positions)
+            self.views.append(views)
 
 
 class _Measured:
-    """A norm plan for one measured parameter list, with the counts it has gathered so far.
+    """A norm plan for one measured parameter list, its ring buffers, and how many rows are not yet counted."""
 
-    Counts are kept per device, in the order of that device's norms (the plan's groups on that device, one after
-    the other), so that a step adds each counter's flags with one operation per device.
-    """
-
-    __slots__ = ("indices", "plan", "devices", "registry", "index", "counts", "steps")
+    __slots__ = ("indices", "plan", "devices", "out", "rows", "next", "pending")
 
     def __init__(self, indices: Sequence[int], plan: NormPlan) -> None:
         self.indices = indices  # held, so that its id stays unique while the plan lives
         self.plan = plan
-        self.devices: list[list[int]] = []  # per device: the plan's group numbers on it
-        self.registry: list[list[int]] = []  # per device: registry indices in the order of its norms
-        self.index: list[Optional[Tensor]] = []  # per device: the same, as a tensor on the device
-        self.counts: list[dict[str, Tensor]] = []
-        self.steps = 0
-
-    def arrange(self, groups: list[NormGroup]) -> None:
-        """Find which groups share a device (done at the first step, when the norms' devices are known)."""
-        by_device: dict[torch.device, list[int]] = {}
-        for k, group in enumerate(groups):
-            by_device.setdefault(group.norms.device, []).append(k)
-        self.devices = list(by_device.values())
-        self.registry = [[self.indices[p] for k in ks for p in groups[k].positions] for ks in self.devices]
-        self.index = [None] * len(self.devices)
-        self.counts = [{} for _ in self.devices]
+        by_device: dict[torch.device, list[tuple[int, list[int]]]] = {}
+        for k, part in enumerate(plan.parts):
+            by_device.setdefault(part.device, []).append((k, part.positions))
+        self.rows = max(1, min(MAX_ROWS, BUFFER_VALUES // max(len(indices), 1)))
+        self.devices = [
+            _Device(parts, indices, device, self.rows, any(plan.parts[k].local for k, _ in parts))
+            for device, parts in by_device.items()
+        ]
+        # per row: where each part's norms go, in the plan's part order
+        order = [k for parts in by_device.values() for k, _ in parts]
+        self.out: list[list[Tensor]] = []
+        for r in range(self.rows):
+            views = [view for d in self.devices for view in d.views[r]]
+            by_part = dict(zip(order, views))
+            self.out.append([by_part[k] for k in range(len(plan.parts))])
+        self.next = 0  # the row the next step writes
+        self.pending = 0  # rows written since the last count
 
 
 class Measurement:
@@ -82,31 +106,22 @@ class Measurement:
         """Norms of ``grads`` (``grads[j]`` belongs to registry index ``indices[j]``; none of them None).
 
         ``grad_scale``: the loss scale the gradients still carry (AMP with a fused optimizer): norms are divided by
-        it on the device; Inf and NaN stay what they are.
+        it on the device; Inf and NaN stay what they are. The returned norms stay valid until this parameter list
+        has been measured as many times again as its ring buffer has rows.
         """
         measured = self._plan_for(indices, grads)
-        groups = measured.plan.compute(grads)
-        if not measured.devices:
-            measured.arrange(groups)
-        measured.steps += 1
+        row = measured.next
+        measured.plan.compute(grads, measured.out[row])
         out = []
-        for d, members in enumerate(measured.devices):
-            if len(members) == 1:
-                norms = groups[members[0]].norms
-            else:
-                norms = torch.cat([groups[k].norms for k in members])
+        for device in measured.devices:
+            norms = device.buffer[row]
             if grad_scale is not None:
-                norms = norms / grad_scale.to(device=norms.device, dtype=norms.dtype, non_blocking=True)
-            counts = measured.counts[d]
-            for counter in DEVICE_COUNTERS:
-                flags = counter.from_norms(norms)  # type: ignore[misc]
-                total = counts.get(counter.name)
-                if total is None:
-                    counts[counter.name] = flags.to(torch.int64)
-                else:
-                    total.add_(flags)
-            local = any(groups[k].local for k in members)
-            out.append((measured.registry[d], NormGroup(list(range(norms.numel())), norms, local)))
+                norms.div_(grad_scale.to(device=norms.device, dtype=norms.dtype, non_blocking=True))
+            out.append((device.registry, NormGroup(list(range(norms.numel())), norms, device.local)))
+        measured.next = (row + 1) % measured.rows
+        measured.pending += 1
+        if measured.pending == measured.rows:
+            self._count(measured)
         return out
 
     def _plan_for(self, indices: Sequence[int], grads: Sequence[Tensor]) -> _Measured:
@@ -116,36 +131,39 @@ class Measurement:
             self._plans.move_to_end(key)
             return measured
         if measured is not None:
-            self._retire(self._plans.pop(key))
+            self._count(self._plans.pop(key))
         measured = self._plans[key] = _Measured(indices, NormPlan.build(grads, self.norm_type))
         if len(self._plans) > MAX_PLANS:
-            self._retire(self._plans.popitem(last=False)[1])
+            self._count(self._plans.popitem(last=False)[1])
         return measured
 
     def flush(self) -> None:
-        """Hand every plan's counts to the state (the plans stay, their counts restart from zero)."""
+        """Count every plan's rows that are not counted yet (before the state's counters are read)."""
         for measured in self._plans.values():
-            self._hand_over(measured)
+            self._count(measured)
 
     def reset(self) -> None:
-        """Drop every plan and its counts (a reset of the state)."""
+        """Drop every plan and its uncounted rows (a reset of the state)."""
         self._plans.clear()
 
-    def _retire(self, measured: _Measured) -> None:
-        self._hand_over(measured)
-
-    def _hand_over(self, measured: _Measured) -> None:
-        if not measured.steps:
+    def _count(self, measured: _Measured) -> None:
+        pending = measured.pending
+        if not pending:
             return
-        for d, registry in enumerate(measured.registry):
-            self.state.add("measured_steps", registry, measured.steps)
-            for name, counts in measured.counts[d].items():
-                index = measured.index[d]
-                if index is None:
-                    index = measured.index[d] = torch.tensor(registry, dtype=torch.int64).to(counts.device)
-                self.state.add_device(name, index, counts)
-            measured.counts[d] = {}
-        measured.steps = 0
+        for device in measured.devices:
+            buffer = device.buffer
+            if pending == measured.rows:
+                block = buffer
+            else:  # the last `pending` rows of the ring
+                rows = [(measured.next - pending + j) % measured.rows for j in range(pending)]
+                block = buffer[torch.tensor(rows, device=buffer.device)]
+            if device.index is None:
+                device.index = torch.tensor(device.registry, dtype=torch.int64).to(buffer.device)
+            self.state.add("measured_steps", device.registry, pending)
+            for counter in DEVICE_COUNTERS:
+                flags = counter.from_norms(block)  # type: ignore[misc]
+                self.state.add_device(counter.name, device.index, flags.sum(0))
+        measured.pending = 0
 
 
 # ---------------------------------------------------------------------------------------------- pictures

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -44,7 +44,8 @@ STACK_MIN_TENSORS = 4  # ... when at least this many share a shape and dtype
 LARGE_NUMEL = 1 << 22  # accelerator tensors from this size (16 MB in float32) get a reduction kernel of their own
 _HALF = (torch.float16, torch.bfloat16)
 
-Kernel = Callable[[Sequence[Tensor]], Tensor]
+# a kernel computes the float32 norms of its tensors, into ``out`` when given (a slice of a measurement buffer)
+Kernel = Callable[..., Tensor]
 
 
 @dataclass
@@ -66,13 +67,14 @@ def local_tensor(grad: Tensor) -> Tensor:
 class _Part:
     """Positions whose norms one kernel computes, in the order of its result."""
 
-    __slots__ = ("positions", "kernel", "local", "all")
+    __slots__ = ("positions", "kernel", "local", "all", "device")
 
     def __init__(self, positions: list[int], kernel: Kernel, local: bool, all_positions: bool = False) -> None:
         self.positions = positions
         self.kernel = kernel
         self.local = local
         self.all = all_positions  # the part covers every position in order: the gradient list is used as it is
+        self.device: torch.device = torch.device("cpu")
 
 
 class NormPlan:
@@ -118,15 +120,21 @@ class NormPlan:
             for part in _dense_parts(locals_, local_dense, norm_type, local=True):
                 part.kernel = _on_local(part.kernel)
                 parts.append(part)
+        for part in parts:
+            part.device = local_tensor(grads[part.positions[0]]).device
         return cls(parts, len(grads))
 
-    def compute(self, grads: Sequence[Tensor]) -> list[NormGroup]:
-        """The norms of ``grads`` (the same parameters as when the plan was built), no host synchronization."""
-        out = []
-        for part in self.parts:
+    def compute(self, grads: Sequence[Tensor], out: Optional[Sequence[Tensor]] = None) -> list[NormGroup]:
+        """The norms of ``grads`` (the same parameters as when the plan was built), no host synchronization.
+
+        ``out``: one float32 tensor per part (in :attr:`parts` order) to write the norms into.
+        """
+        groups = []
+        for k, part in enumerate(self.parts):
             tensors = grads if part.all else [grads[i] for i in part.positions]
-            out.append(NormGroup(part.positions, part.kernel(tensors), part.local))
-        return out
+            norms = part.kernel(tensors, out[k]) if out is not None else part.kernel(tensors)
+            groups.append(NormGroup(part.positions, norms, part.local))
+        return groups
 
 
 def per_param_norms(grads: Sequence[Tensor], norm_type: float) -> list[NormGroup]:
@@ -219,13 +227,23 @@ def _upcast(dtype: torch.dtype) -> dict:
     return {"dtype": torch.float32} if dtype in _HALF else {}
 
 
+def _into(norms: Tensor, out: Optional[Tensor]) -> Tensor:
+    """``norms`` as float32, written into ``out`` when given."""
+    if out is not None:
+        return out.copy_(norms)
+    return norms if norms.dtype == torch.float32 else norms.to(torch.float32)
+
+
 def _fused_kernel(norm_type: float, sample: Tensor) -> Kernel:
     upcast = sample.dtype in _HALF
     if _has_foreach_support([sample], sample.device):
+        float32 = upcast or sample.dtype == torch.float32
 
-        def fused(tensors: Sequence[Tensor]) -> Tensor:
-            norms = torch.stack(_foreach_norm(list(tensors), norm_type, upcast))
-            return norms if norms.dtype == torch.float32 else norms.to(torch.float32)
+        def fused(tensors: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
+            norms = _foreach_norm(list(tensors), norm_type, upcast)
+            if out is not None and float32:
+                return torch.stack(norms, out=out)
+            return _into(torch.stack(norms), out)
 
         return fused
     return _each_kernel(norm_type, sample.dtype)
@@ -234,44 +252,46 @@ def _fused_kernel(norm_type: float, sample: Tensor) -> Kernel:
 def _each_kernel(norm_type: float, dtype: torch.dtype) -> Kernel:
     kwargs = _upcast(dtype)
 
-    def each(tensors: Sequence[Tensor]) -> Tensor:
-        return torch.stack([torch.linalg.vector_norm(t, norm_type, **kwargs) for t in tensors]).to(torch.float32)
+    def each(tensors: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
+        return _into(torch.stack([torch.linalg.vector_norm(t, norm_type, **kwargs) for t in tensors]), out)
 
     return each
 
 
 def _stacked_kernel(norm_type: float, dtype: torch.dtype) -> Kernel:
     kwargs = _upcast(dtype)
+    float32 = bool(kwargs) or dtype == torch.float32
 
-    def stacked(tensors: Sequence[Tensor]) -> Tensor:
+    def stacked(tensors: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
         rows = torch.stack(list(tensors)).view(len(tensors), -1)
-        norms = torch.linalg.vector_norm(rows, norm_type, dim=1, **kwargs)
-        return norms if norms.dtype == torch.float32 else norms.to(torch.float32)
+        if out is not None and float32:
+            return torch.linalg.vector_norm(rows, norm_type, dim=1, out=out, **kwargs)
+        return _into(torch.linalg.vector_norm(rows, norm_type, dim=1, **kwargs), out)
 
     return stacked
 
 
 def _single_kernel(norm_type: float) -> Kernel:
-    def single(tensors: Sequence[Tensor]) -> Tensor:
-        return torch.linalg.vector_norm(tensors[0], norm_type).to(torch.float32).reshape(1)
+    def single(tensors: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
+        return _into(torch.linalg.vector_norm(tensors[0], norm_type).reshape(1), out)
 
     return single
 
 
-def _empty_kernel(tensors: Sequence[Tensor]) -> Tensor:
-    return local_tensor(tensors[0]).new_zeros(1, dtype=torch.float32)
+def _empty_kernel(tensors: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    return _into(local_tensor(tensors[0]).new_zeros(1, dtype=torch.float32), out)
 
 
 def _sparse_kernel(norm_type: float, is_dtensor: bool) -> Kernel:
-    def sparse(tensors: Sequence[Tensor]) -> Tensor:
-        return _sparse_norm(tensors[0].to_local() if is_dtensor else tensors[0], norm_type)
+    def sparse(tensors: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
+        return _into(_sparse_norm(tensors[0].to_local() if is_dtensor else tensors[0], norm_type), out)
 
     return sparse
 
 
 def _on_local(kernel: Kernel) -> Kernel:
-    def local(tensors: Sequence[Tensor]) -> Tensor:
-        return kernel([t.to_local() for t in tensors])
+    def local(tensors: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
+        return kernel([t.to_local() for t in tensors], out)
 
     return local
 
