@@ -332,7 +332,7 @@ class GradGuard(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._step is None or self.reporter is None:
+        if self._step is None or self.reporter is None or not self.reporter.end_due(*self._step):
             return
         self._reduce()  # its own feature: if logging fails on one rank, the others must not wait for it
         self._write()

@@ -216,6 +216,9 @@ class Watcher:
             return
         if self.scale is not None:
             self.scale.settle()  # scaler.update() ran: the step counts as skipped if it overflowed
+        if not self.reporter.end_due(*self._step):
+            self._step = None
+            return
         self._reduce()  # its own feature: if logging fails on one rank, the others must not wait for it
         self._write(scalars)
         self._step = None

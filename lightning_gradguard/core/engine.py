@@ -307,6 +307,10 @@ class GradGuardEngine:
 
     def _classify(self, view: _View, step: int, window: int, backwards: int, accumulate: Optional[int]) -> StepCheck:
         indices, params, grads = view.indices, view.params, view.grads
+        if not view.none and self._tracking and self._arrivals.all_arrived(window, self.windows.optimizers <= 1):
+            # the healthy step: every gradient there, every micro-batch gave every parameter one
+            self.state.add_uniform(indices, steps=1, micro_batches=window)
+            return StepCheck(step, window, backwards, accumulate, indices, [], [])
         skip_empty = any(o.skip_empty_shards for o in self._observers)
         # frozen parameters (and, under FSDP1, parameters with no shard here) have no .grad by design
         frozen = [j for j in view.none if not params[j].requires_grad or (skip_empty and not params[j].numel())]

@@ -56,7 +56,7 @@ class _Device:
 class _Measured:
     """A norm plan for one measured parameter list, its ring buffers, and how many rows are not yet counted."""
 
-    __slots__ = ("indices", "plan", "devices", "out", "rows", "next", "pending")
+    __slots__ = ("indices", "plan", "devices", "out", "groups", "rows", "next", "pending")
 
     def __init__(self, indices: Sequence[int], plan: NormPlan) -> None:
         self.indices = indices  # held, so that its id stays unique while the plan lives
@@ -76,6 +76,11 @@ class _Measured:
             views = [view for d in self.devices for view in d.views[r]]
             by_part = dict(zip(order, views))
             self.out.append([by_part[k] for k in range(len(plan.parts))])
+        # per row: what a step hands back, built once
+        self.groups = [
+            [(d.registry, NormGroup(list(range(len(d.registry))), d.buffer[r], d.local)) for d in self.devices]
+            for r in range(self.rows)
+        ]
         self.next = 0  # the row the next step writes
         self.pending = 0  # rows written since the last count
 
@@ -112,12 +117,10 @@ class Measurement:
         measured = self._plan_for(indices, grads)
         row = measured.next
         measured.plan.compute(grads, measured.out[row])
-        out = []
-        for device in measured.devices:
-            norms = device.buffer[row]
-            if grad_scale is not None:
-                norms.div_(grad_scale.to(device=norms.device, dtype=norms.dtype, non_blocking=True))
-            out.append((device.registry, NormGroup(list(range(norms.numel())), norms, device.local)))
+        out = measured.groups[row]
+        if grad_scale is not None:
+            for _, group in out:
+                group.norms.div_(grad_scale.to(device=group.norms.device, dtype=torch.float32, non_blocking=True))
         measured.next = (row + 1) % measured.rows
         measured.pending += 1
         if measured.pending == measured.rows:

@@ -67,7 +67,7 @@ def local_tensor(grad: Tensor) -> Tensor:
 class _Part:
     """Positions whose norms one kernel computes, in the order of its result."""
 
-    __slots__ = ("positions", "kernel", "local", "all", "device")
+    __slots__ = ("positions", "kernel", "local", "all", "device", "take")
 
     def __init__(self, positions: list[int], kernel: Kernel, local: bool, all_positions: bool = False) -> None:
         self.positions = positions
@@ -75,6 +75,7 @@ class _Part:
         self.local = local
         self.all = all_positions  # the part covers every position in order: the gradient list is used as it is
         self.device: torch.device = torch.device("cpu")
+        self.take = _slice_of(positions)  # evenly spaced positions (weights, biases): a slice, not a list comprehension
 
 
 class NormPlan:
@@ -131,7 +132,12 @@ class NormPlan:
         """
         groups = []
         for k, part in enumerate(self.parts):
-            tensors = grads if part.all else [grads[i] for i in part.positions]
+            if part.all:
+                tensors = grads
+            elif part.take is not None:
+                tensors = grads[part.take]
+            else:
+                tensors = [grads[i] for i in part.positions]
             norms = part.kernel(tensors, out[k]) if out is not None else part.kernel(tensors)
             groups.append(NormGroup(part.positions, norms, part.local))
         return groups
@@ -190,7 +196,7 @@ def _cpu_parts(tensors: list[Tensor], positions: list[int], norm_type: float, lo
     stacked: set[int] = set()
     for shape, members in by_shape.items():
         if len(members) >= STACK_MIN_TENSORS:  # fewer: their dispatches cost less than a copy and a reduction
-            parts.append(_Part([positions[i] for i in members], _stacked_kernel(norm_type, tensors[0].dtype), local))
+            parts.append(_Part([positions[i] for i in members], _stacked_kernel(norm_type, tensors[members[0]]), local))
             stacked.update(members)
     rest = [i for i in range(len(tensors)) if i not in stacked]
     if rest:
@@ -210,6 +216,16 @@ def _accelerator_parts(tensors: list[Tensor], positions: list[int], norm_type: f
     if rest:
         parts.append(_Part([positions[i] for i in rest], _fused_kernel(norm_type, tensors[rest[0]]), local))
     return parts
+
+
+def _slice_of(positions: list[int]) -> Optional[slice]:
+    """``positions`` as a slice when they are evenly spaced and increasing, else None."""
+    if len(positions) < 2:
+        return slice(positions[0], positions[0] + 1) if positions else None
+    step = positions[1] - positions[0]
+    if step <= 0 or any(b - a != step for a, b in zip(positions, positions[1:])):
+        return None
+    return slice(positions[0], positions[-1] + 1, step)
 
 
 def _accelerator_groups(tensors: list[Tensor], positions: list[int], norm_type: float, local: bool) -> list[NormGroup]:
@@ -258,15 +274,16 @@ def _each_kernel(norm_type: float, dtype: torch.dtype) -> Kernel:
     return each
 
 
-def _stacked_kernel(norm_type: float, dtype: torch.dtype) -> Kernel:
-    kwargs = _upcast(dtype)
-    float32 = bool(kwargs) or dtype == torch.float32
+def _stacked_kernel(norm_type: float, sample: Tensor) -> Kernel:
+    kwargs = _upcast(sample.dtype)
+    float32 = bool(kwargs) or sample.dtype == torch.float32
+    dims = tuple(range(1, sample.dim() + 1))  # every dimension of a stacked tensor but the first
 
     def stacked(tensors: Sequence[Tensor], out: Optional[Tensor] = None) -> Tensor:
-        rows = torch.stack(list(tensors)).view(len(tensors), -1)
+        rows = torch.stack(tensors)
         if out is not None and float32:
-            return torch.linalg.vector_norm(rows, norm_type, dim=1, out=out, **kwargs)
-        return _into(torch.linalg.vector_norm(rows, norm_type, dim=1, **kwargs), out)
+            return torch.linalg.vector_norm(rows, norm_type, dim=dims, out=out, **kwargs)
+        return _into(torch.linalg.vector_norm(rows, norm_type, dim=dims, **kwargs), out)
 
     return stacked
 

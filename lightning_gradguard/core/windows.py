@@ -99,7 +99,6 @@ class ArrivalCounts:
         self._extra = 0
         self._extra_in = -1
         self._absent: list[int] = []
-        self._absent_set: Optional[frozenset[int]] = None
         self._index: dict[int, tuple[Sequence[int], Tensor]] = {}
 
     def resize(self, size: int) -> None:
@@ -125,7 +124,7 @@ class ArrivalCounts:
                 return
         elif self._clean:  # nothing counted yet in any window: start the lazy part
             self._extra, self._extra_in = 1, micro_batch
-            self._absent, self._absent_set = missed, None
+            self._absent = missed
             return
         self._materialize()
         arrived = torch.ones(self.size, dtype=torch.bool)
@@ -150,9 +149,17 @@ class ArrivalCounts:
         self._count.zero_()
         self._last.fill_(-1)
         self._clean = True
-        self._extra, self._extra_in, self._absent, self._absent_set = 0, -1, [], None
+        self._extra, self._extra_in, self._absent = 0, -1, []
 
     # ------------------------------------------------------------------ a step
+    def all_arrived(self, window: int, covers_all: bool) -> bool:
+        """At a step of the only optimizer: whether every parameter received a gradient in each of the window's
+        ``window`` micro-batches (the healthy case, known in constant time); if so, every window restarts."""
+        if covers_all and self._clean and self._extra >= window and self._extra and not self._absent:
+            self._extra, self._extra_in, self._absent = 0, -1, []
+            return True
+        return False
+
     def take(self, indices: Sequence[int], window: int, covers_all: bool) -> tuple[list[int], dict[int, int]]:
         """The arrivals of ``indices`` for a step whose window has ``window`` micro-batches; their windows restart.
 
@@ -176,7 +183,7 @@ class ArrivalCounts:
                 zero = list(wanted)
                 if window > 0:
                     short = dict.fromkeys(wanted, window)
-            self._extra, self._extra_in, self._absent, self._absent_set = 0, -1, [], None
+            self._extra, self._extra_in, self._absent = 0, -1, []
             return zero, short
         self._materialize()
         index = self._index_of(indices)
@@ -206,7 +213,7 @@ class ArrivalCounts:
             present[torch.tensor(self._absent, dtype=torch.int64)] = False
         self._count[present] += self._extra
         self._last[present] = self._extra_in
-        self._extra, self._extra_in, self._absent, self._absent_set = 0, -1, [], None
+        self._extra, self._extra_in, self._absent = 0, -1, []
         self._clean = False
 
     def _index_of(self, indices: Sequence[int]) -> Tensor:

@@ -88,7 +88,8 @@ class Reporter:
         self._latest: dict[Any, StepCheck] = {}  # optimizer -> its latest measured check since the last log step
         self._staged: deque[tuple[StagedMetrics, int]] = deque()
         self._layout: Optional[tuple[int, LogLayout]] = None
-        self._requesting: list[Sink] = []
+        self._requesting: list[Sink] = []  # the sinks that ask for statistics or see every step
+        self._stepping: list[Sink] = []
 
     # ------------------------------------------------------------------ set-up
     def add(self, sink: Sink) -> Sink:
@@ -107,6 +108,7 @@ class Reporter:
             report=self.engine.report,
         )
         self._requesting = [s for s in self.sinks if type(s).request is not Sink.request] if self.writes else []
+        self._stepping = [s for s in self.sinks if type(s).write_step is not Sink.write_step] if self.writes else []
         if self.writes:
             for sink in self.sinks:
                 sink.start(run)
@@ -140,9 +142,13 @@ class Reporter:
         pictures, the report at the first missing gradient)."""
         if check.measured and self.logs:
             self._latest[check.optimizer] = check
-        if self.writes:
-            for sink in self.sinks:
-                sink.write_step(check, step)
+        for sink in self._stepping:
+            sink.write_step(check, step)
+
+    def end_due(self, step: int, log: bool) -> bool:
+        """Whether :meth:`end_step` has anything to do after ``step`` (most steps: nothing)."""
+        collective = self.context is not None and self.context.reduces and (step + 1) % self.every == 0
+        return log or collective or bool(self._staged)
 
     def end_step(self, step: int, log: Optional[bool] = None, scalars: Optional[Mapping[str, Tensor]] = None) -> None:
         """The step numbered ``step`` is over (every optimizer that steps in it has stepped): :meth:`reduce`, then

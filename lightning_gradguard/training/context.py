@@ -116,6 +116,11 @@ class TrainingContext(EngineObserver):
         return self.info.grads_visible
 
     @property
+    def reduces(self) -> bool:
+        """Whether counts and norms are reduced across ranks (a collective at logging steps)."""
+        return self.ledger is not None
+
+    @property
     def measure_every_step(self) -> bool:
         """Under a GradScaler, overflows are what non-finite counts are for: read gradients at every step."""
         return self.scale is not None
