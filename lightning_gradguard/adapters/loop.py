@@ -44,7 +44,6 @@ hooked too.
 from __future__ import annotations
 
 import atexit
-import functools
 import os
 import warnings
 import weakref
@@ -115,13 +114,15 @@ class LoopGuard(Watcher):
             strategy=describe_module(model),
             log_dir=os.fspath(log_dir) if log_dir is not None else None,
             writer=writer,
+            late_backward=True,
         )
         self._backward_open = False  # inside a backward pass this adapter bracketed (or chose to ignore)
         self._bracketed = False  # the open backward pass was handed to the engine
         self._through_model = False  # the open backward pass reached the model's outputs
         self._forward_since_backward = False
         self._root_forward_seen = False
-        self._marked = False  # the gradients a backward pass starts from are recorded since the last one ended
+        self._marked = False  # the gradients the next backward pass starts from are recorded
+        self._stepped = False  # an optimizer stepped since the last backward pass ended
         self._restarts: list[torch.optim.Optimizer] = []  # zero_grad since their last step
         self._param_hooks: list[Any] = []  # the per-parameter detector, while it is needed
         self._param_mode = True
@@ -129,6 +130,7 @@ class LoopGuard(Watcher):
         self._seen_params = 0  # registry entries looked at for the per-parameter detector
         self._unhooked: list[Tensor] = []  # parameters frozen when seen: hooked once they require grad
         self._handles.append(_RemoveAll(self._param_hooks))
+        self._mark(None)  # the first backward pass starts from the gradients as they are now
         self._install()
         _close_at_exit(self)
 
@@ -149,21 +151,19 @@ class LoopGuard(Watcher):
                 self._handles.append(flat.register_hook(self._on_param_grad))
 
     def _on_forward_start(self, module: nn.Module, args: Any) -> None:
-        if not torch.is_grad_enabled():  # evaluation under no_grad is not a micro-batch
-            return
-        self._forward_since_backward = True
-        self._root_forward_seen = True
-        if not self._marked:  # the gradients this micro-batch's backward pass starts from
-            self._mark(None)
+        if torch.is_grad_enabled():  # evaluation under no_grad is not a micro-batch
+            self._forward_since_backward = True
+            self._root_forward_seen = True
 
     def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         if not torch.is_grad_enabled():
             return
-        hooked = 0
+        hooked: list[Any] = []
         for tensor in _tensors(output):
-            if tensor.requires_grad and tensor.grad_fn is not None and hooked < _MAX_OUTPUTS:
-                tensor.register_hook(functools.partial(self._on_output_grad, tensor.grad_fn))
-                hooked += 1
+            node = tensor.grad_fn
+            if node is not None and len(hooked) < _MAX_OUTPUTS and not any(node is n for n in hooked):
+                node.register_prehook(self._on_output_grad)  # runs when a backward pass reaches the output
+                hooked.append(node)
 
     def _after_zero_grad(self, owner: Any, set_to_none: bool) -> None:
         if isinstance(owner, torch.optim.Optimizer):
@@ -199,9 +199,9 @@ class LoopGuard(Watcher):
                 still_frozen.append(param)
         self._unhooked = still_frozen
 
-    def _on_output_grad(self, node: Any, grad: Tensor) -> None:
+    def _on_output_grad(self, grad_outputs: Any) -> None:
         if not self._backward_open:
-            self._on_backward_start(node)
+            self._on_backward_start(torch._C._current_autograd_node())
         self._through_model = True
 
     def _on_param_grad(self, grad: Tensor) -> None:
@@ -220,6 +220,11 @@ class LoopGuard(Watcher):
         for optimizer in self._restarts:
             self.engine.restart_window(optimizer)
         self._restarts.clear()
+        if not self._marked:  # no zero_grad since the last backward pass: the baseline is what that one left
+            if self._stepped:  # ... unless a step came in between (gradients kept across steps): read them now
+                self.engine.mark_gradients()
+            else:
+                self.engine.keep_baseline()
         new_micro_batch = self._forward_since_backward or not self._root_forward_seen
         self._forward_since_backward = False
         self.backward_started(new_micro_batch=new_micro_batch)
@@ -230,6 +235,7 @@ class LoopGuard(Watcher):
             self._bracketed = False
             self._all_through_model = self._all_through_model and self._through_model
             self._marked = False
+            self._stepped = False
             self.backward_ended()
 
     def _on_step_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
@@ -241,6 +247,7 @@ class LoopGuard(Watcher):
         self.before_step(optimizer, scale if isinstance(scale, Tensor) else None)
 
     def _on_step_post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
+        self._stepped = True
         self.after_step()
         self._after_first_window()
 

@@ -57,6 +57,7 @@ class Watcher:
         loggers: Lightning loggers to log through (Fabric's), with their TensorBoard dashboard and log directory.
         ddp_fix: how the user turns on DDP's search for unused parameters in their framework.
         scale: the AMP loss-scale tracker, when the loop runs under a ``GradScaler`` the adapter can see.
+        late_backward: the adapter notices a backward pass only once it runs (hooks inside autograd).
 
     """
 
@@ -73,6 +74,7 @@ class Watcher:
         loggers: Sequence[Any] = (),
         ddp_fix: str = "DistributedDataParallel(model, find_unused_parameters=True)",
         scale: Optional[LossScaleTracker] = None,
+        late_backward: bool = False,
     ) -> None:
         self.config = config
         self.optimizers = list(optimizers)
@@ -94,7 +96,7 @@ class Watcher:
         # the step check reuses the gradients read at the end of the last backward pass (zero_grad, the one way a
         # loop normally clears them in between, invalidates that read), except where gradients are rewritten after
         # the backward pass the adapter brackets: DDP's reducer, FSDP's sharded views
-        self.engine.start_run(reuse_backward_read=not strategy.distributed)
+        self.engine.start_run(reuse_backward_read=not strategy.distributed, late_backward=late_backward)
         self.reporter = self._reporter(log_dir, writer, loggers)
 
     # ------------------------------------------------------------------ set-up

@@ -31,6 +31,11 @@ class ArrivalTracker:
         # in between (taken by the check, dropped by the next backward: never held past the step)
         self._kept: Optional[list[Optional[Tensor]]] = None
         self._kept_none: Optional[list[int]] = None  # positions of None in it, when that scan was made anyway
+        # the state the last backward left (gradients and, when read then, their versions): the next backward pass's
+        # baseline when nothing touched a gradient in between (the micro-batches of an accumulation window)
+        self._last: Optional[list[Optional[Tensor]]] = None
+        self._last_versions: Optional[list[int]] = None
+        self.eager_versions = False  # read the versions right after backward (see keep_baseline)
 
     def before_backward(self, params: Sequence[Tensor], cleared: Optional[Sequence[int]] = None) -> None:
         """Snapshot the gradients right before a backward pass.
@@ -62,6 +67,26 @@ class ArrivalTracker:
         # list.count(None) and `None in before` would call Tensor.__eq__ on every gradient (~8 us each).
         if any(map(is_not, before, repeat(None))):
             self._versions = [-1 if g is None else g._version for g in before]
+        else:
+            self._versions = []
+
+    def keep_baseline(self, params: Sequence[Tensor]) -> None:
+        """The next backward pass starts from what the last one left: no gradient changed in between.
+
+        Versions are those read right after the last backward pass when :attr:`eager_versions` was set, else read
+        now; read now, a gradient a parameter used only in the loss already received in the pass that is starting
+        would look like it was there before (an adapter that notices the pass late sets ``eager_versions``).
+        """
+        last = self._last
+        if last is None or len(last) != len(params):
+            self.before_backward(params)
+            return
+        self._kept = self._kept_none = None
+        self._before = last
+        if self._last_versions is not None:
+            self._versions = self._last_versions
+        elif any(map(is_not, last, repeat(None))):
+            self._versions = [-1 if g is None else g._version for g in last]
         else:
             self._versions = []
 
@@ -98,6 +123,8 @@ class ArrivalTracker:
             ]
             missed.extend(i for i in range(n, len(after)) if after[i] is None)
         self.last_missed = {i: (_ref(after[i]), _version(after[i])) for i in missed}
+        self._last = after
+        self._last_versions = [-1 if g is None else g._version for g in after] if self.eager_versions else None
         return missed
 
     def take_kept(self) -> tuple[Optional[list[Optional[Tensor]]], Optional[list[int]]]:
@@ -116,6 +143,7 @@ class ArrivalTracker:
     def reset(self) -> None:
         self._before, self._versions = None, []
         self._kept = self._kept_none = None
+        self._last = self._last_versions = None
         self.last_missed = {}
 
 

@@ -40,6 +40,7 @@ from lightning_gradguard.report import Finding, GradReport, ParamReport
 
 _GRAD = attrgetter("grad")
 _MAX_LISTS = 16  # derived index lists kept by identity (checked and measured subsets)
+_EAGER_VERSIONS_MAX = 2048  # parameter tensors up to which plain loops read versions after every backward pass
 _CLEARED_DETAIL = (
     "it received a gradient in backward, but .grad was None at the optimizer step: something called zero_grad() "
     "(or set .grad = None) in between"
@@ -108,6 +109,7 @@ class GradGuardEngine:
         self._tracking = False  # True once a before/after backward bracket was seen
         self._in_backward = False
         self._reuse_read = False
+        self._late_backward = False
         self._marked = False  # mark_gradients() took the snapshot the next backward pass is compared with
         self._lists = _DerivedLists()
         self._pending_state: Optional[Any] = None
@@ -129,7 +131,7 @@ class GradGuardEngine:
             self.diagnosis = Diagnosis(self)
             self.diagnosis.start_run()
 
-    def start_run(self, reuse_backward_read: bool = False) -> None:
+    def start_run(self, reuse_backward_read: bool = False, late_backward: bool = False) -> None:
         """Begin a training run (a ``fit``): windows restart, the counts carry on.
 
         Args:
@@ -137,6 +139,8 @@ class GradGuardEngine:
                 :meth:`after_backward` and :meth:`check_step` (Lightning's automatic optimization with no hook in
                 between): the step check then reuses the gradients read after backward instead of reading every
                 ``.grad`` again.
+            late_backward: the adapter notices a backward pass only once it runs (plain loops): the versions of
+                the gradients a backward pass leaves are read right then, for :meth:`keep_baseline`.
 
         """
         self.windows.start_run()
@@ -144,6 +148,10 @@ class GradGuardEngine:
         self._tracker.reset()
         self._in_backward = False
         self._reuse_read = reuse_backward_read
+        self._late_backward = late_backward
+        # small models: reading the versions after every backward pass costs next to nothing; big ones read them
+        # once accumulation shows that a backward pass will follow without zero_grad (see keep_baseline)
+        self._tracker.eager_versions = late_backward and len(self.registry) <= _EAGER_VERSIONS_MAX
         if self.diagnosis is not None:
             self.diagnosis.start_run()  # the first steps of every run are watched
 
@@ -200,6 +208,13 @@ class GradGuardEngine:
         known_none = self.registry.optimizer_params(cleared)[0] if cleared is not None else None
         self._sync_size()
         self._tracker.before_backward(self.registry.params, known_none)
+        self._marked = True
+
+    def keep_baseline(self) -> None:
+        """No gradient changed since the last backward pass ended (the next micro-batch of an accumulation window):
+        the next backward pass is compared with what that one left, without reading every ``.grad`` again."""
+        self._sync_size()
+        self._tracker.keep_baseline(self.registry.params)
         self._marked = True
 
     def before_backward(
@@ -274,6 +289,8 @@ class GradGuardEngine:
         """
         view = self._gather(optimizer)
         window, backwards = self.windows.close(optimizer)
+        if window > 1 and self._late_backward:
+            self._tracker.eager_versions = True
         self.state.steps += 1
         check = self._classify(view, step, window, backwards, accumulate)
         check.optimizer = optimizer
