@@ -49,6 +49,7 @@ class ArrivalTracker:
 
         """
         self._kept = self._kept_none = None
+        self._last = self._last_versions = None  # never keep gradients alive past the zero_grad that freed them
         if cleared and params[cleared[0]].grad is None and params[cleared[-1]].grad is None:
             others = self._complement(len(params), cleared)
             if not others:
@@ -129,8 +130,9 @@ class ArrivalTracker:
 
     def take_kept(self) -> tuple[Optional[list[Optional[Tensor]]], Optional[list[int]]]:
         """The gradients the last backward left, as read right after it (if kept), and the positions of None among
-        them (if known); hands them over only once."""
+        them (if known); hands them over only once. A step ends what the next backward pass could start from."""
         kept, none, self._kept, self._kept_none = self._kept, self._kept_none, None, None
+        self._last = self._last_versions = None
         return kept, none
 
     def unchanged_since_backward(self, index: int, grad: Tensor) -> bool:
