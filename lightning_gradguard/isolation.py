@@ -18,6 +18,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 # features whose results another feature reads: turning the first off turns the others off too
 _DEPENDENTS = {"check": ("log",)}
 
+# called with the message of every internal error (the project's tests fail a test that caused one)
+listeners: list[Callable[[str], None]] = []
+
+
+def internal_error(message: str) -> str:
+    """Tell the listeners of an internal error of GradGuard's own code; returns the message for the warning."""
+    for listener in listeners:
+        listener(message)
+    return message
+
 
 class IsolatedAdapter(Protocol):
     _disabled: set[str]
@@ -40,11 +50,11 @@ def feature(name: str) -> Callable[[F], F]:
             except Exception as err:  # noqa: BLE001 - isolating the user's run from the guard's own bugs
                 self._disabled.add(name)
                 self._disabled.update(_DEPENDENTS.get(name, ()))
-                self._report_internal_error(
+                self._report_internal_error(internal_error(
                     f"GradGuard: internal error in {name!r} ({type(err).__name__}: {err}); {name!r} is turned off "
                     "for the rest of this run, training continues. Please report this at the project's issue "
                     "tracker."
-                )
+                ))
                 return None
 
         return wrapper  # type: ignore[return-value]

@@ -45,6 +45,24 @@ def _quiet_lightning():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _no_internal_error(request):
+    """GradGuard isolates its own failures so that training goes on; a test must never pass because of that.
+
+    A test that breaks GradGuard on purpose is marked ``@pytest.mark.internal_error``.
+    """
+    from lightning_gradguard import isolation
+
+    seen: list[str] = []
+    isolation.listeners.append(seen.append)
+    try:
+        yield
+    finally:
+        isolation.listeners.remove(seen.append)
+    if seen and request.node.get_closest_marker("internal_error") is None:
+        pytest.fail(f"GradGuard reported an internal error: {seen[0]}")
+
+
 @pytest.fixture
 def make_trainer(tmp_path):
     """Build a quiet CPU Trainer: ``make_trainer(callbacks=[...], max_epochs=2, logger=TensorBoardLogger(...))``.

@@ -131,6 +131,7 @@ def test_plain_loop_log_dir(tmp_path, capsys):
     assert all(name in out for name in PLANTED)
 
 
+@pytest.mark.slow
 def test_console_script(planted_run):
     """The installed ``gradguard`` entry point (or ``python -m``) with a real exit status."""
     executable = shutil.which("gradguard")
@@ -204,6 +205,7 @@ def _imported_modules(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]
     return result, modules
 
 
+@pytest.mark.slow
 def test_the_command_imports_neither_torch_nor_lightning(planted_run, tmp_path):
     """A CI gate answers at once: reading gradguard.json imports no torch, no Lightning, not even tensorboard."""
     result, modules = _imported_modules("report", planted_run[0], "--fail-on-missing")
@@ -214,6 +216,7 @@ def test_the_command_imports_neither_torch_nor_lightning(planted_run, tmp_path):
     assert heavy == []
 
 
+@pytest.mark.slow
 def test_event_files_need_tensorboard_but_not_torch(planted_run, tmp_path):
     copy = tmp_path / "only_events"
     shutil.copytree(planted_run[0], copy)

@@ -229,6 +229,7 @@ def _subprocess(*argv: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_a_fifo_never_blocks(valid, tmp_path):
     """A FIFO named gradguard.json (or like an event file) is refused at once, not read (which would wait forever)."""
     run_dir = tmp_path / "run"
@@ -247,6 +248,7 @@ def test_a_fifo_never_blocks(valid, tmp_path):
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_exit_codes_of_the_real_command(valid, tmp_path):
     path = tmp_path / "gradguard.json"
     path.write_text(json.dumps(valid))
@@ -258,6 +260,7 @@ def test_exit_codes_of_the_real_command(valid, tmp_path):
     assert _subprocess("report").returncode == EXIT_ERROR  # no PATH: argparse's usage error
 
 
+@pytest.mark.slow
 def test_a_name_the_terminal_cannot_encode_is_escaped(valid, tmp_path):
     data = edited(valid, lambda d: d["params"].update({"tête.wéight": d["params"].pop("unused.weight")}))
     path = tmp_path / "gradguard.json"

@@ -234,6 +234,7 @@ def _get(port: int, path: str, **params) -> object:
         return json.loads(response.read().decode())
 
 
+@pytest.mark.slow
 def test_tensorboard_server_serves_scalars_layout_and_report(make_trainer, tmp_path):
     guard, log_dir = fit(make_trainer, tmp_path / "logs", PlantedModule(), n_batches=4)
     port = _free_port()

@@ -235,6 +235,7 @@ def test_plain_loop_evaluation_between_steps_is_not_a_no_grad_cause():
     assert engine.report().params["val_head.weight"].cause == "unused"
 
 
+@pytest.mark.internal_error
 def test_an_internal_diagnosis_error_never_breaks_the_run(tmp_path, monkeypatch, recwarn):
     from lightning_gradguard.core import diagnosis
 

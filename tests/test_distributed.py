@@ -28,6 +28,9 @@ WORLD = 2
 LAUNCH_TIMEOUT = 240  # seconds for a whole launch; a hang fails the test instead of blocking the suite
 
 
+pytestmark = pytest.mark.slow  # several processes, or subprocesses
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,6 +12,9 @@ import pytest
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
+pytestmark = pytest.mark.slow  # several processes, or subprocesses
+
+
 def run_example(name: str, cwd) -> str:
     env = dict(os.environ, PYTHONWARNINGS="ignore::DeprecationWarning", OMP_NUM_THREADS="1")
     result = subprocess.run(

@@ -168,6 +168,7 @@ def test_mlflow_stores_legal_distinct_names_with_the_same_values(run):
     assert not [m for m in messages if "MLFlow only allows" in m]
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_every_series(run):
     loggers, _, _, _ = run
     run_dir = loggers["wandb"].experiment.dir  # .../wandb/offline-run-*/files

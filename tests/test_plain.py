@@ -406,6 +406,7 @@ def test_close_removes_every_hook(quiet):
     assert guard.report().steps == 2
 
 
+@pytest.mark.internal_error
 def test_an_internal_error_turns_the_check_off_and_training_continues():
     model = HealthyNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -453,6 +454,7 @@ def test_optimizer_without_trainable_parameters_is_an_error():
 
 
 # ---------------------------------------------------------------------------------------------- the example
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_plain_pytorch_example_tells_the_truth(tmp_path):
     """examples/plain_pytorch.py, run as a user runs it: the article's examples are healthy, the real bugs named."""

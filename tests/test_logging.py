@@ -228,6 +228,7 @@ def test_summary_false_prints_nothing(make_trainer, capsys):
 
 
 # ------------------------------------------------------------ the guard's own failures
+@pytest.mark.internal_error
 def test_internal_failure_in_logging_is_reported_once_and_training_completes(make_trainer, tmp_path, monkeypatch):
     import lightning_gradguard.output.reporter as reporter_module
 
@@ -249,6 +250,7 @@ def test_internal_failure_in_logging_is_reported_once_and_training_completes(mak
     assert guard.report().params["unused.weight"].none_steps == 6
 
 
+@pytest.mark.internal_error
 def test_internal_failure_in_checking_is_reported_once_and_training_completes(make_trainer, monkeypatch):
     from lightning_gradguard.core.engine import GradGuardEngine
 
