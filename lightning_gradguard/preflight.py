@@ -1,17 +1,11 @@
 """A check before training, for unit tests and notebooks: does every trainable parameter receive a gradient?
 
-:func:`check_gradients` runs one forward and one backward pass of a model on one batch under GradGuard's engine,
-with the diagnosis on, and returns the :class:`~lightning_gradguard.report.GradReport` (missing parameters, their
-causes and source lines, the static findings); :func:`assert_gradients_flow` raises an ``AssertionError`` with
-GradGuard's message instead. No optimizer steps, and the model is left as it was found: each parameter's
-``.grad`` (the same tensor with the same values, or None), each module's training mode, ``requires_grad``, the
-buffers (BatchNorm running statistics), the autograd grad mode and the random number generators.
-
-A ``LightningModule`` runs its ``training_step`` without a Trainer, the way Lightning runs one under Fabric: for the
-duration of the call its ``fabric`` is a stand-in whose ``backward`` is observed, whose ``log`` goes nowhere and
-whose ``self.trainer`` answers ``global_step``, ``current_epoch`` and ``optimizers``. Under manual optimization
-``self.optimizers()`` returns the model's optimizers with a ``step()`` that runs the closure and is checked instead
-of taken.
+One forward and one backward pass under GradGuard's engine, with the diagnosis on, and no optimizer step; the model
+is left as it was found (gradients, training modes, ``requires_grad``, buffers, grad mode, random generators). A
+``LightningModule``'s ``training_step`` runs without a Trainer through Lightning's own route for that, a ``fabric``
+attribute: for the duration of the call it is a stand-in that observes ``backward``, drops ``log`` and answers
+``self.trainer.global_step``/``current_epoch``/``optimizers``; manual optimization's optimizers check their
+``step()`` instead of taking it.
 """
 
 from __future__ import annotations
@@ -46,26 +40,25 @@ def check_gradients(
     """Run one forward and backward pass and report every trainable parameter that received no gradient, and why.
 
     Args:
-        model: an ``nn.Module``, or a ``LightningModule`` (then ``training_step(batch, 0)`` gives the loss; under
-            manual optimization its ``manual_backward`` calls are observed and each ``optimizer.step()`` is
-            checked, not taken).
-        batch: an ``nn.Module`` is called as Lightning calls a model on its ``example_input_array``: a tuple or
-            list is unpacked, ``model(*batch)``; a dict gives keyword arguments, ``model(**batch)``; anything else
-            is passed as it is, ``model(batch)``. Wrap a list or dict the model takes whole in a tuple:
-            ``(batch,)``. A ``LightningModule`` gets the batch as it is.
-        loss_fn: for an ``nn.Module``, the loss is ``loss_fn(output)``. Without it: the output itself when it is
-            a scalar tensor, its ``loss`` field when it is a dict or a dataclass with one that is not None (a
-            Hugging Face ``ModelOutput`` given labels), otherwise the sum of every floating-point tensor in the
-            output (a tensor, or nested tuples, lists, dicts and dataclasses).
+        model: an ``nn.Module``, or a ``LightningModule``: then ``training_step(batch, 0)`` gives the loss, and under
+            manual optimization its ``manual_backward`` calls are observed and each ``optimizer.step()`` is checked,
+            not taken.
+        batch: what an ``nn.Module`` is called with, as Lightning calls a model on its ``example_input_array``: a
+            tuple or list is unpacked, ``model(*batch)``; a dict gives keyword arguments, ``model(**batch)``;
+            anything else is passed as it is. ``(batch,)`` passes a list or dict whole. A ``LightningModule`` gets
+            it as it is.
+        loss_fn: the loss of an ``nn.Module`` is ``loss_fn(output)``; without it, the output when it is a scalar,
+            else its ``loss`` field when it has one that is not None (a dict, a dataclass: a Hugging Face
+            ``ModelOutput``), else the sum of every floating-point tensor in it (nested tuples, lists, dicts and
+            dataclasses too).
         optimizer: the optimizer (or a list of them) that will train the model: parameters it leaves out are
-            reported (``not_in_optimizer`` findings). A manual-optimization ``LightningModule`` also gets them
-            from ``self.optimizers()``; without it, its ``configure_optimizers()`` is called for them.
+            ``not_in_optimizer`` findings. Manual optimization gets them from ``self.optimizers()``; without them,
+            the model's ``configure_optimizers()`` is called.
         allow_none: ``fnmatch`` patterns of parameters that may go without a gradient, as in ``GradGuard``.
 
     Returns:
-        The report of the check (``report.ok``, ``report.missing``, ``report.params[name].cause`` and ``.detail``,
-        ``report.findings``). A loss without autograd history is not an error: every parameter is then reported,
-        with the line that cut the graph.
+        The report (``ok``, ``missing``, ``params[name].cause`` and ``.detail``, ``findings``). A loss without
+        autograd history is no error: every parameter is reported, with the line that cut the graph.
 
     Raises:
         TypeError, ValueError: an argument is not one the function accepts; the message names it.
@@ -185,16 +178,9 @@ class _Preflight:
     def _step(self, batch: Any) -> None:
         model = self.model
         if self.lightning is None:
-            if isinstance(batch, (tuple, list)):
-                output = model(*batch)
-            elif isinstance(batch, Mapping):
-                output = model(**batch)
-            else:
-                output = model(batch)
-            if self.loss_fn is not None:
-                loss = _as_loss(self.loss_fn(output), "`loss_fn`")
-            else:
-                loss = _loss_of(output)
+            unpacked = isinstance(batch, (tuple, list))
+            output = model(*batch) if unpacked else model(**batch) if isinstance(batch, Mapping) else model(batch)
+            loss = _loss_of(output) if self.loss_fn is None else _as_loss(self.loss_fn(output), "`loss_fn`")
             self.backward(loss, loss.backward)
             return
         output = model.training_step(batch, 0)
@@ -252,15 +238,9 @@ class _Preflight:
 class _LightningStandIn:
     """The Trainer-less context a LightningModule's ``training_step`` runs in (see the module docstring)."""
 
-    global_step = 0
-    current_epoch = 0
-    is_global_zero = True
-    world_size = 1
-    global_rank = local_rank = node_rank = 0
-    training = True
-    sanity_checking = False
-    logger = None
-    progress_bar_callback = None
+    global_step = current_epoch = global_rank = local_rank = node_rank = 0
+    world_size, is_global_zero, training, sanity_checking = 1, True, True, False
+    logger = progress_bar_callback = None
 
     def __init__(self, preflight: _Preflight) -> None:
         self._preflight = preflight
@@ -299,14 +279,10 @@ class _LightningStandIn:
     def backward(self, tensor: Tensor, *args: Any, **kwargs: Any) -> None:
         self._preflight.backward(tensor, lambda: tensor.backward(*args, **kwargs))
 
-    def log(self, *args: Any, **kwargs: Any) -> None:
-        pass
+    def _ignore(self, *args: Any, **kwargs: Any) -> None:
+        """Metrics go nowhere; clipping does not matter to gradients that are thrown away."""
 
-    def log_dict(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def clip_gradients(self, *args: Any, **kwargs: Any) -> None:
-        pass  # the gradients are thrown away: their size does not matter here
+    log = log_dict = clip_gradients = _ignore
 
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(f"check_gradients runs training_step without a Trainer: `self.trainer.{name}` is not "
@@ -320,8 +296,10 @@ class _Held:
     def __init__(self, wrapped: Any, on_step: Optional[Callable[[Any], None]] = None) -> None:
         self._wrapped = wrapped
         self._on_step = on_step
-        # an instance of the wrapped class too, so that LightningModule.optimizers() returns a single one unwrapped
-        self.__class__ = type(type(wrapped).__name__, (_Held, type(wrapped)), {})
+        try:  # an instance of the wrapped class too: LightningModule.optimizers() returns a single one unwrapped
+            self.__class__ = type(type(wrapped).__name__, (_Held, type(wrapped)), {})
+        except TypeError:  # a class that cannot be subclassed so (a C extension): the stand-in as it is
+            pass
 
     @property
     def optimizer(self) -> Any:  # a LightningOptimizer's wrapped optimizer; a scheduler's own optimizer
@@ -355,8 +333,7 @@ def _loss_of(output: Any) -> Tensor:
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
     if isinstance(loss, Tensor):
         return _as_loss(loss, "the model's `loss` output")
-    tensors: list[Tensor] = []
-    _collect(output, tensors, depth=0)
+    tensors = _tensors(output)
     if not tensors:
         raise TypeError(f"the model's output ({type(output).__name__}) holds no tensor to take the loss from: pass "
                         "loss_fn=... (it receives the output and returns the loss)")
@@ -364,20 +341,18 @@ def _loss_of(output: Any) -> Tensor:
     return sum((t.sum() for t in tensors if t.is_floating_point()), torch.zeros((), device=tensors[0].device))
 
 
-def _collect(value: Any, tensors: list[Tensor], depth: int) -> None:
+def _tensors(value: Any, depth: int = 0) -> list[Tensor]:
     if isinstance(value, Tensor):
-        tensors.append(value)
-    elif depth > 4:
-        return
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            _collect(item, tensors, depth + 1)
+        return [value]
+    if isinstance(value, Mapping):
+        items: Iterable[Any] = value.values()
     elif isinstance(value, (tuple, list)):
-        for item in value:
-            _collect(item, tensors, depth + 1)
+        items = value
     elif is_dataclass(value) and not isinstance(value, type):
-        for f in fields(value):
-            _collect(getattr(value, f.name), tensors, depth + 1)
+        items = [getattr(value, f.name) for f in fields(value)]
+    else:
+        return []
+    return [t for item in items for t in _tensors(item, depth + 1)] if depth < 4 else []
 
 
 def _as_loss(value: Any, source: str) -> Tensor:

@@ -22,6 +22,7 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
 from diagnosis_helpers import assert_clean, assert_flagged, instruments_removed, planted_at
 from models import ClearedManualModel, HealthyMLP, ManualGAN, SkipBatchesMLP, UnusedLayerMLP, _Net
 from test_docs import ROOT, python_blocks
@@ -205,6 +206,27 @@ def test_no_grad_block_of_a_cnn():
     report = check_gradients(CNNNoGradStem(), image_batch())
     where = planted_at(CNNNoGradStem.forward, "with torch.no_grad()")
     assert_flagged(report, pair("stem.0") | pair("stem.1"), "no_grad", where)
+
+
+class FrozenEmbeddingReentrantCheckpoint(Transformer):
+    """The classic of Hugging Face fine-tuning: frozen embeddings feeding a reentrant checkpoint segment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed.requires_grad_(False)
+
+    def forward(self, tokens):
+        h = checkpoint.checkpoint(self.encoder, self.embed(tokens), use_reentrant=True)  # planted
+        return self.head(h.mean(dim=1))
+
+
+def test_reentrant_checkpoint_over_frozen_embeddings():
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):  # torch's own hint
+        report = check_gradients(FrozenEmbeddingReentrantCheckpoint(), token_batch())
+    encoder = {name for name, _ in Transformer().named_parameters() if name.startswith("encoder.")}
+    where = planted_at(FrozenEmbeddingReentrantCheckpoint.forward, "checkpoint.checkpoint(")
+    assert_flagged(report, encoder, "no_grad", where)
+    assert "use_reentrant=False" in report.params["encoder.linear1.weight"].detail
 
 
 # ====================================================================== static findings
