@@ -27,6 +27,8 @@ _PUBLIC = {
     "Finding": "lightning_gradguard.report",
     "GradGuardError": "lightning_gradguard.errors",
     "GradGuardWarning": "lightning_gradguard.errors",
+    "check_gradients": "lightning_gradguard.preflight",
+    "assert_gradients_flow": "lightning_gradguard.preflight",
 }
 # names that moved out of the top-level namespace: still importable from here for one release, with a warning
 _MOVED = {
@@ -53,6 +55,8 @@ __all__ = [
     "LoopGuard",
     "ParamReport",
     "__version__",
+    "assert_gradients_flow",
+    "check_gradients",
     "watch",
     "watch_fabric",
 ]
@@ -62,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - what static analysers and IDEs see
     from lightning_gradguard.adapters.lightning import GradGuard
     from lightning_gradguard.adapters.loop import LoopGuard, watch
     from lightning_gradguard.errors import GradGuardError, GradGuardWarning
+    from lightning_gradguard.preflight import assert_gradients_flow, check_gradients
     from lightning_gradguard.report import Finding, GradReport, ParamReport
 
 
