@@ -88,16 +88,22 @@ class Watcher:
         self._handles: list[Any] = []
         self._step: Optional[tuple[int, bool]] = None  # the step being taken: (number, logging step)
         self._json: Optional[JsonSink] = None
-        self.engine.bind(model.named_parameters(), module=model)
-        self._require_trainable(model)
-        self.engine.audit(self.optimizers)  # unregistered tensors, parameters in no optimizer
-        self._measure_every_step = config.measures_every_step(self.engine.registry.params) or scale is not None
-        self.context = self._context(strategy, ddp_fix)
-        # the step check reuses the gradients read at the end of the last backward pass (zero_grad, the one way a
-        # loop normally clears them in between, invalidates that read), except where gradients are rewritten after
-        # the backward pass the adapter brackets: DDP's reducer, FSDP's sharded views
-        self.engine.start_run(reuse_backward_read=not strategy.distributed, late_backward=late_backward)
-        self.reporter = self._reporter(log_dir, writer, loggers)
+        self.engine.bind(model.named_parameters(), module=model)  # opens the first diagnosis window
+        try:
+            self._require_trainable(model)
+            self.engine.audit(self.optimizers)  # unregistered tensors, parameters in no optimizer
+            self._measure_every_step = config.measures_every_step(self.engine.registry.params) or scale is not None
+            self.context = self._context(strategy, ddp_fix)
+            # the step check reuses the gradients read at the end of the last backward pass (zero_grad, the one
+            # way a loop normally clears them in between, invalidates that read), except where gradients are
+            # rewritten after the backward pass the adapter brackets: DDP's reducer, FSDP's sharded views
+            self.engine.start_run(reuse_backward_read=not strategy.distributed, late_backward=late_backward)
+            self.reporter = self._reporter(log_dir, writer, loggers)
+        except BaseException:
+            self.engine.end_diagnosis()  # a guard that was never built leaves no instrument behind
+            if getattr(self, "context", None) is not None:
+                self.context.release()
+            raise
 
     # ------------------------------------------------------------------ set-up
     def _require_trainable(self, model: nn.Module) -> None:
@@ -106,7 +112,6 @@ class Watcher:
             _, params = self.engine.registry.optimizer_params(optimizer)
             if any(p.requires_grad and id(p) in registered for p in params):
                 return
-        self.engine.end_diagnosis()
         raise ValueError(
             "the optimizers hold no trainable parameter of `model`: nothing for GradGuard to check (pass the model "
             "whose parameters the optimizers update)"

@@ -24,6 +24,7 @@ Special cases take their own, correct paths:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -31,13 +32,16 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-try:  # DTensor moved between releases; the guard works without it
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - older torch or builds without distributed
-    try:
-        from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
-    except ImportError:
-        DTensor = None  # type: ignore[assignment,misc]
+def _dtensor_type() -> Optional[type]:
+    """DTensor's class, when the program uses DTensors: a DTensor exists only once its module was imported, and
+    importing it here would cost a second of start-up for everyone else."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        module = sys.modules.get(name)
+        dtensor = getattr(module, "DTensor", None) if module is not None else None
+        if dtensor is not None:
+            return dtensor
+    return None
+
 
 SMALL_NUMEL = 4096  # CPU tensors up to this size are reduced from stacked copies instead of one dispatch each
 STACK_MIN_TENSORS = 4  # ... when at least this many share a shape and dtype
@@ -59,9 +63,10 @@ class NormGroup:
 
 def local_tensor(grad: Tensor) -> Tensor:
     """The part of a gradient that lives on this process (the local shard of a DTensor)."""
-    if DTensor is not None and isinstance(grad, DTensor):
-        return grad.to_local()
-    return grad
+    if type(grad) is Tensor:
+        return grad
+    dtensor = _dtensor_type()
+    return grad.to_local() if dtensor is not None and isinstance(grad, dtensor) else grad
 
 
 class _Part:
@@ -99,12 +104,13 @@ class NormPlan:
         dense: list[int] = []
         parts: list[_Part] = []
         local_dense: list[int] = []
+        dtensor = _dtensor_type()
         for position, grad in enumerate(grads):
             # `type(...) is Tensor` is one pointer compare; only the rare others pay for isinstance/layout checks
             if type(grad) is Tensor and grad.layout == torch.strided:
                 dense.append(position)
                 continue
-            is_dtensor = DTensor is not None and isinstance(grad, DTensor)
+            is_dtensor = dtensor is not None and isinstance(grad, dtensor)
             tensor = grad.to_local() if is_dtensor else grad
             if tensor.layout != torch.strided:
                 parts.append(_Part([position], _sparse_kernel(norm_type, is_dtensor), is_dtensor))

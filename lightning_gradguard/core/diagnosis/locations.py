@@ -15,6 +15,7 @@ the statement that turned autograd off rather than at a layer call inside it.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import inspect
 import io
 import linecache
@@ -42,13 +43,15 @@ _MAX_DEPTH = 256
 
 
 def _package_dir(name: str) -> Optional[str]:
+    """Where package ``name`` is installed, found without importing it (importing Lightning takes seconds)."""
     module = sys.modules.get(name)
-    if module is None:
+    path = getattr(module, "__file__", None) if module is not None else None
+    if path is None:
         try:
-            module = __import__(name)
-        except Exception:  # noqa: BLE001 - an optional framework that is not installed
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # an optional framework that is not installed
             return None
-    path = getattr(module, "__file__", None)
+        path = spec.origin if spec is not None else None
     return os.path.dirname(os.path.abspath(path)) + os.sep if path else None
 
 
