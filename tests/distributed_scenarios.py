@@ -457,7 +457,8 @@ def fsdp1_engine(root: str) -> dict[str, Any]:
     from lightning_gradguard.config import GuardConfig
     from lightning_gradguard.core.engine import GradGuardEngine
     from lightning_gradguard.core.registry import clean_name
-    from lightning_gradguard.training.distributed import Collective, RankLedger
+    from lightning_gradguard.training.collective import Collective
+    from lightning_gradguard.training.distributed import RankLedger
     from lightning_gradguard.training.strategies import StrategyInfo
 
     rank, world = _process_group()

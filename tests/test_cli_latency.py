@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
-
 import importlib.util
 import json
 import os
 import sys
+
+import pytest
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 

@@ -21,7 +21,7 @@ import torch
 from distributed_scenarios import UsageModel, counts, loader
 
 from lightning_gradguard import GradGuard
-from lightning_gradguard.training.distributed import pack_flags, ranks_in, slot_bits, unpack_flags
+from lightning_gradguard.training.collective import pack_flags, ranks_in, slot_bits, unpack_flags
 
 SCRIPT = Path(__file__).with_name("distributed_scenarios.py")
 WORLD = 2

@@ -39,6 +39,11 @@ def test_gradguard_signature_is_the_option_declaration():
         assert typing.get_origin(hints[name]) is typing.Literal, name
 
 
+# writes into another framework's objects, on purpose: a LightningModule run without a Trainer by check_gradients
+# gets the attribute Lightning's own Fabric integration sets (and gets the old value back afterwards)
+FOREIGN = {"preflight.py": {"model._fabric_optimizers"}}
+
+
 def test_no_module_writes_another_objects_private_attribute():
     """State has one owner: only an object's own methods write its `_private` attributes."""
     offenders = []
@@ -51,7 +56,8 @@ def test_no_module_writes_another_objects_private_attribute():
             for target in targets:
                 for sub in ast.walk(target):
                     if (isinstance(sub, ast.Attribute) and sub.attr.startswith("_") and not sub.attr.startswith("__")
-                            and not (isinstance(sub.value, ast.Name) and sub.value.id in ("self", "cls"))):
+                            and not (isinstance(sub.value, ast.Name) and sub.value.id in ("self", "cls"))
+                            and ast.unparse(sub) not in FOREIGN.get(os.path.relpath(path, PACKAGE), ())):
                         offenders.append(f"{os.path.relpath(path, PACKAGE)}:{node.lineno}: {ast.unparse(target)}")
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
                     and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)

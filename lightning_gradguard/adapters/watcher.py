@@ -35,8 +35,8 @@ from lightning_gradguard.output.sinks.json_file import JsonSink
 from lightning_gradguard.output.sinks.loggers import LoggerSink
 from lightning_gradguard.output.sinks.tensorboard import ScalarWriterSink, TensorBoardDashboard, tensorboard_writers
 from lightning_gradguard.report import GradReport
+from lightning_gradguard.training.collective import Collective
 from lightning_gradguard.training.context import TrainingContext
-from lightning_gradguard.training.distributed import Collective
 from lightning_gradguard.training.precision import LossScaleTracker
 from lightning_gradguard.training.strategies import DDP, FSDP, FSDP2, StrategyInfo
 

@@ -26,44 +26,21 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard.config import GuardConfig
-from lightning_gradguard.core.arrivals import ArrivalTracker, none_positions
+from lightning_gradguard.core.arrivals import ArrivalTracker
 from lightning_gradguard.core.audit import AUDIT_KINDS, audit_model
-from lightning_gradguard.core.causes import CLEARED, NO_BACKWARD
+from lightning_gradguard.core.check import StepChecker
 from lightning_gradguard.core.diagnosis import Diagnosis
-from lightning_gradguard.core.measure import Measurement, StatsRequest, measure_stats
+from lightning_gradguard.core.measure import Measurement, StatsRequest
 from lightning_gradguard.core.observer import EngineObserver, StepCheck
 from lightning_gradguard.core.registry import ParamRegistry
 from lightning_gradguard.core.state import GuardState
 from lightning_gradguard.core.windows import ArrivalCounts, Windows
-from lightning_gradguard.errors import GradGuardError, GradGuardWarning
+from lightning_gradguard.errors import GradGuardWarning
 from lightning_gradguard.report import Finding, GradReport, ParamReport
 
 _GRAD = attrgetter("grad")
 _MAX_LISTS = 16  # derived index lists kept by identity (checked and measured subsets)
 _EAGER_VERSIONS_MAX = 2048  # parameter tensors up to which plain loops read versions after every backward pass
-_CLEARED_DETAIL = (
-    "it received a gradient in backward, but .grad was None at the optimizer step: something called zero_grad() "
-    "(or set .grad = None) in between"
-)
-_LEFTOVER_DETAIL = (
-    "no backward pass gave it a gradient, but .grad is not None: it holds a tensor left by "
-    "zero_grad(set_to_none=False) (or an earlier step), so the optimizer still applies it (momentum, weight decay)"
-)
-
-
-class _View:
-    """The gather phase's result: the optimizer's checked candidates and their gradients."""
-
-    __slots__ = ("indices", "params", "grads", "none", "excluded")
-
-    def __init__(self, indices: list[int], params: list[Tensor], grads: list[Optional[Tensor]], none: list[int]):
-        self.indices = indices
-        self.params = params
-        self.grads = grads
-        self.none = none  # positions (into indices) whose .grad is None
-        self.excluded: set[int] = set()  # registry indices the classify phase found not checked (frozen)
-
-
 class GradGuardEngine:
     """Detects, counts and explains missing gradients; knows nothing of Lightning.
 
@@ -103,15 +80,16 @@ class GradGuardEngine:
         self.findings: list[Finding] = []
         self.module: Optional[torch.nn.Module] = None
         self.diagnosis: Optional[Diagnosis] = None  # created by bind(module=...): explains unused/no_grad/detached
-        self._tracker = ArrivalTracker()
-        self._arrivals = ArrivalCounts()
-        self._observers: list[EngineObserver] = []
-        self._tracking = False  # True once a before/after backward bracket was seen
+        # what the backward passes gave (owned here; the step check reads them)
+        self.tracker = ArrivalTracker()
+        self.arrivals = ArrivalCounts()
+        self.observers: list[EngineObserver] = []  # see observe()
+        self.tracking = False  # True once a before/after backward bracket was seen
         self._in_backward = False
         self._reuse_read = False
         self._late_backward = False
         self._marked = False  # mark_gradients() took the snapshot the next backward pass is compared with
-        self._lists = _DerivedLists()
+        self._checker = StepChecker(self)
         self._pending_state: Optional[Any] = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -123,7 +101,7 @@ class GradGuardEngine:
         if module is not None:
             self.module = module
         self.registry.bind(named_parameters)
-        self._sync_size()
+        self.sync_size()
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
@@ -144,16 +122,21 @@ class GradGuardEngine:
 
         """
         self.windows.start_run()
-        self._arrivals.reset()
-        self._tracker.reset()
+        self.arrivals.reset()
+        self.tracker.reset()
         self._in_backward = False
         self._reuse_read = reuse_backward_read
         self._late_backward = late_backward
         # small models: reading the versions after every backward pass costs next to nothing; big ones read them
         # once accumulation shows that a backward pass will follow without zero_grad (see keep_baseline)
-        self._tracker.eager_versions = late_backward and len(self.registry) <= _EAGER_VERSIONS_MAX
+        self.tracker.eager_versions = late_backward and len(self.registry) <= _EAGER_VERSIONS_MAX
         if self.diagnosis is not None:
             self.diagnosis.start_run()  # the first steps of every run are watched
+
+    @property
+    def late_backward(self) -> bool:
+        """Whether the adapter notices backward passes only once they run (see :meth:`start_run`)."""
+        return self._late_backward
 
     @property
     def reuse_backward_read(self) -> bool:
@@ -162,18 +145,19 @@ class GradGuardEngine:
 
     def observe(self, observer: EngineObserver) -> None:
         """Take part in the step protocol (see :class:`~lightning_gradguard.core.observer.EngineObserver`)."""
-        if observer not in self._observers:
-            self._observers.append(observer)
+        if observer not in self.observers:
+            self.observers.append(observer)
 
     def unobserve(self, observer: EngineObserver) -> None:
-        if observer in self._observers:
-            self._observers.remove(observer)
+        if observer in self.observers:
+            self.observers.remove(observer)
 
-    def _sync_size(self) -> None:
+    def sync_size(self) -> None:
+        """Grow the state to the registry (an optimizer's unregistered tensors may join it at any step)."""
         size = len(self.registry)
         if size != self.state.size:
             self.state.resize(size)
-            self._arrivals.resize(size)
+            self.arrivals.resize(size)
 
     # ------------------------------------------------------------------ micro-batches and backward passes
     def start_micro_batch(self) -> None:
@@ -194,8 +178,8 @@ class GradGuardEngine:
         """
         if self.windows.restart(optimizer):
             indices, _ = self.registry.optimizer_params(optimizer)
-            self._sync_size()
-            self._arrivals.restart(indices, covers_all=self.windows.optimizers <= 1)
+            self.sync_size()
+            self.arrivals.restart(indices, covers_all=self.windows.optimizers <= 1)
 
     def mark_gradients(self, cleared: Optional[torch.optim.Optimizer] = None) -> None:
         """The gradients as they are now are what the next backward pass starts from.
@@ -206,15 +190,15 @@ class GradGuardEngine:
         ``cleared``: an optimizer whose ``zero_grad()`` just set every gradient to None: they are not read.
         """
         known_none = self.registry.optimizer_params(cleared)[0] if cleared is not None else None
-        self._sync_size()
-        self._tracker.before_backward(self.registry.params, known_none)
+        self.sync_size()
+        self.tracker.before_backward(self.registry.params, known_none)
         self._marked = True
 
     def keep_baseline(self) -> None:
         """No gradient changed since the last backward pass ended (the next micro-batch of an accumulation window):
         the next backward pass is compared with what that one left, without reading every ``.grad`` again."""
-        self._sync_size()
-        self._tracker.keep_baseline(self.registry.params)
+        self.sync_size()
+        self.tracker.keep_baseline(self.registry.params)
         self._marked = True
 
     def before_backward(
@@ -251,15 +235,15 @@ class GradGuardEngine:
                 self.diagnosis.after_backward(None)
             return
         self._in_backward = False
-        self._tracking = True
-        self._sync_size()
-        missed = self._tracker.after_backward(self.registry.params, keep=self._reuse_read)
+        self.tracking = True
+        self.sync_size()
+        missed = self.tracker.after_backward(self.registry.params, keep=self._reuse_read)
         micro_batch = self.windows.micro_batch
-        for observer in self._observers:
+        for observer in self.observers:
             observer.after_backward(micro_batch, missed)
         if self.diagnosis is not None:
             self.diagnosis.after_backward(missed)
-        self._arrivals.record(micro_batch, missed)
+        self.arrivals.record(micro_batch, missed)
 
     # ------------------------------------------------------------------ the step check
     def check_step(
@@ -287,145 +271,7 @@ class GradGuardEngine:
             GradGuardError: in strict mode, when a checked parameter has no gradient.
 
         """
-        view = self._gather(optimizer)
-        window, backwards = self.windows.close(optimizer)
-        if window > 1 and self._late_backward:
-            self._tracker.eager_versions = True
-        self.state.steps += 1
-        check = self._classify(view, step, window, backwards, accumulate)
-        check.optimizer = optimizer
-        check.measured = measure
-        if check.checked:
-            if measure:
-                self._measure(view, check, grad_scale)
-            request = extras(check) if extras is not None else None
-            if request is not None:
-                checked = set(check.checked)
-                missing = set(check.missing)
-                pairs = [(i, None if i in missing else g) for i, g in zip(view.indices, view.grads) if i in checked]
-                check.stats = measure_stats(request, [i for i, _ in pairs], [g for _, g in pairs])
-            self._explain(check)
-        self._decide(check)
-        return check
-
-    def _gather(self, optimizer: torch.optim.Optimizer) -> _View:
-        indices, params = self.registry.optimizer_params(optimizer)
-        self._sync_size()
-        kept, kept_none = self._tracker.take_kept()
-        none: Optional[list[int]] = None
-        if kept is not None and self._reuse_read and len(kept) == len(self.registry):
-            if self.registry.is_all(indices):
-                grads, none = kept, kept_none
-            else:
-                grads = [kept[i] for i in indices]
-        else:
-            grads = list(map(_GRAD, params))
-        return _View(indices, params, grads, none_positions(grads) if none is None else none)
-
-    def _classify(self, view: _View, step: int, window: int, backwards: int, accumulate: Optional[int]) -> StepCheck:
-        indices, params, grads = view.indices, view.params, view.grads
-        if not view.none and self._tracking and self._arrivals.all_arrived(window, self.windows.optimizers <= 1):
-            # the healthy step: every gradient there, every micro-batch gave every parameter one
-            self.state.add_uniform(indices, steps=1, micro_batches=window)
-            return StepCheck(step, window, backwards, accumulate, indices, [], [])
-        skip_empty = any(o.skip_empty_shards for o in self._observers)
-        # frozen parameters (and, under FSDP1, parameters with no shard here) have no .grad by design
-        frozen = [j for j in view.none if not params[j].requires_grad or (skip_empty and not params[j].numel())]
-        if frozen:
-            frozen_set = set(frozen)
-            none = [j for j in view.none if j not in frozen_set]
-        else:
-            none = view.none
-        if self._tracking:
-            covers_all = self.windows.optimizers <= 1
-            zero, short = self._arrivals.take(indices, window, covers_all)
-        else:  # no backward brackets: a gradient present at the step is all that can be known
-            zero = [indices[j] for j in none]
-            short = dict.fromkeys(zero, window) if window else {}
-        zero_set = set(zero)
-        missing: list[int] = []
-        leftover: list[int] = []
-        excluded = {indices[j] for j in frozen}
-        for j in none:
-            index = indices[j]
-            missing.append(index)
-            if index not in zero_set:
-                self.state.explain(index, CLEARED, _CLEARED_DETAIL)
-            elif backwards == 0:
-                self.state.explain(index, NO_BACKWARD, _no_backward_detail(window))
-        if self._tracking and zero:
-            position = self._positions(indices)
-            for index in zero:
-                j = position.get(index)
-                grad = grads[j] if j is not None else None
-                if grad is None:
-                    continue
-                if not params[j].requires_grad:  # frozen, holding an old (zeroed) gradient: not checked
-                    excluded.add(index)
-                elif backwards == 0:
-                    missing.append(index)
-                    self.state.explain(index, NO_BACKWARD, _no_backward_detail(window) + "; .grad still holds a "
-                                       "gradient from an earlier step, which the optimizer is about to apply again")
-                elif self._tracker.unchanged_since_backward(index, grad):
-                    missing.append(index)
-                    leftover.append(index)
-                    self.state.explain(index, None, _LEFTOVER_DETAIL)
-        view.excluded = excluded
-        checked = self._subset(indices, excluded) if excluded else indices
-        missing_set = set(missing)
-        if excluded:
-            short = {i: n for i, n in short.items() if i not in excluded}
-        intermittent = [i for i in short if i not in missing_set]
-        # count
-        self.state.add_uniform(checked, steps=1, micro_batches=window)
-        if missing:
-            self.state.add("none_steps", missing, 1)
-        if short:
-            self.state.add("none_micro_batches", list(short), torch.tensor(list(short.values()), dtype=torch.int64))
-        return StepCheck(step, window, backwards, accumulate, checked, missing, intermittent, leftover=leftover)
-
-    def _measure(self, view: _View, check: StepCheck, grad_scale: Optional[Tensor]) -> None:
-        if not check.missing and len(check.checked) == len(view.indices):
-            indices, grads = view.indices, view.grads  # every gradient is there: the lists as they are
-        else:
-            indices = self._subset(view.indices, view.excluded.union(check.missing))
-            if not indices:
-                return
-            position = self._positions(view.indices)
-            grads = [view.grads[position[i]] for i in indices]
-        check.norms = self.measurement.measure(indices, grads, grad_scale)  # type: ignore[arg-type]
-
-    def _explain(self, check: StepCheck) -> None:
-        if (check.missing or check.intermittent) and self.diagnosis is not None:
-            for index, (cause, detail) in self.diagnosis.explain(check).items():
-                self.state.explain(index, cause, detail)
-        if self.diagnosis is not None:
-            self.diagnosis.after_check(check)
-
-    def _decide(self, check: StepCheck) -> None:
-        if self.config.strict:
-            for observer in self._observers:  # shard-local or rank-dependent gradients: ranks decide together
-                check.missing = observer.decide(check.missing)
-        if check.missing:
-            if self.config.strict:
-                self.end_diagnosis()  # the run stops here: no instrument may outlive it
-                raise GradGuardError(self.describe_missing(check), self.names(check.missing), check.step, self.report())
-            new = [i for i in check.missing if i not in self.state.warned]
-            if new:
-                self.state.warned.update(new)
-                self.warn(self.describe_missing(check, only=new))
-        for observer in self._observers:
-            observer.after_check(check)
-
-    # ------------------------------------------------------------------ derived index lists
-    def _subset(self, indices: list[int], without: set[int]) -> list[int]:
-        """``indices`` minus ``without``, as the same list object whenever the same subset comes back (the lazy
-        counts and the norm plans are keyed by list identity)."""
-        return self._lists.get(indices, frozenset(without), lambda: [i for i in indices if i not in without])
-
-    def _positions(self, indices: list[int]) -> dict[int, int]:
-        """Registry index -> position in ``indices``."""
-        return self._lists.get(indices, "positions", lambda: {index: j for j, index in enumerate(indices)})
+        return self._checker.check(optimizer, step, accumulate, measure, grad_scale, extras)
 
     # ------------------------------------------------------------------ diagnosis and static findings
     def audit(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> list[Finding]:
@@ -464,7 +310,7 @@ class GradGuardEngine:
 
     def report(self) -> GradReport:
         """The report as it stands: every parameter checked at least once, and the findings."""
-        self._sync_size()  # an optimizer's unregistered tensors may have joined the registry since
+        self.sync_size()  # an optimizer's unregistered tensors may have joined the registry since
         self.flush()
         table = self.state.table()
         known = {f.name for f in fields(ParamReport)}
@@ -478,14 +324,14 @@ class GradGuardEngine:
                 p.cause, p.detail = self.state.causes.get(i, (None, None))
             params[name] = p
         report = GradReport(self.state.steps, self.state.backwards, params, list(self.findings))
-        for observer in self._observers:
+        for observer in self.observers:
             observer.add_to_report(report)
         return report
 
     # ------------------------------------------------------------------ resumable state
     def state_dict(self) -> dict[str, Any]:
         """Counts by parameter name, so that a resumed run continues them exactly."""
-        self._sync_size()
+        self.sync_size()
         self.flush()
         steps = self.state.values("steps")
         allowed = self.registry.allowed
@@ -510,30 +356,5 @@ class GradGuardEngine:
         self.windows.restart_counts()  # restored backward passes belong to no window here
 
 
-class _DerivedLists:
-    """A few values derived from index lists, found again by the list's identity; bounded."""
-
-    def __init__(self) -> None:
-        self._values: dict[tuple[int, Any], tuple[list[int], Any]] = {}
-
-    def get(self, source: list[int], kind: Any, build: Callable[[], Any]) -> Any:
-        key = (id(source), kind)
-        hit = self._values.get(key)
-        if hit is not None and hit[0] is source:  # holding `source` keeps its id from being reused meanwhile
-            return hit[1]
-        if len(self._values) >= _MAX_LISTS:
-            self._values.clear()
-        value = build()
-        self._values[key] = (source, value)
-        return value
-
-
 def _default_warn(message: str) -> None:
     warnings.warn(message, GradGuardWarning, stacklevel=3)
-
-
-def _no_backward_detail(window: int) -> str:
-    return (
-        f"no backward pass ran in the {window} micro-batch{'es' if window != 1 else ''} before this optimizer step "
-        "(training_step returned None, or the optimizer stepped without manual_backward)"
-    )

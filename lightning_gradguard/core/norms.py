@@ -32,6 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+
 def _dtensor_type() -> Optional[type]:
     """DTensor's class, when the program uses DTensors: a DTensor exists only once its module was imported, and
     importing it here would cost a second of start-up for everyone else."""
