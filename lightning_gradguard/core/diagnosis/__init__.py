@@ -163,12 +163,6 @@ class Diagnosis:
         if not self.failed:
             self._give_up_awaited()
 
-    def _open_if_due(self) -> None:
-        schedule = self.schedule
-        if schedule.open_pending and not in_backward():  # instruments go in on the training thread only
-            schedule.open_pending = False
-            self.open()
-
     def _give_up_awaited(self) -> None:
         """Parameters a reopened window watched for in vain say so, rather than having no detail at all."""
         state = self.engine.state
@@ -204,9 +198,11 @@ class Diagnosis:
     @_guarded()
     def _start_micro_batch(self) -> None:
         self.analysis.flush_micro_batch()
-        self._open_if_due()
         schedule = self.schedule
-        if not schedule.active:
+        if schedule.open_pending and not in_backward():  # instruments go in on the training thread only
+            schedule.open_pending = False
+            self.open()
+        if schedule.steps_left <= 0:  # no window open (the attribute, not .active: this runs at every step)
             return
         instruments = self.instruments
         if instruments.pending:
@@ -258,10 +254,14 @@ class Diagnosis:
     @_guarded()
     def after_check(self, check: StepCheck) -> None:
         """A step was checked: its reasons are used up; count the window down and open a scheduled one."""
-        self.analysis.forget(check.checked)
+        analysis = self.analysis
+        if analysis.reasons:  # empty in the steady state: no per-parameter work there
+            analysis.forget(check.checked)
         schedule = self.schedule
-        if schedule.count_step():
+        if schedule.steps_left > 0 and schedule.count_step():
             self.close()
         if self.instruments.armed and schedule.out_of_micro_batches and not in_backward():
             self.instruments.disarm()  # the micro-batch budget ran out inside a backward pass (plain loops): here
-        self._open_if_due()
+        if schedule.open_pending and not in_backward():
+            schedule.open_pending = False
+            self.open()

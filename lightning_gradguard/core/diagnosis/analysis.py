@@ -97,9 +97,8 @@ class Analysis:
 
     def forget(self, indices: Iterable[int]) -> None:
         """These parameters' reasons were used (their step was checked)."""
-        if self.reasons:  # empty in the steady state: no per-parameter work there
-            for index in indices:
-                self.reasons.pop(index, None)
+        for index in indices:
+            self.reasons.pop(index, None)
 
 
 def _first_cuts(events: Iterable[Event], param_index: dict[int, int]) -> dict[int, Event]:

@@ -23,7 +23,7 @@ class WindowSchedule:
 
         schedule = WindowSchedule(steps=2, micro_batches=32, max_windows=8)
         schedule.open()             # the first window of the run
-        schedule.count_step()       # False: one step left
+        schedule.count_step()       # False: one step left (call it only while schedule.active)
         schedule.count_step()       # True: the window's last step was checked
 
     """
@@ -72,9 +72,7 @@ class WindowSchedule:
         return self.micro_batches_left < 0
 
     def count_step(self) -> bool:
-        """A step was checked; True when it was the open window's last."""
-        if not self.active:
-            return False
+        """A step of the open window was checked; True when it was the window's last."""
         self.steps_left -= 1
         return self.steps_left <= 0
 
