@@ -130,7 +130,7 @@ def measure(args: argparse.Namespace, planted_bug: bool) -> dict:
         window_steps = guard.diagnosis.window_steps
         window = run_steps(model, optimizer, guard, batches(window_steps), device, guard_steps)
         guard_steps += window_steps
-        assert not guard.diagnosis._armed, "the window should have closed"
+        assert not guard.diagnosis.instruments.armed, "the window should have closed"
         window_extra.append(arm_s + sum(window) - window_steps * statistics.mean(before))
         window_times.append(arm_s + sum(window))
     # after the window no instrument is left, so the two guards can alternate step by step

@@ -237,12 +237,12 @@ def test_plain_loop_evaluation_between_steps_is_not_a_no_grad_cause():
 
 @pytest.mark.internal_error
 def test_an_internal_diagnosis_error_never_breaks_the_run(tmp_path, monkeypatch, recwarn):
-    from lightning_gradguard.core import diagnosis
+    from lightning_gradguard.core.diagnosis import recording
 
     def broken(self, args, kwargs):
         raise RuntimeError("planted bug inside GradGuard")
 
-    monkeypatch.setattr(diagnosis.Diagnosis, "_note_use", broken)
+    monkeypatch.setattr(recording.Recording, "note_use", broken)
     model = Unused()
     report = fit(model, regression_data(), tmp_path)
     assert report.missing == ["unused.weight", "unused.bias"]  # detection goes on

@@ -1,0 +1,116 @@
+"""Which reason a backward pass gave a parameter nothing: the cut it sits behind, or what its modules did.
+
+After each watched backward pass, for the trainable parameters that pass gave no gradient, a graph walk from the
+inputs of the recorded cuts (:func:`~lightning_gradguard.core.diagnosis.graph.reachable`) finds which cut each
+parameter sits behind. Cuts are walked in program order, with one shared ``seen`` set, so the first cut on a
+parameter's path wins and the walks together visit each graph node once.
+
+A parameter missed by several backward passes of one micro-batch (a GAN's two losses, several ``backward()``
+calls before a step) keeps the reason of the latest pass that missed it, and only if every pass of the
+micro-batch missed it: a parameter that one of them reached is not missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Optional
+
+from lightning_gradguard.core.diagnosis.graph import reachable
+from lightning_gradguard.core.diagnosis.locations import grad_disabling_statement
+from lightning_gradguard.core.diagnosis.model_map import ModelMap
+from lightning_gradguard.core.diagnosis.recording import NO_GRAD, Event, Recording
+
+if TYPE_CHECKING:
+    from lightning_gradguard.core.registry import ParamRegistry
+
+# reasons a backward pass gave a parameter nothing: (tag, payload)
+EVENT = 0  # behind a recorded cut (payload: the Event)
+USED = 1  # used with autograd on, its result never reached the loss
+MODULE = 2  # judged from its modules' runs (payload: the runs of that backward pass)
+
+Reason = tuple[int, Any]
+
+
+class Analysis:
+    """The reasons found for missed parameters, per micro-batch and for the open window.
+
+    Example::
+
+        analysis = Analysis(model_map, recording)
+        analysis.analyze(missed=[3, 4], registry=engine.registry)   # after a watched backward pass
+        analysis.reason(3)                                           # (EVENT, <the cut>) or another reason
+
+    """
+
+    def __init__(self, model_map: ModelMap, recording: Recording) -> None:
+        self.model_map = model_map
+        self.recording = recording
+        self.reasons: dict[int, Reason] = {}  # registry index -> the reason of the latest micro-batch that missed it
+        self._mb_missed: Optional[set[int]] = None  # missed by every backward pass of this micro-batch so far
+        self._mb_reasons: dict[int, Reason] = {}
+
+    def analyze(self, missed: Sequence[int], registry: ParamRegistry) -> None:
+        """Find the reasons of the trainable, not-allowed parameters among ``missed`` (registry indices)."""
+        params = registry.params
+        allowed = registry.allowed
+        model_map = self.model_map
+        model_map.refresh()
+        targets = [i for i in missed if i < len(params) and params[i].requires_grad and not allowed[i]]
+        missed_set = set(targets)
+        self._mb_missed = missed_set if self._mb_missed is None else self._mb_missed & missed_set
+        if not targets:
+            return
+        recording = self.recording
+        labels = _first_cuts(recording.events.values(), model_map.param_index)
+        for i in targets:
+            event = labels.get(i)
+            used = id(params[i]) in recording.used
+            if event is not None and event.kind == NO_GRAD and event.checkpoint is None and used:
+                # also used with autograd on, and no with-no_grad block of the user's around the no-grad use: the
+                # library turned autograd off for a side computation (nn.Embedding(max_norm=...) renormalizing)
+                if grad_disabling_statement(event.frames) is None:
+                    event = None
+            if event is not None:
+                self._mb_reasons[i] = (EVENT, event)
+            elif model_map.trace_cuts and id(params[i]) in recording.used:
+                self._mb_reasons[i] = (USED, None)
+            else:
+                self._mb_reasons[i] = (MODULE, recording.runs)
+
+    def flush_micro_batch(self) -> None:
+        """A micro-batch ended: its reasons become the window's."""
+        missed = self._mb_missed
+        if missed:
+            for i, reason in self._mb_reasons.items():
+                if i in missed:
+                    self.reasons[i] = reason  # the latest micro-batch that missed it
+        self._mb_missed = None
+        self._mb_reasons = {}
+
+    def reason(self, index: int) -> Optional[Reason]:
+        """The reason for ``index``: the current micro-batch's if it missed it so far, else the window's."""
+        if self._mb_missed is not None and index in self._mb_missed:
+            reason = self._mb_reasons.get(index)
+            if reason is not None:
+                return reason
+        return self.reasons.get(index)
+
+    def forget(self, indices: Iterable[int]) -> None:
+        """These parameters' reasons were used (their step was checked)."""
+        for index in indices:
+            self.reasons.pop(index, None)
+
+
+def _first_cuts(events: Iterable[Event], param_index: dict[int, int]) -> dict[int, Event]:
+    """``registry index -> the first recorded cut the parameter sits behind``; releases each cut's graph."""
+    labels: dict[int, Event] = {}
+    seen: set[Any] = set()
+    for event in events:  # program order: the first cut a parameter sits behind wins
+        for i in reachable(event.roots, seen, param_index):
+            labels.setdefault(i, event)
+        for leaf in event.leaves:
+            i = param_index.get(leaf)
+            if i is not None:
+                labels.setdefault(i, event)
+        event.roots, event.leaves = [], set()  # never keep the graph alive past the analysis
+    return labels

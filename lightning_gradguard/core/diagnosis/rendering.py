@@ -1,0 +1,163 @@
+"""The text of each cause: what happened to the parameter, at which line of the user's code, and the fix.
+
+A reason found by :mod:`~lightning_gradguard.core.diagnosis.analysis` becomes a ``(cause, detail)`` pair, in
+this order of preference: behind a recorded cut (``detached``, or ``no_grad`` when the cut was autograd being off;
+the user's line is named), used with autograd on but its result never reached the loss (``unused``), its module ran
+but never used it (``unused``), its module ran only with autograd off (``no_grad``), its module never ran
+(``unused``). Inside ``torch.compile``'d code the cause is ``None``: unknown, never guessed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from lightning_gradguard.core.causes import DETACHED, NO_GRAD, UNUSED
+from lightning_gradguard.core.diagnosis.analysis import EVENT, USED, Reason
+from lightning_gradguard.core.diagnosis.locations import Frame, definition_site, grad_disabling_statement, location
+from lightning_gradguard.core.diagnosis.model_map import ModelMap
+from lightning_gradguard.core.diagnosis.recording import DATA, DETACH, INTEGER, NUMBER, Event
+from lightning_gradguard.core.diagnosis.recording import NO_GRAD as NO_GRAD_USE
+
+_NUMBER_TEXT = {
+    "item": ".item() turns it into a Python number",
+    "tolist": ".tolist() turns it into Python numbers",
+    "numpy": ".numpy() turns it into a NumPy array",
+    "float": "float() turns it into a Python number",
+    "int": "int() turns it into a Python number",
+    "index": "using it as an index turns it into a Python number",
+}
+UNDIAGNOSED = (
+    "GradGuard could not diagnose the cause: the backward passes it watched after the parameter first went missing "
+    "gave it a gradient (or the run ended first)"
+)
+LEFTOVER_NOTE = (
+    "Why .grad is not None: no backward pass touched it, but it still holds the tensor an earlier step left, "
+    "because zero_grad(set_to_none=False) zeroes gradients instead of deleting them (the optimizer still applies "
+    "it: momentum, weight decay)."
+)
+
+
+def render(index: int, name: str, reason: Reason, model_map: ModelMap) -> tuple[Optional[str], str]:
+    """``(cause, detail)`` for the parameter ``name`` (registry ``index``) missed for ``reason``."""
+    tag, payload = reason
+    if tag == EVENT:
+        return _render_event(payload)
+    owners = model_map.owners.get(index, [])
+    where = " and ".join(str(o) for o in owners) if owners else "the model"
+    if tag == USED:
+        return UNUSED, (
+            f"{where} used it with autograd on, but that result never reached the loss (it was computed, "
+            "then left out). Fix: use that output in the loss, or remove the computation."
+        )
+    runs: dict[int, list[Any]] = payload
+    ran = [o for o in owners if runs.get(o.module_id, (0, 0))[0]]
+    ran_without_grad = [o for o in owners if runs.get(o.module_id, (0, 0))[1]]
+    root = model_map.root
+    if ran:
+        if model_map.trace_cuts:
+            return UNUSED, (
+                f"{ran[0]} ran, but its forward never used `{name}`{_defined(root, name)}. Fix: use it in "
+                "forward, or remove it."
+            )
+        return None, (
+            f"{ran[0]} ran with autograd on, but `{name}` never reached the loss; inside a torch.compile'd "
+            "model GradGuard cannot tell a result left out of the loss from a detached one. Run a few steps "
+            "without torch.compile to see the cause and the line."
+        )
+    if ran_without_grad:
+        owner = ran_without_grad[0]
+        found, inference = runs[owner.module_id][2] or (None, False)
+        frames, checkpoint = found if found is not None else ([], None)
+        return NO_GRAD, _no_grad_text(f"{owner} ran with autograd off", frames, checkpoint, inference)
+    if owners and all(o.opaque for o in owners):
+        return None, (
+            f"{where} is inside torch.compile'd code, where GradGuard cannot see whether it ran or what became "
+            "of its output. Run a few steps without torch.compile to see the cause."
+        )
+    named = [o for o in owners if o.name]
+    if not named:
+        return UNUSED, (
+            f"nothing in the forward pass used it (a parameter of the model itself{_defined(root, name)}). Fix: "
+            f"use it in forward, remove it, or add {name!r} to allow_none if it is optional."
+        )
+    owner = named[0]
+    return UNUSED, (
+        f"{owner}{_defined(root, owner.name, ',')} was never called in the forward pass: it is registered, but "
+        f"no code path of this step ran it. Fix: call it in forward, remove it, or add '{owner.name}.*' to "
+        "allow_none if it is optional."
+    )
+
+
+def with_leftover_note(detail: Optional[str]) -> str:
+    """``detail`` followed by why the parameter's ``.grad`` still holds a tensor."""
+    return f"{detail} {LEFTOVER_NOTE}" if detail else LEFTOVER_NOTE
+
+
+def undiagnosed(detail: Optional[str]) -> Optional[str]:
+    """``detail`` saying that the window reopened for this parameter found nothing; None if it already says so."""
+    if detail is not None and UNDIAGNOSED in detail:
+        return None
+    return f"{detail} {UNDIAGNOSED}." if detail else f"{UNDIAGNOSED}."
+
+
+def _defined(root: Optional[torch.nn.Module], dotted_name: str, separator: str = "") -> str:
+    """``, defined at model.py:12 in __init__: `...``, or an empty string when the source is not known."""
+    site = definition_site(root, dotted_name) if root is not None else None
+    if site is None:
+        return ""
+    return f", defined at {site}{separator}"
+
+
+def _render_event(event: Event) -> tuple[str, str]:
+    where = str(location(event.frames[0])) if event.frames else "a call outside your code"
+    if event.kind == NO_GRAD_USE:
+        return NO_GRAD, _no_grad_text("it was used with autograd off", event.frames, event.checkpoint, event.inference)
+    cut = f"it was used with autograd on, but its path to the loss was cut at {where}: "
+    if event.kind == DETACH:
+        return DETACHED, cut + (
+            ".detach() returns a tensor without autograd history. Fix: drop the .detach() on the way to the loss "
+            "(detach only what you log or carry across batches)."
+        )
+    if event.kind == DATA:
+        return DETACHED, cut + ".data returns the values without autograd history. Fix: use the tensor, not .data."
+    if event.kind == NUMBER:
+        return DETACHED, cut + (
+            f"{_NUMBER_TEXT.get(event.op, 'it became a Python value')}, which carries no gradient, and a tensor "
+            "rebuilt from it (torch.tensor(...)) starts a new graph. Fix: keep it a tensor all the way to the loss."
+        )
+    if event.kind == INTEGER:
+        return DETACHED, cut + (
+            f"`{event.op}` returns an integer or boolean tensor, which carries no gradient. Fix: use a "
+            "differentiable stand-in (softmax weights instead of argmax, a float mask instead of a comparison, "
+            ".float() instead of .long())."
+        )
+    return DETACHED, cut + (
+        f"`{event.op}` returns a result without autograd history. Fix: reach the loss through differentiable "
+        "operations."
+    )
+
+
+def _no_grad_text(what: str, frames: list[Frame], checkpoint: Optional[int], inference: bool) -> str:
+    if checkpoint is not None:
+        return (
+            f"{what} inside a reentrant torch.utils.checkpoint segment, called at {location(frames[checkpoint])}: "
+            "none of the segment's inputs required grad, so it ran without autograd and its output carries no "
+            "gradient. Fix: pass use_reentrant=False to checkpoint (recommended), or make one of its inputs "
+            "require grad."
+        )
+    block = "torch.inference_mode()" if inference else "torch.no_grad()"
+    statement = grad_disabling_statement(frames)
+    if statement is not None:
+        used = location(frames[0]) if frames else None
+        at = f" (used at {used})" if used is not None and used.lineno != statement.lineno else ""
+        return (
+            f"{what}, inside {statement}{at}. Fix: move the code that needs a gradient out of that block (or wrap "
+            "it in torch.enable_grad())."
+        )
+    used_at = f" at {location(frames[0])}" if frames else ""
+    return (
+        f"{what}{used_at} (inside {block} or another autograd-disabling context). Fix: run that code with autograd "
+        "on."
+    )
