@@ -47,7 +47,7 @@ class Discriminator(nn.Module):
 
 def gan_steps(generator, discriminator, opt_g, opt_d, backward, n: int = STEPS) -> None:
     """D then G, one optimizer step each in turn (the optimizers' steps alternate)."""
-    for i in range(n // 2):
+    for _ in range(n // 2):
         fake = generator(torch.randn(5, 2))
         opt_d.zero_grad()
         d_loss = F.softplus(discriminator(fake.detach())).mean() + F.softplus(-discriminator(torch.randn(5, 3))).mean()

@@ -232,8 +232,8 @@ def _class_keys(models: Sequence[Any]) -> list[tuple[str, Any]]:
     """``[generator, discriminator]`` -> ``generator``/``discriminator`` from the class names; repeats numbered."""
     keys: list[tuple[str, Any]] = []
     for module in models:
-        base = re.sub(r"(?<!^)(?=[A-Z])", "_", type(_unwrap(module)).__name__).lower() if isinstance(module, nn.Module) \
-            else "model"
+        name = type(_unwrap(module)).__name__ if isinstance(module, nn.Module) else "model"
+        base = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()  # Generator -> generator, MyNet -> my_net
         key, n = base, 1
         while any(key == k for k, _ in keys):
             n += 1

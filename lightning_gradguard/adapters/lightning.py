@@ -273,7 +273,9 @@ class GradGuard(Callback):
             self._context.start_micro_batch()
 
     @feature("check")
-    def on_before_zero_grad(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_zero_grad(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         # Lightning zeroes the gradients right before this micro-batch's backward pass; when that sets every one of
         # `optimizer`'s to None, the snapshot before backward does not need to read them (10k tensors: 0.5-2 ms)
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the user's

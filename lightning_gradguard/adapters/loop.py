@@ -354,7 +354,9 @@ def _check_destination(log_dir: Any, writer: Any) -> None:
     if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
         raise TypeError(f"`log_dir` must be a path (str or os.PathLike), got {log_dir!r}")
     if writer is not None and not callable(getattr(writer, "add_scalar", None)):
-        raise TypeError(f"`writer` must be a SummaryWriter (torch.utils.tensorboard or tensorboardX), got {type(writer)!r}")
+        raise TypeError(
+            f"`writer` must be a SummaryWriter (torch.utils.tensorboard or tensorboardX), got {type(writer)!r}"
+        )
 
 
 def _optimizer_list(optimizers: Any) -> list[torch.optim.Optimizer]:

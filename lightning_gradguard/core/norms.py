@@ -201,7 +201,7 @@ def _cpu_parts(tensors: list[Tensor], positions: list[int], norm_type: float, lo
             by_shape.setdefault(tensor.shape, []).append(i)
     parts = []
     stacked: set[int] = set()
-    for shape, members in by_shape.items():
+    for members in by_shape.values():
         if len(members) >= STACK_MIN_TENSORS:  # fewer: their dispatches cost less than a copy and a reduction
             parts.append(_Part([positions[i] for i in members], _stacked_kernel(norm_type, tensors[members[0]]), local))
             stacked.update(members)

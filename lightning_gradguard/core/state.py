@@ -234,7 +234,7 @@ class GuardState:
         parsed = parse_state(state)
         self.reset()
         self.steps, self.backwards = parsed["steps"], parsed["backwards"]
-        restored_device: dict[str, Tensor] = {c.name: torch.zeros(self.size, dtype=torch.int64) for c in DEVICE_COUNTERS}
+        restored_device = {c.name: torch.zeros(self.size, dtype=torch.int64) for c in DEVICE_COUNTERS}
         for name, entry in parsed["params"].items():
             i = index_of.get(name)
             if i is None or i >= self.size:

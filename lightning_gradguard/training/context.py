@@ -18,12 +18,8 @@ from torch import Tensor
 from lightning_gradguard.core.observer import EngineObserver
 from lightning_gradguard.output.metrics import PREFIX
 from lightning_gradguard.report import DistributedInfo, GradReport
-from lightning_gradguard.training.distributed import (
-    DDP_UNFINISHED_REDUCTION,
-    Collective,
-    RankLedger,
-    unreduced_parameters,
-)
+from lightning_gradguard.training.collective import Collective
+from lightning_gradguard.training.distributed import DDP_UNFINISHED_REDUCTION, RankLedger, unreduced_parameters
 from lightning_gradguard.training.precision import LossScaleTracker, find_scaler, precision_name
 from lightning_gradguard.training.strategies import DDP, DEEPSPEED, SINGLE, StrategyInfo, describe_strategy
 

@@ -50,6 +50,7 @@ from lightning_gradguard.core.diagnosis.model_map import ModelMap
 from lightning_gradguard.core.diagnosis.recording import Recording
 from lightning_gradguard.core.diagnosis.rendering import LEFTOVER_NOTE, render, undiagnosed, with_leftover_note
 from lightning_gradguard.core.diagnosis.windows import WindowSchedule
+from lightning_gradguard.isolation import internal_error
 
 if TYPE_CHECKING:
     from lightning_gradguard.core.engine import GradGuardEngine
@@ -184,11 +185,11 @@ class Diagnosis:
             self.instruments.disarm()
         except Exception:  # noqa: BLE001 - already failing; the stale-mode retry removes what is left
             pass
-        self.engine.warn(
+        self.engine.warn(internal_error(
             f"GradGuard: internal error in the diagnosis of missing gradients ({type(err).__name__}: {err}); causes "
             "are not diagnosed for the rest of this run, training continues. Please report this at the project's "
             "issue tracker."
-        )
+        ))
 
     # ------------------------------------------------------------------ engine events
     def start_micro_batch(self) -> None:

@@ -211,7 +211,8 @@ class TensorBoardDashboard(Sink):
             names = [self._name(i) for i in check.missing[:5]]
             shown = ", ".join(names) + (", ..." if len(check.missing) > 5 else "")
             if self._run is not None:
-                self.write_report(self._run.report(), step, f"GradGuard: first missing gradient at step {step} ({shown})")
+                title = f"GradGuard: first missing gradient at step {step} ({shown})"
+                self.write_report(self._run.report(), step, title)
 
     def _write_histogram(self, tag: str, packed: Any, step: int) -> None:
         values = packed.cpu().tolist()
