@@ -191,7 +191,7 @@ class StepChecker:
         if (check.missing or check.intermittent) and engine.diagnosis is not None:
             for index, (cause, detail) in engine.diagnosis.explain(check).items():
                 engine.state.explain(index, cause, detail)
-        if engine.diagnosis is not None:
+        if engine.diagnosis is not None and not engine.diagnosis.idle:
             engine.diagnosis.after_check(check)
 
     def _decide(self, check: StepCheck) -> None:

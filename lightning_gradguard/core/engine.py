@@ -162,7 +162,7 @@ class GradGuardEngine:
     # ------------------------------------------------------------------ micro-batches and backward passes
     def start_micro_batch(self) -> None:
         self.windows.micro_batch += 1
-        if self.diagnosis is not None:
+        if self.diagnosis is not None and not self.diagnosis.idle:
             self.diagnosis.start_micro_batch()
 
     def cancel_micro_batch(self) -> None:
@@ -217,8 +217,9 @@ class GradGuardEngine:
                 learn of a micro-batch only at its backward pass).
 
         """
-        if self.diagnosis is not None:  # first: a micro-batch started below must keep this forward's records
-            self.diagnosis.before_backward(loss)
+        diagnosis = self.diagnosis
+        if diagnosis is not None and not diagnosis.idle:  # first: a micro-batch started below keeps its records
+            diagnosis.before_backward(loss)
         if self.micro_batch_per_backward or new_micro_batch:
             self.start_micro_batch()
         if not self._marked:
@@ -241,7 +242,7 @@ class GradGuardEngine:
         micro_batch = self.windows.micro_batch
         for observer in self.observers:
             observer.after_backward(micro_batch, missed)
-        if self.diagnosis is not None:
+        if self.diagnosis is not None and not self.diagnosis.idle:
             self.diagnosis.after_backward(missed)
         self.arrivals.record(micro_batch, missed)
 

@@ -191,6 +191,13 @@ class Diagnosis:
             "issue tracker."
         ))
 
+    @property
+    def idle(self) -> bool:
+        """Outside every window, with nothing scheduled, installed or left to analyse: the engine's per-step calls
+        would do nothing, so the engine skips them (a step outside a window costs no diagnosis at all)."""
+        schedule = self.schedule
+        return schedule.steps_left <= 0 and not schedule.open_pending and self.instruments.idle and self.analysis.empty
+
     # ------------------------------------------------------------------ engine events
     def start_micro_batch(self) -> None:
         self.instruments.retry_stale_modes()

@@ -49,6 +49,11 @@ class Analysis:
         self._mb_missed: Optional[set[int]] = None  # missed by every backward pass of this micro-batch so far
         self._mb_reasons: dict[int, Reason] = {}
 
+    @property
+    def empty(self) -> bool:
+        """Nothing recorded that a later step could still use."""
+        return self._mb_missed is None and not self.reasons and not self._mb_reasons
+
     def analyze(self, missed: Sequence[int], registry: ParamRegistry) -> None:
         """Find the reasons of the trainable, not-allowed parameters among ``missed`` (registry indices)."""
         params = registry.params

@@ -198,6 +198,11 @@ class Instruments:
         self._mode: Optional[_CutRecorder] = None
         self._stale_modes: list[_CutRecorder] = []
 
+    @property
+    def idle(self) -> bool:
+        """Nothing installed, nothing to install, nothing left to remove."""
+        return not (self.armed or self.pending or self._stale_modes)
+
     def arm(self) -> None:
         if self.armed:
             return
