@@ -57,6 +57,8 @@ class Watcher:
         loggers: Lightning loggers to log through (Fabric's), with their TensorBoard dashboard and log directory.
         ddp_fix: how the user turns on DDP's search for unused parameters in their framework.
         scale: the AMP loss-scale tracker, when the loop runs under a ``GradScaler`` the adapter can see.
+        report_dir: write the report file here instead of the log directory (the Hugging Face Trainer's
+            ``output_dir``, next to its checkpoints, while TensorBoard logs go to their own directory).
 
     """
 
@@ -73,6 +75,7 @@ class Watcher:
         loggers: Sequence[Any] = (),
         ddp_fix: str = "DistributedDataParallel(model, find_unused_parameters=True)",
         scale: Optional[LossScaleTracker] = None,
+        report_dir: Optional[str] = None,
     ) -> None:
         self.config = config
         self.optimizers = list(optimizers)
@@ -95,7 +98,7 @@ class Watcher:
         # loop normally clears them in between, invalidates that read), except where gradients are rewritten after
         # the backward pass the adapter brackets: DDP's reducer, FSDP's sharded views
         self.engine.start_run(reuse_backward_read=not strategy.distributed)
-        self.reporter = self._reporter(log_dir, writer, loggers)
+        self.reporter = self._reporter(log_dir, writer, loggers, report_dir)
 
     # ------------------------------------------------------------------ set-up
     def _require_trainable(self, model: nn.Module) -> None:
@@ -119,7 +122,9 @@ class Watcher:
         return TrainingContext(self.engine, info, collective=Collective(device=device), warn=self._warn,
                                ddp_fix=ddp_fix)
 
-    def _reporter(self, log_dir: Optional[str], writer: Any, loggers: Sequence[Any]) -> Reporter:
+    def _reporter(
+        self, log_dir: Optional[str], writer: Any, loggers: Sequence[Any], report_dir: Optional[str] = None
+    ) -> Reporter:
         config = self.config
         reporter = Reporter(
             self.engine,
@@ -145,6 +150,7 @@ class Watcher:
                 reporter.add(LoggerSink(loggers))
                 destinations += [(("logger", id(logger)), f"the logger {type(logger).__name__}") for logger in loggers]
                 log_dir = log_dir or next((getattr(lg, "log_dir", None) for lg in loggers), None)
+            log_dir = report_dir or log_dir
             writers = ([writer] if writer is not None else []) + tensorboard_writers(loggers)
             if writers:
                 reporter.add(TensorBoardDashboard(writers, config.histogram_every_n_steps,

@@ -106,6 +106,9 @@ _UNDIAGNOSED = (
     "GradGuard could not diagnose the cause: the backward passes it watched after the parameter first went missing "
     "gave it a gradient (or the run ended first)"
 )
+# the fix named for a reentrant checkpoint segment; an adapter whose framework turns checkpointing on itself names that
+# framework's switch instead (Diagnosis.checkpoint_fix)
+CHECKPOINT_FIX = "pass use_reentrant=False to checkpoint (recommended), or make one of its inputs require grad"
 LEFTOVER_NOTE = (
     "Why .grad is not None: no backward pass touched it, but it still holds the tensor an earlier step left, "
     "because zero_grad(set_to_none=False) zeroes gradients instead of deleting them (the optimizer still applies "
@@ -334,6 +337,7 @@ class Diagnosis:
         self.window_micro_batches = window_micro_batches
         self.max_windows = max_windows
         self.windows = 0  # windows opened in this run
+        self.checkpoint_fix = CHECKPOINT_FIX  # the "Fix:" of a no_grad cause inside a reentrant checkpoint segment
         self.failed = False  # an internal error turned diagnosis off for the rest of the run
         self._steps_left = 0
         self._micro_batches_left = 0
@@ -711,7 +715,7 @@ class Diagnosis:
         name = self.engine.registry.names[index]
         tag, payload = reason
         if tag == _EVENT:
-            return _render_event(payload)
+            return _render_event(payload, self.checkpoint_fix)
         owners = self._owners.get(index, [])
         where = " and ".join(str(o) for o in owners) if owners else "the model"
         if tag == _USED:
@@ -737,7 +741,8 @@ class Diagnosis:
             owner = ran_without_grad[0]
             found, inference = runs[owner.module_id][2] or (None, False)
             frames, checkpoint = found if found is not None else ([], None)
-            return NO_GRAD, _no_grad_text(f"{owner} ran with autograd off", frames, checkpoint, inference)
+            return NO_GRAD, _no_grad_text(f"{owner} ran with autograd off", frames, checkpoint, inference,
+                                          self.checkpoint_fix)
         if owners and all(o.opaque for o in owners):
             return None, (
                 f"{where} is inside torch.compile'd code, where GradGuard cannot see whether it ran or what became "
@@ -764,10 +769,11 @@ class Diagnosis:
         return f", defined at {site}{separator}"
 
 
-def _render_event(event: _Event) -> tuple[str, str]:
+def _render_event(event: _Event, checkpoint_fix: str = CHECKPOINT_FIX) -> tuple[str, str]:
     where = str(location(event.frames[0])) if event.frames else "a call outside your code"
     if event.kind == _NO_GRAD:
-        return NO_GRAD, _no_grad_text("it was used with autograd off", event.frames, event.checkpoint, event.inference)
+        return NO_GRAD, _no_grad_text("it was used with autograd off", event.frames, event.checkpoint, event.inference,
+                                      checkpoint_fix)
     cut = f"it was used with autograd on, but its path to the loss was cut at {where}: "
     if event.kind == _DETACH:
         return DETACHED, cut + (
@@ -793,13 +799,14 @@ def _render_event(event: _Event) -> tuple[str, str]:
     )
 
 
-def _no_grad_text(what: str, frames: list[Frame], checkpoint: Optional[int], inference: bool) -> str:
+def _no_grad_text(
+    what: str, frames: list[Frame], checkpoint: Optional[int], inference: bool, checkpoint_fix: str = CHECKPOINT_FIX
+) -> str:
     if checkpoint is not None:
         return (
             f"{what} inside a reentrant torch.utils.checkpoint segment, called at {location(frames[checkpoint])}: "
             "none of the segment's inputs required grad, so it ran without autograd and its output carries no "
-            "gradient. Fix: pass use_reentrant=False to checkpoint (recommended), or make one of its inputs "
-            "require grad."
+            f"gradient. Fix: {checkpoint_fix}."
         )
     block = "torch.inference_mode()" if inference else "torch.no_grad()"
     statement = grad_disabling_statement(frames)
