@@ -141,21 +141,26 @@ def checkpointing(reentrant: bool) -> dict:
     return {_CHECKPOINT[0]: True, _CHECKPOINT[1]: {"use_reentrant": reentrant}}
 
 
-def trainable(model: nn.Module, prefix: str = "") -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefix)]
+def trainable(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def encoder_parameters(model: nn.Module, base: str) -> list[str]:
+    """The trainable parameters of the checkpointed layers: all but the final layer norm and the classifier."""
+    return [n for n in trainable(model) if not n.startswith(("classifier.", f"{base}.layernorm."))]
 
 
 # ---------------------------------------------------------------------------------------------- reentrant checkpoints
 @pytest.mark.parametrize(
-    "build, embeddings, encoder, expected",
+    "build, embeddings, base, expected",
     [
-        (vit, lambda m: m.vit.embeddings, "vit.layers.", 32),
-        (swin, lambda m: m.swin.embeddings, "swin.encoder.layers.", 37),
+        (vit, lambda m: m.vit.embeddings, "vit", 32),
+        (swin, lambda m: m.swin.embeddings, "swin", 37),
     ],
     ids=["vit", "swin"],
 )
 def test_reentrant_checkpointing_with_frozen_embeddings_names_every_encoder_parameter_and_the_fix(
-    tmp_path, build, embeddings, encoder, expected
+    tmp_path, build, embeddings, base, expected
 ):
     torch.manual_seed(0)
     model = build()
@@ -164,7 +169,7 @@ def test_reentrant_checkpointing_with_frozen_embeddings_names_every_encoder_para
     with pytest.warns(GradGuardWarning, match="received no gradient at global step 0") as caught:
         train(model, images(), tmp_path, guard, **checkpointing(reentrant=True))
     report = guard.report()
-    lost = [n for n in trainable(model) if n.startswith(encoder)]
+    lost = encoder_parameters(model, base)
     assert sorted(report.missing) == sorted(lost) and len(lost) == expected  # 32 tensors of ViT's 2 layers
     assert {n for n in trainable(model) if n not in lost} <= {n for n in report.params if not report.params[n].missing}
     assert any(n.startswith("classifier.") for n in trainable(model) if n not in lost)  # the classifier trains
@@ -281,7 +286,7 @@ def test_strict_mode_raises_before_the_weights_change(tmp_path):
     with pytest.raises(GradGuardError, match="32 trainable parameters received no gradient at global step 0") as err:
         train(model, images(), tmp_path, guard, **checkpointing(reentrant=True))
     assert "use_reentrant" in str(err.value) and "enable_input_require_grads" in str(err.value)
-    assert sorted(err.value.params) == sorted(trainable(model, "vit.layers."))
+    assert sorted(err.value.params) == sorted(encoder_parameters(model, "vit"))
     for name, p in model.named_parameters():  # the classifier had a gradient, but no step was taken
         assert torch.equal(p, before[name]), name
     # the run stopped: the report is on disk and no hook of the guard is left on the model
@@ -306,7 +311,7 @@ def test_tensorboard_gets_the_norms_the_dashboard_and_the_report_next_to_the_tra
 
     torch.manual_seed(0)
     model = GPT2WithValueHead(gpt2_config())
-    guard = GradGuardCallback(histogram_every_n_steps=2, summary=False)
+    guard = GradGuardCallback(histogram_every_n_steps=2, gradient_flow_every_n_steps=2, summary=False)
     with pytest.warns(GradGuardWarning):
         train(model, tokens(), tmp_path, guard, max_steps=4, logging_steps=2, report_to=["tensorboard"])
     (run,) = glob.glob(str(tmp_path / "runs" / "*"))  # the Trainer's TensorBoard run directory
@@ -321,7 +326,10 @@ def test_tensorboard_gets_the_norms_the_dashboard_and_the_report_next_to_the_tra
     tensors = events.Tags()["tensors"]
     assert "custom_scalars__config__" in tensors  # the dashboard's layout
     assert "gradguard/report/text_summary" in tensors
-    assert any(tag.startswith("gradguard/grad_hist/") for tag in events.Tags()["histograms"])
+    histograms = [tag for tag in events.Tags()["histograms"] if tag.startswith("gradguard/grad_hist/")]
+    assert histograms and [e.step for e in events.Histograms(histograms[0])] == [2, 4]
+    # the gradient-flow picture at the first missing gradient (the first step) and every second step
+    assert [e.step for e in events.Images("gradguard/gradient_flow")] == [1, 2, 4]
     from lightning_gradguard.cli import main
 
     capsys.readouterr()
@@ -417,3 +425,17 @@ def test_without_transformers_the_import_says_which_extra_to_install():
     assert result.returncode == 1
     assert "ModuleNotFoundError" in result.stderr
     assert "pip install 'lightning-gradguard[hf]'" in result.stderr
+
+
+def test_the_overhead_benchmark_runs_and_reports_both_variants(tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_overhead.py"
+    spec = importlib.util.spec_from_file_location("benchmark_hf_overhead", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert benchmark.main(["--smoke", "--json", str(tmp_path / "hf.json")]) == 0
+    result = json.loads((tmp_path / "hf.json").read_text())
+    assert set(result["median_ms"]) == {"no callback", "GradGuardCallback()"}
+    assert result["steps"] == {"no callback": 2, "GradGuardCallback()": 2} and result["ratio"] > 0
+    assert "GradGuardCallback()" in capsys.readouterr().out

@@ -43,6 +43,7 @@ gradients outside ``.grad`` and is refused with a clear error.
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import functools
 import os
@@ -321,7 +322,10 @@ class TrainerGuard(Watcher):
         for step, metrics in pending:
             entry = {**metrics, "epoch": state.epoch} if state.epoch is not None else dict(metrics)
             state.log_history.append({**entry, "step": step})
-            at_step = state if step == state.global_step else dataclasses.replace(state, global_step=step)
+            at_step = state
+            if step != state.global_step:  # a step whose values landed late (an accelerator's copy)
+                at_step = copy.copy(state)
+                at_step.global_step = step
             others = {key: value for key, value in kwargs.items() if key != "logs"}
             for callback in self._reporting:
                 callback.on_log(args, at_step, control, logs=dict(metrics), **others)
