@@ -27,15 +27,13 @@ see into the :class:`~lightning_gradguard.adapters.watcher.Watcher`'s calls:
 * **causes**: the diagnosis watches the forward passes of the first steps, as with the other adapters. A no_grad
   cause inside a reentrant checkpoint segment names the Hugging Face fix (``use_reentrant=False`` in the
   checkpointing keyword arguments of ``TrainingArguments``, or ``model.enable_input_require_grads()``).
-* **logging**: at every logging step (``logging_steps`` by default) the metrics go into ``trainer.state.log_history``
-  as an entry of their own and through ``on_log`` to the reporting callbacks of ``report_to`` (W&B, MLflow, Comet,
-  ...). With TensorBoard among them, GradGuard writes its scalars and its dashboard (the custom-scalars layout, the
-  report, histograms, the gradient-flow image) with its own writer into the TensorBoard callback's run directory, under
-  the same tags as with every other adapter. ``gradguard.json`` (``gradguard-<name>.json``) goes to ``output_dir``;
-  the summary is printed at the end of ``train()``. Only the world process zero writes.
+* **logging**: at every logging step (``logging_steps`` by default) the metrics go to ``trainer.state.log_history``,
+  to the reporting callbacks of ``report_to`` and to TensorBoard (:mod:`~lightning_gradguard.adapters.hf_logs`).
+  ``gradguard.json`` (``gradguard-<name>.json``) goes to ``output_dir``; the summary is printed at the end of
+  ``train()``. Only the world process zero writes.
+* **a run that raises**: the Trainer has no exception event, so strict mode closes the guard itself before its error
+  leaves ``on_pre_optimizer_step``; after any other error the guard is closed by the next ``train()`` or at exit.
 
-The Trainer does not hand callbacks its list of callbacks; the adapter finds the reporting callbacks in the
-``CallbackHandler`` that calls it (when that fails, the metrics still reach ``log_history``, with a warning).
 Under DDP the counts, norms and strict decisions are global, as with the Lightning callback; DeepSpeed keeps its
 gradients outside ``.grad`` and is refused with a clear error.
 """
@@ -43,7 +41,6 @@ gradients outside ``.grad`` and is refused with a clear error.
 from __future__ import annotations
 
 import atexit
-import copy
 import dataclasses
 import functools
 import os
@@ -57,11 +54,11 @@ import accelerate
 import torch
 import transformers
 from torch import Tensor, nn
-from torch.utils.tensorboard import SummaryWriter
 from transformers import TrainerCallback
 
+from lightning_gradguard.adapters.hf_logs import TrainerLogs, calling_handler
 from lightning_gradguard.adapters.loop import _accumulates_into_grad, _optimizer_list, _tensors
-from lightning_gradguard.adapters.watcher import Watcher, _writer_log_dir
+from lightning_gradguard.adapters.watcher import Watcher
 from lightning_gradguard.config import OPTIONS, AllowNone, GuardConfig, LogGranularity, NonfiniteCheck, NormType
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
@@ -74,7 +71,6 @@ _NOT_USER_CODE = tuple(
     os.path.dirname(os.path.abspath(module.__file__)) + os.sep
     for module in (sys.modules["lightning_gradguard"], torch, transformers, accelerate)
 )
-_TENSORBOARD = "TensorBoardCallback"
 
 
 class GradGuardCallback(TrainerCallback):
@@ -154,7 +150,7 @@ class GradGuardCallback(TrainerCallback):
         self.guard = None
         if model is None or optimizer is None:
             raise ValueError("GradGuardCallback needs the Trainer's model and optimizer in on_train_begin; got none")
-        self.guard = TrainerGuard(model, optimizer, self.config, args, state, _calling_handler(self))
+        self.guard = TrainerGuard(model, optimizer, self.config, args, state, calling_handler(self))
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         guard = self.guard
@@ -212,12 +208,7 @@ class TrainerGuard(Watcher):
             every = getattr(state, "logging_steps", None) or getattr(args, "logging_steps", None) or 500
             config = dataclasses.replace(config, log_every_n_steps=max(int(every), 1))
         writes = bool(getattr(state, "is_world_process_zero", True))
-        self._handler = handler
-        self._reporting = _reporting_callbacks(handler) if handler is not None else []
-        tensorboard = [cb for cb in self._reporting if type(cb).__name__ == _TENSORBOARD]
-        self._reporting = [cb for cb in self._reporting if type(cb).__name__ != _TENSORBOARD]
-        self._writer = _StepAfterWriter(_tensorboard_dir(tensorboard[0], args)) if tensorboard and writes else None
-        self._logs = _TrainerLogs()
+        self.logs = TrainerLogs(handler, args, writes)  # log history, report_to's callbacks, TensorBoard
         self.model = model
         super().__init__(
             model,
@@ -225,8 +216,8 @@ class TrainerGuard(Watcher):
             config,
             writes=writes,
             strategy=_strategy(model, args),
-            writer=self._writer,
-            loggers=[self._logs],
+            writer=self.logs.writer,
+            loggers=[self.logs],
             ddp_fix="TrainingArguments(ddp_find_unused_parameters=True)",
             scale=LossScaleTracker(scaler) if enabled else None,
             report_dir=os.fspath(args.output_dir) if args.output_dir else None,
@@ -315,27 +306,12 @@ class TrainerGuard(Watcher):
     # ------------------------------------------------------------------ logging
     @feature("log")
     def publish(self, args: Any, state: Any, control: Any, kwargs: Mapping[str, Any]) -> None:
-        """Hand the logging steps' metrics that have landed to the Trainer's log history and reporting callbacks."""
-        if not self._logs.pending:
-            return
-        pending, self._logs.pending = self._logs.pending, []
-        for step, metrics in pending:
-            entry = {**metrics, "epoch": state.epoch} if state.epoch is not None else dict(metrics)
-            state.log_history.append({**entry, "step": step})
-            at_step = state
-            if step != state.global_step:  # a step whose values landed late (an accelerator's copy)
-                at_step = copy.copy(state)
-                at_step.global_step = step
-            others = {key: value for key, value in kwargs.items() if key != "logs"}
-            for callback in self._reporting:
-                callback.on_log(args, at_step, control, logs=dict(metrics), **others)
-        if self._writer is not None:
-            self._writer.flush()
+        """Hand the logging steps whose values have landed to the Trainer's log history and reporting callbacks."""
+        self.logs.publish(args, state, control, kwargs)
 
+    @feature("log")
     def close_writer(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self.logs.close()
 
     def abandon(self) -> Optional[str]:
         """Close after ``train()`` raised (strict mode, or any error): hooks out, the report file written, no
@@ -346,78 +322,6 @@ class TrainerGuard(Watcher):
             pass
         self.close_writer()
         return self.report_path
-
-
-class _TrainerLogs:
-    """What the reporter's logger sink writes to: each logging step's metrics, until the Trainer's next event hands
-    them over, at the Trainer's numbering (its logs carry the ``global_step`` after the step)."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[int, dict[str, float]]] = []
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self.pending.append((step + 1, dict(metrics)))
-
-
-class _StepAfterWriter(SummaryWriter):
-    """A ``SummaryWriter`` that numbers entries as the Trainer numbers its logs: a step's entries at the
-    ``global_step`` after it, next to the Trainer's own ``train/loss`` and ``train/grad_norm``."""
-
-    def add_scalar(self, tag: str, value: Any, global_step: Optional[int] = None, *args: Any, **kwargs: Any) -> None:
-        super().add_scalar(tag, value, _after(global_step), *args, **kwargs)
-
-    def add_text(self, tag: str, text: str, global_step: Optional[int] = None, *args: Any, **kwargs: Any) -> None:
-        super().add_text(tag, text, _after(global_step), *args, **kwargs)
-
-    def add_image(self, tag: str, image: Any, global_step: Optional[int] = None, *args: Any, **kwargs: Any) -> None:
-        super().add_image(tag, image, _after(global_step), *args, **kwargs)
-
-    def add_histogram_raw(self, tag: str, *args: Any, **kwargs: Any) -> None:
-        if "global_step" in kwargs:
-            kwargs["global_step"] = _after(kwargs["global_step"])
-        elif len(args) >= 8:
-            args = (*args[:7], _after(args[7]), *args[8:])
-        super().add_histogram_raw(tag, *args, **kwargs)
-
-
-def _after(step: Optional[int]) -> Optional[int]:
-    return None if step is None else step + 1
-
-
-# ---------------------------------------------------------------------------------------------- the Trainer
-def _calling_handler(callback: TrainerCallback) -> Any:
-    """The Trainer's ``CallbackHandler`` that is calling ``callback`` now, or None.
-
-    The Trainer gives callbacks no reference to itself or to the other callbacks (huggingface/transformers#38181);
-    the handler that calls an event is the caller of the callback's method, so it is looked for there.
-    """
-    frame = sys._getframe(2)
-    for _ in range(4):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if type(owner).__name__ == "CallbackHandler" and any(c is callback for c in getattr(owner, "callbacks", ())):
-            return owner
-        frame = frame.f_back
-    return None
-
-
-def _reporting_callbacks(handler: Any) -> list[Any]:
-    """The callbacks that send logs somewhere (the integrations of ``report_to``, or added by hand)."""
-    try:
-        from transformers.integrations import INTEGRATION_TO_CALLBACK
-    except ImportError:  # pragma: no cover - an older transformers
-        return []
-    kinds = tuple(set(INTEGRATION_TO_CALLBACK.values()))
-    return [callback for callback in handler.callbacks if isinstance(callback, kinds)]
-
-
-def _tensorboard_dir(callback: Any, args: Any) -> str:
-    """The run directory of the Trainer's TensorBoard callback (its writer exists once its on_train_begin ran)."""
-    writer = getattr(callback, "tb_writer", None)
-    directory = _writer_log_dir(writer) if writer is not None else None
-    directory = directory or getattr(callback, "logging_dir", None) or getattr(args, "logging_dir", None)
-    return os.fspath(directory or os.path.join(args.output_dir, "runs"))
 
 
 def _strategy(model: nn.Module, args: Any) -> StrategyInfo:
