@@ -160,6 +160,7 @@ def test_runnable_block_runs_and_shows_what_the_page_says(tmp_path: Path, block:
     [
         ("docs/plain-pytorch.md", "['unused.weight', 'unused.bias']"),  # watch() in a hand-written loop
         ("docs/fabric.md", "unused.weight"),  # watch_fabric
+        ("docs/huggingface.md", "model.enable_input_require_grads()"),  # GradGuardCallback in the HF Trainer
         ("docs/pytorch-lightning.md", "unused.weight"),  # lightning_gradguard.pl
         ("docs/architecture.md", "unused.weight, unused.bias"),  # the engine driven directly
         ("docs/getting-started.md", "unused.weight"),  # the Trainer callback

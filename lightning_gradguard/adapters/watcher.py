@@ -58,6 +58,8 @@ class Watcher:
         ddp_fix: how the user turns on DDP's search for unused parameters in their framework.
         scale: the AMP loss-scale tracker, when the loop runs under a ``GradScaler`` the adapter can see.
         late_backward: the adapter notices a backward pass only once it runs (hooks inside autograd).
+        report_dir: write the report file here instead of the log directory (the Hugging Face Trainer's
+            ``output_dir``, next to its checkpoints, while TensorBoard logs go to their own directory).
 
     """
 
@@ -75,6 +77,7 @@ class Watcher:
         ddp_fix: str = "DistributedDataParallel(model, find_unused_parameters=True)",
         scale: Optional[LossScaleTracker] = None,
         late_backward: bool = False,
+        report_dir: Optional[str] = None,
     ) -> None:
         self.config = config
         self.optimizers = list(optimizers)
@@ -98,7 +101,7 @@ class Watcher:
             # way a loop normally clears them in between, invalidates that read), except where gradients are
             # rewritten after the backward pass the adapter brackets: DDP's reducer, FSDP's sharded views
             self.engine.start_run(reuse_backward_read=not strategy.distributed, late_backward=late_backward)
-            self.reporter = self._reporter(log_dir, writer, loggers)
+            self.reporter = self._reporter(log_dir, writer, loggers, report_dir)
         except BaseException:
             self.engine.end_diagnosis()  # a guard that was never built leaves no instrument behind
             if getattr(self, "context", None) is not None:
@@ -126,7 +129,9 @@ class Watcher:
         return TrainingContext(self.engine, info, collective=Collective(device=device), warn=self._warn,
                                ddp_fix=ddp_fix)
 
-    def _reporter(self, log_dir: Optional[str], writer: Any, loggers: Sequence[Any]) -> Reporter:
+    def _reporter(
+        self, log_dir: Optional[str], writer: Any, loggers: Sequence[Any], report_dir: Optional[str] = None
+    ) -> Reporter:
         config = self.config
         reporter = Reporter(
             self.engine,
@@ -152,6 +157,7 @@ class Watcher:
                 reporter.add(LoggerSink(loggers))
                 destinations += [(("logger", id(logger)), f"the logger {type(logger).__name__}") for logger in loggers]
                 log_dir = log_dir or next((getattr(lg, "log_dir", None) for lg in loggers), None)
+            log_dir = report_dir or log_dir
             writers = ([writer] if writer is not None else []) + tensorboard_writers(loggers)
             if writers:
                 reporter.add(TensorBoardDashboard(writers, config.histogram_every_n_steps,

@@ -48,7 +48,13 @@ from lightning_gradguard.core.diagnosis.analysis import Analysis
 from lightning_gradguard.core.diagnosis.instruments import Instruments, in_backward
 from lightning_gradguard.core.diagnosis.model_map import ModelMap
 from lightning_gradguard.core.diagnosis.recording import Recording
-from lightning_gradguard.core.diagnosis.rendering import LEFTOVER_NOTE, render, undiagnosed, with_leftover_note
+from lightning_gradguard.core.diagnosis.rendering import (
+    CHECKPOINT_FIX,
+    LEFTOVER_NOTE,
+    render,
+    undiagnosed,
+    with_leftover_note,
+)
 from lightning_gradguard.core.diagnosis.windows import WindowSchedule
 from lightning_gradguard.isolation import internal_error
 
@@ -105,6 +111,7 @@ class Diagnosis:
     ) -> None:
         self.engine = engine
         self.failed = False  # an internal error turned diagnosis off for the rest of the run
+        self.checkpoint_fix = CHECKPOINT_FIX  # the "Fix:" of a no_grad cause inside a reentrant checkpoint segment
         self.schedule = WindowSchedule(window_steps, window_micro_batches, max_windows)
         self.model_map = ModelMap(engine)
         self.recording = Recording(self.model_map)
@@ -252,7 +259,7 @@ class Diagnosis:
                 if not self.instruments.armed:  # gone missing outside a window: watch the next steps to find out why
                     self.schedule.await_cause(index)
                 continue
-            cause, detail = render(index, engine.registry.names[index], reason, self.model_map)
+            cause, detail = render(index, engine.registry.names[index], reason, self.model_map, self.checkpoint_fix)
             if index in check.leftover:
                 detail = with_leftover_note(detail)
             out[index] = (cause, detail)

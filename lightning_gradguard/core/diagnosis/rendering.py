@@ -39,11 +39,21 @@ LEFTOVER_NOTE = (
 )
 
 
-def render(index: int, name: str, reason: Reason, model_map: ModelMap) -> tuple[Optional[str], str]:
-    """``(cause, detail)`` for the parameter ``name`` (registry ``index``) missed for ``reason``."""
+# the fix named for a reentrant checkpoint segment; an adapter whose framework turns checkpointing on itself names
+# that framework's switch instead (Diagnosis.checkpoint_fix)
+CHECKPOINT_FIX = "pass use_reentrant=False to checkpoint (recommended), or make one of its inputs require grad"
+
+def render(
+    index: int, name: str, reason: Reason, model_map: ModelMap, checkpoint_fix: str = CHECKPOINT_FIX
+) -> tuple[Optional[str], str]:
+    """``(cause, detail)`` for the parameter ``name`` (registry ``index``) missed for ``reason``.
+
+    ``checkpoint_fix``: the fix named for a reentrant checkpoint segment (an adapter whose framework turns
+    checkpointing on itself names that framework's switch).
+    """
     tag, payload = reason
     if tag == EVENT:
-        return _render_event(payload)
+        return _render_event(payload, checkpoint_fix)
     owners = model_map.owners.get(index, [])
     where = " and ".join(str(o) for o in owners) if owners else "the model"
     if tag == USED:
@@ -70,7 +80,7 @@ def render(index: int, name: str, reason: Reason, model_map: ModelMap) -> tuple[
         owner = ran_without_grad[0]
         found, inference = runs[owner.module_id][2] or (None, False)
         frames, checkpoint = found if found is not None else ([], None)
-        return NO_GRAD, _no_grad_text(f"{owner} ran with autograd off", frames, checkpoint, inference)
+        return NO_GRAD, _no_grad_text(f"{owner} ran with autograd off", frames, checkpoint, inference, checkpoint_fix)
     if owners and all(o.opaque for o in owners):
         return None, (
             f"{where} is inside torch.compile'd code, where GradGuard cannot see whether it ran or what became "
@@ -110,10 +120,11 @@ def _defined(root: Optional[torch.nn.Module], dotted_name: str, separator: str =
     return f", defined at {site}{separator}"
 
 
-def _render_event(event: Event) -> tuple[str, str]:
+def _render_event(event: Event, checkpoint_fix: str) -> tuple[str, str]:
     where = str(location(event.frames[0])) if event.frames else "a call outside your code"
     if event.kind == NO_GRAD_USE:
-        return NO_GRAD, _no_grad_text("it was used with autograd off", event.frames, event.checkpoint, event.inference)
+        frames, checkpoint, inference = event.frames, event.checkpoint, event.inference
+        return NO_GRAD, _no_grad_text("it was used with autograd off", frames, checkpoint, inference, checkpoint_fix)
     cut = f"it was used with autograd on, but its path to the loss was cut at {where}: "
     if event.kind == DETACH:
         return DETACHED, cut + (
@@ -139,13 +150,14 @@ def _render_event(event: Event) -> tuple[str, str]:
     )
 
 
-def _no_grad_text(what: str, frames: list[Frame], checkpoint: Optional[int], inference: bool) -> str:
+def _no_grad_text(
+    what: str, frames: list[Frame], checkpoint: Optional[int], inference: bool, checkpoint_fix: str
+) -> str:
     if checkpoint is not None:
         return (
             f"{what} inside a reentrant torch.utils.checkpoint segment, called at {location(frames[checkpoint])}: "
             "none of the segment's inputs required grad, so it ran without autograd and its output carries no "
-            "gradient. Fix: pass use_reentrant=False to checkpoint (recommended), or make one of its inputs "
-            "require grad."
+            f"gradient. Fix: {checkpoint_fix}."
         )
     block = "torch.inference_mode()" if inference else "torch.no_grad()"
     statement = grad_disabling_statement(frames)
