@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard.config import GuardConfig
-from lightning_gradguard.core.diagnosis.graph import ACCUMULATE_GRAD
+from lightning_gradguard.core.diagnosis.graph import leaf_tensors
 from lightning_gradguard.core.engine import GradGuardEngine
 from lightning_gradguard.errors import GradGuardWarning
 from lightning_gradguard.report import GradReport
@@ -202,7 +202,7 @@ class _Preflight:
             run()
             return
         self.engine.before_backward(loss)
-        self._stash(_leaves(loss))  # inputs of the batch that require grad get theirs back too
+        self._stash(leaf_tensors(loss))  # inputs of the batch that require grad get theirs back too
         self._in_backward = True
         try:
             if loss.requires_grad:  # a loss without history: nothing arrives, and the diagnosis says why
@@ -363,18 +363,3 @@ def _as_loss(value: Any, source: str) -> Tensor:
     raise TypeError(f"{source} must give the loss as a tensor, got {type(value).__name__}")
 
 
-def _leaves(loss: Tensor) -> list[Tensor]:
-    """The tensors a backward pass from ``loss`` accumulates into (their ``.grad`` is put back afterwards)."""
-    if loss.grad_fn is None:
-        return [loss] if loss.requires_grad else []
-    leaves, seen, stack = [], set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node) is ACCUMULATE_GRAD:
-            leaves.append(node.variable)
-        else:
-            stack.extend(parent for parent, _ in node.next_functions)
-    return leaves

@@ -40,25 +40,23 @@ gradients outside ``.grad`` and is refused with a clear error.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import functools
 import os
 import sys
 import warnings
-import weakref
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import accelerate
 import torch
 import transformers
-from torch import Tensor, nn
+from torch import nn
 from transformers import TrainerCallback
 
+from lightning_gradguard.adapters.backward import BackwardBracket
 from lightning_gradguard.adapters.hf_logs import TrainerLogs, calling_handler
-from lightning_gradguard.adapters.loop import _accumulates_into_grad, _optimizer_list, _tensors
-from lightning_gradguard.adapters.watcher import Watcher
+from lightning_gradguard.adapters.loop import _optimizer_list
+from lightning_gradguard.adapters.watcher import Watcher, close_at_exit
 from lightning_gradguard.config import OPTIONS, AllowNone, GuardConfig, LogGranularity, NonfiniteCheck, NormType
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
@@ -66,7 +64,6 @@ from lightning_gradguard.report import GradReport
 from lightning_gradguard.training.precision import LossScaleTracker
 from lightning_gradguard.training.strategies import DDP, SINGLE, StrategyInfo, describe_module
 
-_MAX_OUTPUTS = 64  # output tensors hooked per forward call
 _NOT_USER_CODE = tuple(
     os.path.dirname(os.path.abspath(module.__file__)) + os.sep
     for module in (sys.modules["lightning_gradguard"], torch, transformers, accelerate)
@@ -145,7 +142,7 @@ class GradGuardCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None,
                        optimizer: Any = None, **kwargs: Any) -> None:
         if self.guard is not None:  # an earlier train() that raised: its hooks come out first
-            self.guard.abandon()
+            self.guard.at_exit()
         self.report_path = None
         self.guard = None
         if model is None or optimizer is None:
@@ -159,12 +156,13 @@ class GradGuardCallback(TrainerCallback):
         try:
             guard.before_trainer_step()
         except GradGuardError:  # strict mode: the report is written and the hooks come out before the run stops
-            self.report_path = guard.abandon()
+            guard.at_exit()
+            self.report_path = guard.report_path
             raise
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.guard is not None:
-            self.guard.after_step()
+            self.guard.after_trainer_step()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.guard is not None and not self.guard.closed:
@@ -221,6 +219,7 @@ class TrainerGuard(Watcher):
             ddp_fix="TrainingArguments(ddp_find_unused_parameters=True)",
             scale=LossScaleTracker(scaler) if enabled else None,
             report_dir=os.fspath(args.output_dir) if args.output_dir else None,
+            late_backward=True,
         )
         self.global_step = int(getattr(state, "global_step", 0) or 0)  # a resumed run keeps the Trainer's numbering
         if self.engine.diagnosis is not None:
@@ -230,14 +229,10 @@ class TrainerGuard(Watcher):
                 "GradGuard could not find the Trainer's callbacks, so its metrics reach trainer.state.log_history "
                 "only (not the integrations of report_to, nor TensorBoard)"
             )
-        self._backward_open = False  # inside a backward pass this adapter noticed
-        self._bracketed = False  # the open backward pass was handed to the engine (it writes .grad)
-        self._forward_since_backward = False
-        self._marked = False  # the gradients the next backward pass starts from are recorded
-        self._handles.append(model.register_forward_pre_hook(self._on_forward_start))
-        self._handles.append(model.register_forward_hook(self._on_forward_end))
+        self.backward = BackwardBracket(self, model)
+        self._handles.extend(self.backward.handles)
         self.zeroed()  # the Trainer ran model.zero_grad() right before on_train_begin
-        _close_at_exit(self)
+        close_at_exit(self)
 
     def _warn(self, message: str) -> None:
         """Warnings point at the user's ``trainer.train()`` line, past the Trainer's and accelerate's frames."""
@@ -249,59 +244,23 @@ class TrainerGuard(Watcher):
             level += 1
         warnings.warn(message, GradGuardWarning, stacklevel=level)
 
-    # ------------------------------------------------------------------ backward passes
-    def _on_forward_start(self, module: nn.Module, args: Any) -> None:
-        if not torch.is_grad_enabled() or self._closed:  # evaluation runs under no_grad: not a micro-batch
-            return
-        self._forward_since_backward = True
-        if not self._marked:  # the gradients this micro-batch's backward pass starts from
-            self._mark(None)
-
-    def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not torch.is_grad_enabled() or self._closed:
-            return
-        hooked = 0
-        for tensor in _tensors(output):
-            if tensor.requires_grad and tensor.grad_fn is not None and hooked < _MAX_OUTPUTS:
-                tensor.register_hook(functools.partial(self._on_output_grad, tensor.grad_fn))
-                hooked += 1
-
-    def _on_output_grad(self, node: Any, grad: Tensor) -> None:
-        if self._backward_open or self._closed:  # the first output the pass reaches opens it
-            return
-        self._backward_open = True
-        torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
-        self._bracketed = _accumulates_into_grad(node)  # torch.autograd.grad() returns gradients, writes no .grad
-        if self._bracketed:
-            new_micro_batch, self._forward_since_backward = self._forward_since_backward, False
-            self.backward_started(new_micro_batch=new_micro_batch)
-
-    def _on_backward_end(self) -> None:
-        self._backward_open = False
-        if self._bracketed:
-            self._bracketed = False
-            self._marked = False
-            self.backward_ended()
-
-    @feature("check")
-    def _mark(self, cleared: Optional[torch.optim.Optimizer]) -> None:
-        if self._backward_open:
-            return
-        self.engine.mark_gradients(cleared)
-        self._marked = True
-
     def zeroed(self) -> None:
         """The Trainer has just set every gradient to None (``model.zero_grad()``): nothing needs to be read."""
-        if not self._closed:
-            self._mark(self.optimizers[0])
+        self.backward.zero_grad_ran(self.optimizers[0], set_to_none=True)
 
     # ------------------------------------------------------------------ steps
     def before_trainer_step(self) -> None:
         """``on_pre_optimizer_step``: check the step (strict mode raises here, before any weight changes)."""
         raw = self.optimizers[0]
+        self.backward.stepping(raw)
         # accelerate unscales in the gradient clipping (max_grad_norm > 0); otherwise the gradients still carry the
         # loss scale at this point, and the norms are divided by it
         self.before_step(raw, self.scale.at_step(raw) if self.scale is not None else None)
+
+    def after_trainer_step(self) -> None:
+        """``on_optimizer_step``: the optimizer stepped (or the loss scaler skipped the step)."""
+        self.backward.stepped()
+        self.after_step()
 
     # ------------------------------------------------------------------ logging
     @feature("log")
@@ -313,15 +272,14 @@ class TrainerGuard(Watcher):
     def close_writer(self) -> None:
         self.logs.close()
 
-    def abandon(self) -> Optional[str]:
-        """Close after ``train()`` raised (strict mode, or any error): hooks out, the report file written, no
-        collective (another rank may be gone) and no console summary (the exception says what happened)."""
+    def at_exit(self) -> None:
+        """``train()`` raised (strict mode, or any error) and the interpreter exits: hooks out, the report file
+        written, no collective (another rank may be gone) and no console summary (the exception said it all)."""
         try:
-            self._close(collective=False, summary=False)
+            self.abandon(summary=False)
         except Exception:  # noqa: BLE001 - never replace the exception that stopped the run with one of ours
             pass
         self.close_writer()
-        return self.report_path
 
 
 def _strategy(model: nn.Module, args: Any) -> StrategyInfo:
@@ -348,26 +306,6 @@ def _checkpoint_fix(args: Any) -> str:
         "model.enable_input_require_grads() before training so that the inputs of the checkpointed layers require "
         "grad (frozen embeddings, LoRA adapters)"
     )
-
-
-_open_guards: weakref.WeakSet = weakref.WeakSet()
-_exit_hook: list[bool] = []
-
-
-def _close_at_exit(guard: TrainerGuard) -> None:
-    """A train() that raised leaves its guard open (the Trainer has no exception event): close it at exit."""
-    if not _exit_hook:
-        _exit_hook.append(True)
-        atexit.register(_close_open_guards)
-    _open_guards.add(guard)
-
-
-def _close_open_guards() -> None:
-    for guard in list(_open_guards):
-        try:
-            guard.abandon()
-        except Exception:  # noqa: BLE001 - nothing can be done at exit
-            pass
 
 
 __all__ = ["GradGuardCallback", "TrainerGuard"]

@@ -43,23 +43,19 @@ hooked too.
 
 from __future__ import annotations
 
-import atexit
 import os
 import warnings
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard.adapters.watcher import MethodWrapper, Watcher
+from lightning_gradguard.adapters.backward import BackwardBracket
+from lightning_gradguard.adapters.watcher import MethodWrapper, Watcher, close_at_exit, open_guards
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.errors import GradGuardWarning
-from lightning_gradguard.isolation import feature
 from lightning_gradguard.training.strategies import class_names, describe_module
-
-_MAX_OUTPUTS = 64  # output tensors hooked per forward call (a model returning a long list of tensors)
 
 
 class LoopGuard(Watcher):
@@ -116,29 +112,19 @@ class LoopGuard(Watcher):
             writer=writer,
             late_backward=True,
         )
-        self._backward_open = False  # inside a backward pass this adapter bracketed (or chose to ignore)
-        self._bracketed = False  # the open backward pass was handed to the engine
-        self._through_model = False  # the open backward pass reached the model's outputs
-        self._forward_since_backward = False
-        self._root_forward_seen = False
-        self._marked = False  # the gradients the next backward pass starts from are recorded
-        self._stepped = False  # an optimizer stepped since the last backward pass ended
-        self._restarts: list[torch.optim.Optimizer] = []  # zero_grad since their last step
+        self.backward = BackwardBracket(self, model)
+        self._handles.extend(self.backward.handles)
         self._param_hooks: list[Any] = []  # the per-parameter detector, while it is needed
         self._param_mode = True
-        self._all_through_model = True  # every backward pass of the first window reached the model's outputs
         self._seen_params = 0  # registry entries looked at for the per-parameter detector
         self._unhooked: list[Tensor] = []  # parameters frozen when seen: hooked once they require grad
         self._handles.append(_RemoveAll(self._param_hooks))
-        self._mark(None)  # the first backward pass starts from the gradients as they are now
         self._install()
-        _close_at_exit(self)
+        close_at_exit(self)
 
     # ------------------------------------------------------------------ hooks
     def _install(self) -> None:
         model = self.model
-        self._handles.append(model.register_forward_pre_hook(self._on_forward_start))
-        self._handles.append(model.register_forward_hook(self._on_forward_end))
         for optimizer in self.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre_hook))
             self._handles.append(optimizer.register_step_post_hook(self._on_step_post_hook))
@@ -150,37 +136,8 @@ class LoopGuard(Watcher):
             if isinstance(flat, Tensor) and flat.requires_grad:
                 self._handles.append(flat.register_hook(self._on_param_grad))
 
-    def _on_forward_start(self, module: nn.Module, args: Any) -> None:
-        if torch.is_grad_enabled():  # evaluation under no_grad is not a micro-batch
-            self._forward_since_backward = True
-            self._root_forward_seen = True
-
-    def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not torch.is_grad_enabled():
-            return
-        hooked: list[Any] = []
-        for tensor in _tensors(output):
-            node = tensor.grad_fn
-            if node is not None and len(hooked) < _MAX_OUTPUTS and not any(node is n for n in hooked):
-                node.register_prehook(self._on_output_grad)  # runs when a backward pass reaches the output
-                hooked.append(node)
-
     def _after_zero_grad(self, owner: Any, set_to_none: bool) -> None:
-        if isinstance(owner, torch.optim.Optimizer):
-            # cleared without a step: if a backward pass comes before its next step (a GAN's other network, a step
-            # the AMP scaler skipped), the window starts there; if its step comes first, it stepped on nothing
-            if owner not in self._restarts:
-                self._restarts.append(owner)
-            self._mark(owner if set_to_none else None)
-        else:
-            self._mark(None)
-
-    @feature("check")
-    def _mark(self, cleared: Optional[torch.optim.Optimizer]) -> None:
-        if self._backward_open:
-            return
-        self.engine.mark_gradients(cleared)
-        self._marked = True
+        self.backward.zero_grad_ran(owner if isinstance(owner, torch.optim.Optimizer) else None, set_to_none)
 
     def _hook_new_params(self) -> None:
         """Put the per-parameter detector on every trainable parameter that does not have it yet (first window,
@@ -199,55 +156,20 @@ class LoopGuard(Watcher):
                 still_frozen.append(param)
         self._unhooked = still_frozen
 
-    def _on_output_grad(self, grad_outputs: Any) -> None:
-        if not self._backward_open:
-            self._on_backward_start(torch._C._current_autograd_node())
-        self._through_model = True
-
     def _on_param_grad(self, grad: Tensor) -> None:
         # called for each parameter's gradient; only the first of a backward pass does anything
-        if not self._backward_open:
-            self._on_backward_start()
-
-    def _on_backward_start(self, output_node: Any = None) -> None:
-        self._backward_open = True
-        self._through_model = False
-        torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
-        if not _accumulates_into_grad(output_node):
-            self._bracketed = False  # torch.autograd.grad(): gradients are returned, .grad is untouched
-            return
-        self._bracketed = True
-        for optimizer in self._restarts:
-            self.engine.restart_window(optimizer)
-        self._restarts.clear()
-        if not self._marked:  # no zero_grad since the last backward pass: the baseline is what that one left
-            if self._stepped:  # ... unless a step came in between (gradients kept across steps): read them now
-                self.engine.mark_gradients()
-            else:
-                self.engine.keep_baseline()
-        new_micro_batch = self._forward_since_backward or not self._root_forward_seen
-        self._forward_since_backward = False
-        self.backward_started(new_micro_batch=new_micro_batch)
-
-    def _on_backward_end(self) -> None:
-        self._backward_open = False
-        if self._bracketed:
-            self._bracketed = False
-            self._all_through_model = self._all_through_model and self._through_model
-            self._marked = False
-            self._stepped = False
-            self.backward_ended()
+        if not self.backward.open:
+            self.backward.start()
 
     def _on_step_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
         # optimizers that unscale inside their kernel (fused=True): GradScaler.step leaves the gradients scaled and
         # sets `optimizer.grad_scale` (None when they were unscaled already) for the duration of the step
-        if optimizer in self._restarts:
-            self._restarts.remove(optimizer)
+        self.backward.stepping(optimizer)
         scale = getattr(optimizer, "grad_scale", None)
         self.before_step(optimizer, scale if isinstance(scale, Tensor) else None)
 
     def _on_step_post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
-        self._stepped = True
+        self.backward.stepped()
         self.after_step()
         self._after_first_window()
 
@@ -255,7 +177,7 @@ class LoopGuard(Watcher):
         """After each step: the per-parameter detector comes off once the model's outputs proved enough."""
         if not self._param_mode:
             return
-        if self._root_forward_seen and self._all_through_model:
+        if self.backward.forward_seen and self.backward.all_through_model:
             self._param_mode = False
             for handle in self._param_hooks:
                 handle.remove()
@@ -330,24 +252,6 @@ def _wrap_zero_grad(owner: Any, after: Any) -> MethodWrapper:
     return MethodWrapper(owner, "zero_grad", zero_grad)
 
 
-def _tensors(output: Any) -> Iterable[Tensor]:
-    """The tensors a forward call returned: the output itself, or those in a tuple, list, dict or dataclass."""
-    if isinstance(output, Tensor):
-        yield output
-        return
-    if isinstance(output, dict):
-        values: Iterable[Any] = output.values()
-    elif isinstance(output, (list, tuple)):
-        values = output
-    elif hasattr(output, "__dataclass_fields__"):
-        values = (getattr(output, name, None) for name in output.__dataclass_fields__)
-    else:
-        return
-    for value in values:
-        if isinstance(value, Tensor):
-            yield value
-
-
 def _check_destination(log_dir: Any, writer: Any) -> None:
     if log_dir is not None and writer is not None:
         raise ValueError("pass either `log_dir` (GradGuard creates a SummaryWriter) or `writer`, not both")
@@ -383,36 +287,6 @@ def _rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _accumulates_into_grad(output_node: Any = None) -> bool:
-    """Whether the running backward pass writes ``.grad`` (``backward()``) or returns gradients (``autograd.grad``).
-
-    The engine says whether it will run a parameter's ``AccumulateGrad`` node: from a parameter's own hook that is
-    the current node; from a hook on the model's output, the nearest such node behind the output's ``grad_fn``.
-    """
-    try:
-        node = torch._C._current_autograd_node() if output_node is None else _nearest_accumulate(output_node)
-        return node is None or bool(torch._C._will_engine_execute_node(node))
-    except RuntimeError:  # "... we are currently running autograd.grad()"
-        return False
-    except AttributeError:  # private helpers missing in some release: assume the common case
-        return True
-
-
-def _nearest_accumulate(node: Any, budget: int = 64) -> Any:
-    """The first ``AccumulateGrad`` node (a parameter's) found breadth-first behind ``node``, within ``budget``."""
-    queue, seen = [node], {node}
-    while queue and budget > 0:
-        current = queue.pop(0)
-        budget -= 1
-        if type(current).__name__ == "AccumulateGrad":
-            return current
-        for parent, _ in current.next_functions:
-            if parent is not None and parent not in seen:
-                seen.add(parent)
-                queue.append(parent)
-    return None
-
-
 def _unwrap_data_parallel(model: nn.Module) -> nn.Module:
     inner = getattr(model, "module", None)
     if class_names(model) & {"DistributedDataParallel", "DataParallel"} and isinstance(inner, nn.Module):
@@ -420,23 +294,11 @@ def _unwrap_data_parallel(model: nn.Module) -> nn.Module:
     return model
 
 
-_open_guards: weakref.WeakSet = weakref.WeakSet()
-_exit_hook: list[bool] = []
-
-
-def _close_at_exit(guard: LoopGuard) -> None:
-    """Close guards the script never closed when the interpreter exits, so the one-line form still reports."""
-    if not _exit_hook:
-        _exit_hook.append(True)
-        atexit.register(_close_open_guards)
-    _open_guards.add(guard)
-
-
 def _replace_earlier_guards(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:
     """Close an open guard on the same model and optimizer (a notebook cell run twice), so hooks do not pile up."""
     ids = {id(o) for o in optimizers}
-    for guard in list(_open_guards):
-        if guard.closed or guard.model is not model or not ids & {id(o) for o in guard.optimizers}:
+    for guard in open_guards():
+        if getattr(guard, "model", None) is not model or not ids & {id(o) for o in guard.optimizers}:
             continue
         warnings.warn(
             "GradGuard: watch() was called again for the same model and optimizer; the earlier guard is closed "
@@ -445,14 +307,6 @@ def _replace_earlier_guards(model: nn.Module, optimizers: Sequence[torch.optim.O
             stacklevel=4,
         )
         guard.close(summary=False)
-
-
-def _close_open_guards() -> None:
-    for guard in list(_open_guards):
-        try:
-            guard._close(collective=False)
-        except Exception:  # noqa: BLE001 - nothing can be done at exit
-            pass
 
 
 __all__ = ["LoopGuard", "watch"]

@@ -15,10 +15,12 @@ their framework's hooks and call these; they override nothing.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -250,6 +252,14 @@ class Watcher:
         self.reporter.write(step, due, scalars)
 
     # ------------------------------------------------------------------ reading out, closing
+    @property
+    def disabled(self) -> set[str]:
+        """The features an internal error turned off (see :mod:`lightning_gradguard.isolation`)."""
+        return self._disabled
+
+    def report_internal_error(self, message: str) -> None:
+        self._report_internal_error(message)
+
     def _report_internal_error(self, message: str) -> None:
         warnings.warn(message, GradGuardWarning, stacklevel=3)
 
@@ -264,6 +274,11 @@ class Watcher:
     def closed(self) -> bool:
         return self._closed
 
+    def at_exit(self) -> None:
+        """The interpreter exits with this guard open: close it, without the collective."""
+        if not self._closed:
+            self.abandon()
+
     def close(self, summary: bool = True) -> GradReport:
         """Remove every hook, print the summary, write the report file and the dashboard's final report.
 
@@ -274,6 +289,10 @@ class Watcher:
         collective (its report then holds the counts of the last logging step plus this rank's own since).
         """
         return self._close(collective=True, summary=summary)
+
+    def abandon(self, summary: bool = True) -> GradReport:
+        """Close without the collective: the loop raised, or the interpreter exits (another rank may be gone)."""
+        return self._close(collective=False, summary=summary)
 
     def _close(self, collective: bool, summary: bool = True) -> GradReport:
         if self._closed:
@@ -314,7 +333,7 @@ class Watcher:
             return
         # the loop raised: the user's exception must come out unchanged, and another rank may never get here
         try:
-            self._close(collective=False)
+            self.abandon()
         except Exception:  # noqa: BLE001 - never replace the user's exception with one of ours
             pass
 
@@ -333,6 +352,34 @@ def warn_at_user_code(message: str) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, GradGuardWarning, stacklevel=level)
+
+
+_open_guards: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_at_exit(guard: Watcher) -> None:
+    """Close ``guard`` when the interpreter exits if nothing closed it before, so that the one-line form (``watch``
+    without ``close()``) still reports, and a run that raised still writes its report file."""
+    if not _open_guards and not _exit_hook:
+        _exit_hook.append(True)
+        atexit.register(_close_open_guards)
+    _open_guards.add(guard)
+
+
+def open_guards() -> list[Watcher]:
+    """The guards not closed yet (a notebook cell run twice finds the earlier one here)."""
+    return [guard for guard in list(_open_guards) if not guard.closed]
+
+
+_exit_hook: list[bool] = []
+
+
+def _close_open_guards() -> None:
+    for guard in list(_open_guards):
+        try:
+            guard.at_exit()
+        except Exception:  # noqa: BLE001 - nothing can be done at exit
+            pass
 
 
 def _open_writer(log_dir: str) -> Any:

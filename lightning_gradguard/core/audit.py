@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard.core.diagnosis.graph import ACCUMULATE_GRAD
+from lightning_gradguard.core.diagnosis.graph import leaf_tensors
 from lightning_gradguard.core.registry import ParamRegistry, clean_name
 from lightning_gradguard.report import Finding
 
@@ -104,7 +104,7 @@ def _tensor_finding(path: str, attr: str, value: Tensor, registered: set[int]) -
             f"registered, so {_NOT_TRAINED.format(them='it')}. Fix: self.{attr} = nn.Parameter(...) (or "
             "register_buffer(...) if it should not train)."
         ))
-    leaves = _graph_leaves(value)
+    leaves = leaf_tensors(value, limit=10_000)
     if any(id(leaf) in registered for leaf in leaves):
         return None  # a value computed from registered parameters, not a parameter that went missing
     if any(isinstance(leaf, nn.Parameter) for leaf in leaves):
@@ -162,22 +162,6 @@ def _collect(value: Any, modules: list[nn.Module], tensors: list[Tensor], depth:
 
 def _hidden_params(module: nn.Module, registered: set[int]) -> list[Tensor]:
     return [p for p in module.parameters() if p.requires_grad and id(p) not in registered]
-
-
-def _graph_leaves(tensor: Tensor, limit: int = 10_000) -> list[Tensor]:
-    leaves = []
-    stack = [tensor.grad_fn]
-    seen = set()
-    while stack and len(seen) < limit:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node) is ACCUMULATE_GRAD:
-            leaves.append(node.variable)
-            continue
-        stack.extend(parent for parent, _ in node.next_functions)
-    return leaves
 
 
 # ---------------------------------------------------------------------- not in any optimizer

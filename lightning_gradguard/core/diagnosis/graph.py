@@ -8,9 +8,10 @@ visit per node.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 
 def _accumulate_grad_type() -> type:
@@ -54,3 +55,25 @@ def reachable(roots: Iterable[Any], seen: set[Any], param_index: dict[int, int])
                 seen.add(parent)
                 stack.append(parent)
     return found
+
+
+def leaf_tensors(tensor: Tensor, limit: Optional[int] = None) -> list[Tensor]:
+    """The leaf tensors (parameters, inputs that require grad) a backward pass from ``tensor`` accumulates into.
+
+    ``limit``: the most graph nodes visited (a huge graph is cut short rather than walked whole).
+    """
+    if tensor.grad_fn is None:
+        return [tensor] if tensor.requires_grad else []
+    leaves: list[Tensor] = []
+    seen: set[Any] = set()
+    stack = [tensor.grad_fn]
+    while stack and (limit is None or len(seen) < limit):
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node) is ACCUMULATE_GRAD:
+            leaves.append(node.variable)
+        else:
+            stack.extend(parent for parent, _ in node.next_functions)
+    return leaves

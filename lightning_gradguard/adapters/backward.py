@@ -1,0 +1,197 @@
+"""How an adapter notices backward passes and micro-batches in a loop GradGuard does not drive (plain PyTorch, the
+Hugging Face Trainer): from inside autograd, without a hook on every parameter.
+
+A forward hook on the model puts a pre-hook on the ``grad_fn`` of each of its outputs; autograd calls it when a
+backward pass reaches the model, and the pass is bracketed from there to autograd's end-of-backward callback. A
+forward call since the previous backward pass starts a new micro-batch; several backward passes from one forward
+(several losses) share it.
+
+The gradients a backward pass is compared with (which parameters it gave a gradient) are recorded before it
+starts, because by the time it reaches the model's outputs, a parameter used only in the loss may have received its
+gradient already. ``zero_grad`` records them for free (every gradient None); between two backward passes of an
+accumulation window nothing changes them, so the last pass's end serves. Only a step with no ``zero_grad`` after it
+(gradients kept across steps) makes the next pass read them when it starts.
+
+``torch.autograd.grad`` calls write no ``.grad`` and are not counted: the engine is asked whether it will run a
+parameter's ``AccumulateGrad`` node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gradguard.isolation import feature
+
+if TYPE_CHECKING:
+    from lightning_gradguard.adapters.watcher import Watcher
+
+_MAX_OUTPUTS = 64  # output tensors hooked per forward call (a model returning a long list of tensors)
+
+
+class BackwardBracket:
+    """Brackets the backward passes that reach ``model``'s outputs (or start at a hooked tensor) for ``watcher``.
+
+    The adapter tells it what it sees: :meth:`zero_grad_ran`, :meth:`stepping` and :meth:`stepped` around each
+    step, and :meth:`start` from hooks of its own (a parameter's gradient hook).
+
+    Args:
+        watcher: the guard whose calls the backward passes become.
+        model: the module whose forward calls mark micro-batches and whose outputs mark backward passes.
+
+    """
+
+    def __init__(self, watcher: Watcher, model: nn.Module) -> None:
+        self.watcher = watcher
+        self.open = False  # inside a backward pass this bracket noticed (or chose to ignore)
+        self.forward_seen = False  # a forward call of the model was seen at all
+        self.all_through_model = True  # every bracketed backward pass reached the model's outputs
+        self._bracketed = False  # the open backward pass writes .grad and was handed to the engine
+        self._through_model = False
+        self._forward_since_backward = False
+        self._marked = False  # the gradients the next backward pass starts from are recorded
+        self._stepped = False  # an optimizer stepped since the last backward pass ended
+        self._restarts: list[torch.optim.Optimizer] = []  # zero_grad since their last step
+        self.handles = [
+            model.register_forward_pre_hook(self._forward_start),
+            model.register_forward_hook(self._forward_end),
+        ]
+        self._mark(None)  # the first backward pass starts from the gradients as they are now
+
+    # ------------------------------------------------------------------ what the adapter tells it
+    def zero_grad_ran(self, optimizer: Optional[torch.optim.Optimizer], set_to_none: bool) -> None:
+        """``optimizer.zero_grad()`` (or the model's, ``optimizer`` None) just ran."""
+        if optimizer is not None:
+            # cleared without a step: if a backward pass comes before its next step (a GAN's other network, a step
+            # the AMP scaler skipped), the window starts there; if its step comes first, it stepped on nothing
+            if optimizer not in self._restarts:
+                self._restarts.append(optimizer)
+        self._mark(optimizer if set_to_none else None)
+
+    def stepping(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer`` is about to step (a zero_grad before it cleared what it steps on: no window restart)."""
+        if optimizer in self._restarts:
+            self._restarts.remove(optimizer)
+
+    def stepped(self) -> None:
+        self._stepped = True
+
+    # ------------------------------------------------------------------ hooks
+    def _forward_start(self, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled() and not self.watcher.closed:  # evaluation under no_grad is not a micro-batch
+            self._forward_since_backward = True
+            self.forward_seen = True
+
+    def _forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled() or self.watcher.closed:
+            return
+        hooked: list[Any] = []
+        for tensor in _tensors(output):
+            node = tensor.grad_fn
+            if node is not None and len(hooked) < _MAX_OUTPUTS and not any(node is n for n in hooked):
+                node.register_prehook(self._output_reached)  # runs when a backward pass reaches the output
+                hooked.append(node)
+
+    def _output_reached(self, grad_outputs: Any) -> None:
+        if not self.open:
+            self.start(torch._C._current_autograd_node())
+        self._through_model = True
+
+    def start(self, output_node: Any = None) -> None:
+        """A backward pass reached a hooked point (``output_node``: the model output's ``grad_fn``; None from a
+        parameter's own gradient hook)."""
+        if self.open or self.watcher.closed:
+            return
+        self.open = True
+        self._through_model = False
+        torch.autograd.Variable._execution_engine.queue_callback(self._end)
+        self._bracketed = accumulates_into_grad(output_node)  # torch.autograd.grad() writes no .grad
+        if not self._bracketed:
+            return
+        engine = self.watcher.engine
+        for optimizer in self._restarts:
+            engine.restart_window(optimizer)
+        self._restarts.clear()
+        if not self._marked:  # no zero_grad since the last backward pass: the baseline is what that one left
+            if self._stepped:  # ... unless a step came in between (gradients kept across steps): read them now
+                engine.mark_gradients()
+            else:
+                engine.keep_baseline()
+        new_micro_batch = self._forward_since_backward or not self.forward_seen
+        self._forward_since_backward = False
+        self.watcher.backward_started(new_micro_batch=new_micro_batch)
+
+    def _end(self) -> None:
+        self.open = False
+        if self._bracketed:
+            self._bracketed = False
+            self.all_through_model = self.all_through_model and self._through_model
+            self._marked = False
+            self._stepped = False
+            self.watcher.backward_ended()
+
+    @feature("check")
+    def _mark(self, cleared: Optional[torch.optim.Optimizer]) -> None:
+        if self.open or self.watcher.closed:
+            return
+        self.watcher.engine.mark_gradients(cleared)
+        self._marked = True
+
+    # the isolation of `feature` reports through the guard
+    @property
+    def _disabled(self) -> set[str]:
+        return self.watcher.disabled
+
+    def _report_internal_error(self, message: str) -> None:
+        self.watcher.report_internal_error(message)
+
+
+def accumulates_into_grad(output_node: Any = None) -> bool:
+    """Whether the running backward pass writes ``.grad`` (``backward()``) or returns gradients (``autograd.grad``).
+
+    The engine says whether it will run a parameter's ``AccumulateGrad`` node: from a parameter's own hook that is
+    the current node; from a hook on the model's output, the nearest such node behind the output's ``grad_fn``.
+    """
+    try:
+        node = torch._C._current_autograd_node() if output_node is None else _nearest_accumulate(output_node)
+        return node is None or bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:  # "... we are currently running autograd.grad()"
+        return False
+    except AttributeError:  # private helpers missing in some release: assume the common case
+        return True
+
+
+def _nearest_accumulate(node: Any, budget: int = 64) -> Any:
+    """The first ``AccumulateGrad`` node (a parameter's) found breadth-first behind ``node``, within ``budget``."""
+    queue, seen = [node], {node}
+    while queue and budget > 0:
+        current = queue.pop(0)
+        budget -= 1
+        if type(current).__name__ == "AccumulateGrad":
+            return current
+        for parent, _ in current.next_functions:
+            if parent is not None and parent not in seen:
+                seen.add(parent)
+                queue.append(parent)
+    return None
+
+
+def _tensors(output: Any) -> Iterable[Tensor]:
+    """The tensors a forward call returned: the output itself, or those in a tuple, list, dict or dataclass."""
+    if isinstance(output, Tensor):
+        yield output
+        return
+    if isinstance(output, dict):
+        values: Iterable[Any] = output.values()
+    elif isinstance(output, (list, tuple)):
+        values = output
+    elif hasattr(output, "__dataclass_fields__"):
+        values = (getattr(output, name, None) for name in output.__dataclass_fields__)
+    else:
+        return
+    for value in values:
+        if isinstance(value, Tensor):
+            yield value
