@@ -77,8 +77,9 @@ class _Measured:
             by_part = dict(zip(order, views))
             self.out.append([by_part[k] for k in range(len(plan.parts))])
         # per row: what a step hands back, built once
+        positions = [list(range(len(d.registry))) for d in self.devices]  # shared by every row
         self.groups = [
-            [(d.registry, NormGroup(list(range(len(d.registry))), d.buffer[r], d.local)) for d in self.devices]
+            [(d.registry, NormGroup(positions[k], d.buffer[r], d.local)) for k, d in enumerate(self.devices)]
             for r in range(self.rows)
         ]
         self.next = 0  # the row the next step writes
