@@ -83,9 +83,10 @@ def audit_model(
 class OptimizerAudit:
     """The ``not_in_optimizer`` check, kept true while the run changes (see the module docstring).
 
-    The engine calls :meth:`start` with the optimizers at the start of training, :meth:`saw_backward` after each
-    backward pass whose arrivals it knows, and :meth:`follow` at a step when :attr:`due` is set or the registry's
-    layout version moved (two attribute reads per step otherwise). :meth:`close` takes the hooks off.
+    The engine calls :meth:`start` with the optimizers at the start of training (and sets :attr:`following`),
+    :meth:`saw_backward` after each backward pass whose arrivals it knows, and :meth:`follow` at a step when
+    :attr:`due` is set or the registry's layout version moved (three attribute reads per step otherwise).
+    :meth:`close` takes the hooks off.
 
     Args:
         registry: the engine's registry.
@@ -102,6 +103,7 @@ class OptimizerAudit:
 
     def __init__(self, registry: ParamRegistry) -> None:
         self.registry = registry
+        self.following = False  # started with optimizers: the step check keeps the findings true
         self.due = False  # something the findings depend on may have changed: follow() at the next step
         self.version = -1  # the registry layout version the findings were taken at
         self.fewest_missed = _NEVER  # the fewest parameters one backward pass of this run missed

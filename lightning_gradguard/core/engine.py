@@ -112,7 +112,6 @@ class GradGuardEngine:
         self._lists = _DerivedLists()
         self._pending_state: Optional[Any] = None
         self.optimizer_audit = OptimizerAudit(self.registry)  # not_in_optimizer, kept true while the run changes
-        self._following = False  # audit() ran: the optimizer audit follows the run's changes
         self._warned_findings: set[tuple[str, str]] = set()
         self._checked_patterns = False
 
@@ -281,8 +280,8 @@ class GradGuardEngine:
         """
         view = self._gather(optimizer)
         audit = self.optimizer_audit
-        if self._following and (audit.due or audit.version != self.registry.layout_version):
-            self._follow_audit(optimizer)  # param groups or trainable parameters changed: two reads otherwise
+        if audit.following and (audit.due or audit.version != self.registry.layout_version):
+            self.follow_audit(optimizer)  # param groups or trainable parameters changed: three reads otherwise
         window, backwards = self.windows.close(optimizer)
         self.state.steps += 1
         check = self._classify(view, step, window, backwards, accumulate)
@@ -429,7 +428,7 @@ class GradGuardEngine:
         optimizers = list(optimizers)
         found = find_unregistered(self.module) if self.module is not None else []
         found += self.optimizer_audit.start(optimizers) if optimizers else []
-        self._following = bool(optimizers)
+        self.optimizer_audit.following = bool(optimizers)
         self.findings[:] = [f for f in self.findings if f.kind not in AUDIT_KINDS] + found
         self._warn_findings(found)
         if not self._checked_patterns:
@@ -437,11 +436,13 @@ class GradGuardEngine:
             self._warn_unmatched_patterns()
         return found
 
-    def _follow_audit(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    def follow_audit(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Take the ``not_in_optimizer`` check again now (the step check calls this when the optimizers' layout or
+        the parameters that receive gradients changed; ``optimizer``: the one about to step)."""
         try:
             found = self.optimizer_audit.follow(optimizer)
         except Exception as err:  # noqa: BLE001 - the audit must never stop the step check
-            self._following = False
+            self.optimizer_audit.following = False
             self.warn(
                 f"GradGuard: internal error in the optimizer audit ({type(err).__name__}: {err}); it is turned off "
                 "for the rest of this run, training continues. Please report this at the project's issue tracker."
@@ -490,8 +491,8 @@ class GradGuardEngine:
         """The report as it stands: every parameter checked at least once, and the findings."""
         self._sync_size()  # an optimizer's unregistered tensors may have joined the registry since
         self.flush()
-        if self._following:  # the findings as of now (reports are rare: a full look costs nothing that matters)
-            self._follow_audit(None)
+        if self.optimizer_audit.following:  # the findings as of now (reports are rare: a full look is cheap enough)
+            self.follow_audit()
         table = self.state.table()
         known = {f.name for f in fields(ParamReport)}
         counters = [name for name in table if name in known]
