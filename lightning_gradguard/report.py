@@ -49,14 +49,10 @@ class ParamReport:
 
 @dataclass
 class Finding:
-    """Something found by inspecting the model and optimizers rather than gradients.
+    """Found by inspecting the model and optimizers rather than gradients. ``severity``: a ``"warning"`` makes
+    :attr:`GradReport.ok` False; a ``"note"`` changes nothing in training (a target network no gradient reaches)."""
 
-    ``kind``: ``"unregistered"`` or ``"not_in_optimizer"``. ``severity``: ``"warning"`` (a set-up problem: it makes
-    :attr:`GradReport.ok` False) or ``"note"`` (true and worth knowing, but it changes nothing in training, such as a
-    target network that no optimizer holds and no gradient reaches; :attr:`GradReport.ok` ignores it).
-    """
-
-    kind: str
+    kind: str  # "unregistered" | "not_in_optimizer"
     name: str
     detail: str
     severity: str = WARNING
@@ -314,20 +310,15 @@ class GradReport:
         return lines
 
     def _finding_lines(self, max_rows: Optional[int]) -> list[str]:
-        """``Findings:`` and one line per finding (a note says so: it does not count against ``ok``)."""
         if not self.findings:
             return []
-        lines = ["Findings:"]
-        for f in self.findings[:max_rows]:
-            tag = f"{f.kind}, note" if f.severity == NOTE else f.kind
-            lines.append(f"- [{tag}] {f.name}: {f.detail}")
+        tag = {NOTE: ", note"}  # a note says so: it does not count against ok
+        lines = ["Findings:"] + [f"- [{f.kind}{tag.get(f.severity, '')}] {f.name}: {f.detail}"
+                                 for f in self.findings[:max_rows]]
         if max_rows is not None and len(self.findings) > max_rows:
             kinds = Counter(f.kind for f in self.findings[max_rows:])
-            lines.append(
-                f"- ... and {len(self.findings) - max_rows} more findings ("
-                + ", ".join(f"{kind}: {n}" for kind, n in kinds.items())
-                + ")"
-            )
+            more = ", ".join(f"{kind}: {n}" for kind, n in kinds.items())
+            lines.append(f"- ... and {len(self.findings) - max_rows} more findings ({more})")
         return lines
 
     def _notes(self) -> list[str]:
@@ -368,11 +359,8 @@ class GradReport:
             parts.append(f"{len(self.intermittent)} received one at every step but not from every micro-batch")
         if self.nonfinite:
             parts.append(f"{len(self.nonfinite)} had non-finite gradients")
-        warnings, notes = len(self.warnings), len(self.findings) - len(self.warnings)
-        if warnings:
-            parts.append(f"{warnings} finding{'s' if warnings != 1 else ''}")
-        if notes:
-            parts.append(f"{notes} note{'s' if notes != 1 else ''}")
+        counts = {"finding": len(self.warnings), "note": len(self.findings) - len(self.warnings)}
+        parts += [f"{n} {noun}{'s' if n != 1 else ''}" for noun, n in counts.items() if n]
         return "; ".join(parts)
 
 
