@@ -13,6 +13,7 @@ from lightning_gradguard.core.causes import hint_for
 from lightning_gradguard.report_schema import check_report
 
 REPORT_FILENAME = "gradguard.json"
+WARNING, NOTE = "warning", "note"  # the severities of a Finding
 _NOTHING_CHECKED = (
     "the optimizers that stepped hold no parameter with requires_grad=True that allow_none leaves checked"
 )
@@ -48,11 +49,13 @@ class ParamReport:
 
 @dataclass
 class Finding:
-    """A problem found by inspecting the model and optimizers rather than gradients."""
+    """Found by inspecting the model and optimizers rather than gradients. ``severity``: a ``"warning"`` makes
+    :attr:`GradReport.ok` False; a ``"note"`` changes nothing in training (a target network no gradient reaches)."""
 
     kind: str  # "unregistered" | "not_in_optimizer"
     name: str
     detail: str
+    severity: str = WARNING
 
 
 @dataclass
@@ -115,7 +118,12 @@ class GradReport:
         scale, which is how loss scaling works; it counts against ``ok`` only when the scaler skipped every step.
         """
         benign_overflow = self.amp_skipped_steps is not None and self.amp_skipped_steps < self.steps
-        return not (self.missing or (self.nonfinite and not benign_overflow) or self.findings)
+        return not (self.missing or (self.nonfinite and not benign_overflow) or self.warnings)
+
+    @property
+    def warnings(self) -> list[Finding]:
+        """The findings that make :attr:`ok` False (every finding but the notes)."""
+        return [f for f in self.findings if f.severity != NOTE]
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
@@ -226,10 +234,11 @@ class GradReport:
                 when = f"at every optimizer step that updated it ({self.steps} optimizer steps in all)"
             else:
                 when = f"at each of {self.steps} optimizer step{'s' if self.steps != 1 else ''}"
-            return (
+            verdict = (
                 f"GradGuard: all {n} trainable parameter{'s' if n != 1 else ''} received a gradient {when}"
                 + "".join(f"; {note}" for note in self._notes())
             )
+            return "\n".join([verdict, *self._finding_lines(max_rows)]) if self.findings else verdict
         return self.format_table(max_rows=max_rows)
 
     def format_table(self, fmt: str = "text", max_rows: Optional[int] = None) -> str:
@@ -256,16 +265,7 @@ class GradReport:
             lines.append(_render(header, rows, fmt))
             if len(problems) > len(rows):
                 lines.append(_more(problems[len(rows) :], "parameter"))
-        if self.findings:
-            lines.append("Findings:")
-            lines.extend(f"- [{f.kind}] {f.name}: {f.detail}" for f in self.findings[:max_rows])
-            if max_rows is not None and len(self.findings) > max_rows:
-                kinds = Counter(f.kind for f in self.findings[max_rows:])
-                lines.append(
-                    f"- ... and {len(self.findings) - max_rows} more findings ("
-                    + ", ".join(f"{kind}: {n}" for kind, n in kinds.items())
-                    + ")"
-                )
+        lines.extend(self._finding_lines(max_rows))
         rank_lines = self._rank_dependent_lines()
         if rank_lines:
             lines.append("Rank-dependent gradients (no gradient on some ranks only):")
@@ -309,6 +309,18 @@ class GradReport:
             )
         return lines
 
+    def _finding_lines(self, max_rows: Optional[int]) -> list[str]:
+        if not self.findings:
+            return []
+        tag = {NOTE: ", note"}  # a note says so: it does not count against ok
+        lines = ["Findings:"] + [f"- [{f.kind}{tag.get(f.severity, '')}] {f.name}: {f.detail}"
+                                 for f in self.findings[:max_rows]]
+        if max_rows is not None and len(self.findings) > max_rows:
+            kinds = Counter(f.kind for f in self.findings[max_rows:])
+            more = ", ".join(f"{kind}: {n}" for kind, n in kinds.items())
+            lines.append(f"- ... and {len(self.findings) - max_rows} more findings ({more})")
+        return lines
+
     def _notes(self) -> list[str]:
         notes = []
         if self.amp_skipped_steps:
@@ -347,8 +359,8 @@ class GradReport:
             parts.append(f"{len(self.intermittent)} received one at every step but not from every micro-batch")
         if self.nonfinite:
             parts.append(f"{len(self.nonfinite)} had non-finite gradients")
-        if self.findings:
-            parts.append(f"{len(self.findings)} findings")
+        counts = {"finding": len(self.warnings), "note": len(self.findings) - len(self.warnings)}
+        parts += [f"{n} {noun}{'s' if n != 1 else ''}" for noun, n in counts.items() if n]
         return "; ".join(parts)
 
 

@@ -24,6 +24,7 @@ REPORT_FIELDS = ("steps", "micro_batches", "params", "findings", "amp_skipped_st
 PARAM_COUNTS = ("steps", "none_steps", "micro_batches", "none_micro_batches", "nonfinite_steps")
 PARAM_TEXTS = ("cause", "detail")
 FINDING_FIELDS = ("kind", "name", "detail")
+FINDING_SEVERITIES = ("warning", "note")  # "severity" is optional: reports written before it hold warnings only
 DISTRIBUTED_FIELDS = ("strategy", "world_size", "rank_dependent", "unchecked")
 RANK_DEPENDENT_FIELDS = ("ranks", "micro_batches")
 
@@ -59,9 +60,14 @@ def check_report(data: Any) -> None:
     for i, finding in enumerate(findings):
         where = f"findings[{i}]"
         _object(finding, where)
-        _fields(finding, where, required=FINDING_FIELDS, allowed=FINDING_FIELDS)
+        _fields(finding, where, required=FINDING_FIELDS, allowed=(*FINDING_FIELDS, "severity"))
         for key in FINDING_FIELDS:
             _text(finding[key], f"{where}.{key}")
+        if "severity" in finding and finding["severity"] not in FINDING_SEVERITIES:
+            raise ValueError(
+                f"{where}.severity must be one of {', '.join(map(json.dumps, FINDING_SEVERITIES))}, got "
+                f"{_show(finding['severity'])}"
+            )
     if data.get("amp_skipped_steps") is not None:
         _count(data["amp_skipped_steps"], "amp_skipped_steps")
     if data.get("distributed") is not None:

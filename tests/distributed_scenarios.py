@@ -9,6 +9,7 @@ on those files. Several scenarios share one launch because starting the processe
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import json
 import os
@@ -668,6 +669,226 @@ def fsdp2_watch(root: str) -> dict[str, Any]:
         "logged": logged,
         "local_numel": {n: p.to_local().numel() for n, p in model.named_parameters()},
     }
+
+
+# ---------------------------------------------------------------------- strict mode, a None on one rank only
+# Rank 1 alone loses a gradient at DROP_STEP (``p.grad = None``, or a ``zero_grad`` it alone runs between backward
+# and step). Every rank must raise the same GradGuardError at that step, and nothing GradGuard does afterwards
+# (on_exception, close(), __exit__, interpreter exit) may start a collective the other rank is not also making:
+# after each raise the ranks make collectives of their own, shaped like GradGuard's (one float64, then a vector),
+# with values that only add up when each rank's call met the other rank's same call. A stray GradGuard collective
+# on one rank pairs with the other rank's and shows as a wrong sum, or leaves a rank waiting (the launch's limit).
+DROP_STEP = 2
+REPEATS = 5
+
+
+def _user_collective() -> bool:
+    """The user's own collective after the raise: the ranks must meet in it, with nothing of GradGuard's between."""
+    rank = dist.get_rank()
+    scalar = torch.tensor([1000.0 * (rank + 1)], dtype=torch.float64)  # the shape of GradGuard's strict vote
+    dist.all_reduce(scalar)
+    vector = torch.full((5,), 10.0 * (rank + 1), dtype=torch.float64)
+    dist.all_reduce(vector)
+    return scalar.item() == 3000.0 and vector.tolist() == [30.0] * 5
+
+
+def _raised(err: BaseException, started: float, ledger: Any) -> dict[str, Any]:
+    return {
+        "type": type(err).__name__,
+        "step": getattr(err, "step", None),
+        "params": getattr(err, "params", None),
+        "first_line": str(err).splitlines()[0] if str(err) else "",
+        "seconds": time.monotonic() - started,
+        "votes": ledger.votes if ledger is not None else None,
+        "reductions": ledger.reductions if ledger is not None else None,
+    }
+
+
+def _repeat(run: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+    runs = []
+    for attempt in range(REPEATS):
+        result = run(attempt)
+        result["user_collective"] = _user_collective()
+        runs.append(result)
+    return {"runs": runs}
+
+
+class DropOnRank1(UnusedEverywhere):
+    """``late`` loses its gradient on rank 1 only, at DROP_STEP (``p.grad = None`` after backward)."""
+
+    def on_after_backward(self):
+        if self.global_rank == 1 and self.global_step == DROP_STEP:
+            self.late.weight.grad = None
+            self.late.bias.grad = None
+
+
+class ZeroGradOnRank1(LightningModule):
+    """Manual optimization: rank 1 alone runs ``zero_grad`` between ``manual_backward`` and ``step`` at DROP_STEP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = nn.Linear(IN_DIM, 1)
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        x, y = batch
+        self.manual_backward(F.mse_loss(self.layer(x), y))
+        if self.global_rank == 1 and batch_idx == DROP_STEP:
+            optimizer.zero_grad()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _trainer_strict(root: str, model_class: type, strategy: str, **guard_options: Any) -> dict[str, Any]:
+    def run(attempt: int) -> dict[str, Any]:
+        guard = GradGuard(strict=True, summary=False, **guard_options)
+        t = trainer(os.path.join(root, str(attempt)), strategy=strategy, callbacks=[guard])
+        started = time.monotonic()
+        try:
+            t.fit(model_class(), loader(5, seed=80 + t.global_rank))
+        except GradGuardError as err:
+            return {"raised": _raised(err, started, guard._context.ledger)}
+        return {"raised": None}
+
+    return _repeat(run)
+
+
+@scenario
+def trainer_strict_grad_none(root: str) -> dict[str, Any]:
+    return _trainer_strict(root, DropOnRank1, "ddp_find_unused_parameters_true", allow_none=["unused.*"])
+
+
+@scenario
+def trainer_strict_zero_grad(root: str) -> dict[str, Any]:
+    return _trainer_strict(root, ZeroGradOnRank1, "ddp")
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(IN_DIM, 1)
+        self.late = nn.Linear(IN_DIM, 1)
+
+    def forward(self, x):
+        return self.used(x) + self.late(x)
+
+
+def _drop_on_rank1(model: nn.Module, optimizer: torch.optim.Optimizer, how: str) -> None:
+    if dist.get_rank() != 1:
+        return
+    if how == "zero_grad":
+        optimizer.zero_grad()
+    else:
+        model.late.weight.grad = None
+        model.late.bias.grad = None
+
+
+@scenario
+def fabric_strict_grad_none(root: str) -> dict[str, Any]:
+    """Fabric DDP: ``p.grad = None`` on rank 1 between ``fabric.backward`` and the step; ``close()`` in ``finally``."""
+    from lightning.fabric import Fabric
+
+    from lightning_gradguard import watch_fabric
+
+    def run(attempt: int) -> dict[str, Any]:
+        fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
+        fabric.launch()
+        torch.manual_seed(0)
+        net = TwoLayers()
+        model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.01))
+        guard = watch_fabric(fabric, model, optimizer, strict=True, summary=False)
+        started = time.monotonic()
+        try:
+            for step, (x, y) in enumerate(loader(5, seed=90 + fabric.global_rank)):
+                fabric.backward(F.mse_loss(model(x), y))
+                if step == DROP_STEP:
+                    _drop_on_rank1(net, optimizer, "grad_none")
+                optimizer.step()
+                optimizer.zero_grad()
+        except GradGuardError as err:
+            return {"raised": _raised(err, started, guard.context.ledger)}
+        finally:
+            guard.close()  # every rank, at the same point: its collective is matched
+        return {"raised": None}
+
+    return _repeat(run)
+
+
+def _torch_ddp_strict(how: str, close: str) -> dict[str, Any]:
+    """torch DDP in a plain loop; rank 1 drops gradients at DROP_STEP; the guard ends as ``close`` says:
+    ``with`` (``__exit__``), ``finally`` (``close()`` on every rank) or ``exit`` (left open for interpreter exit)."""
+    from contextlib import nullcontext
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_gradguard import watch
+
+    _process_group()
+
+    def run(attempt: int) -> dict[str, Any]:
+        torch.manual_seed(0)
+        net = TwoLayers()
+        model = DistributedDataParallel(net)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        guard = watch(model, optimizer, strict=True, summary=False)
+        started = time.monotonic()
+        try:
+            with guard if close == "with" else nullcontext():
+                for step, (x, y) in enumerate(loader(5, seed=100 + dist.get_rank())):
+                    F.mse_loss(model(x), y).backward()
+                    if step == DROP_STEP:
+                        _drop_on_rank1(net, optimizer, how)
+                    optimizer.step()
+                    optimizer.zero_grad()
+        except GradGuardError as err:
+            return {"raised": _raised(err, started, guard.context.ledger)}
+        finally:
+            if close == "finally":
+                guard.close()
+            elif close == "exit":
+                _left_open.append(guard)
+        return {"raised": None}
+
+    return _repeat(run)
+
+
+@scenario
+def torch_ddp_strict_zero_grad(root: str) -> dict[str, Any]:
+    return _torch_ddp_strict("zero_grad", close="with")
+
+
+@scenario
+def torch_ddp_strict_grad_none(root: str) -> dict[str, Any]:
+    return _torch_ddp_strict("grad_none", close="finally")
+
+
+@scenario
+def torch_ddp_strict_exit(root: str) -> dict[str, Any]:
+    """The guards stay open after the raise; at interpreter exit GradGuard closes them (see :func:`_after_exit`)."""
+    _exit_report.append(root)
+    return _torch_ddp_strict("grad_none", close="exit")
+
+
+_left_open: list[Any] = []
+_exit_report: list[str] = []
+
+
+def _after_exit() -> None:
+    """Registered before any guard exists, so it runs after GradGuard's own exit handler (atexit is LIFO): the
+    guards left open are closed by now, and the ranks must still meet in the user's collective."""
+    if not _exit_report or not dist.is_initialized():
+        return
+    result = {"closed": [guard.closed for guard in _left_open], "user_collective": _user_collective()}
+    out_dir = os.path.dirname(_exit_report[0])
+    with open(os.path.join(out_dir, f"at_exit.rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(result, f)
+
+
+atexit.register(_after_exit)
 
 
 # ---------------------------------------------------------------------- entry point

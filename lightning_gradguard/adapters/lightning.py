@@ -149,7 +149,12 @@ class GradGuard(Callback):
         # none under this key, continue from it. (Lightning calls load_state_dict after this hook; it finds
         # nothing under our key and does not overwrite.)
         states = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
-        if not isinstance(states, dict) or self.state_key in states:
+        if not isinstance(states, dict):
+            return
+        if self.state_key in states:
+            entry = states[self.state_key]
+            if not entry and not isinstance(entry, dict):  # Lightning skips a falsy entry (None, "", []) silently
+                self.load_state_dict(entry)  # ... which is still unusable: say so
             return
         ours = [key for key in states if isinstance(key, str) and key.startswith(f"{type(self).__qualname__}{{")]
         if len(ours) == 1:

@@ -1,4 +1,4 @@
-"""Static findings, checked once when training starts: trainable tensors nothing will ever train.
+"""Static findings: trainable tensors nothing will ever train.
 
 Two set-up mistakes leave weights untrained without any ``None`` gradient to notice, because the weights are not
 where GradGuard (or the optimizer) looks:
@@ -6,24 +6,40 @@ where GradGuard (or the optimizer) looks:
 * ``unregistered``: a module attribute holds a trainable tensor that ``model.parameters()`` does not list. A
   tensor with ``requires_grad=True`` assigned as a plain attribute, modules or parameters kept in a plain Python
   ``list``/``tuple``/``dict``, or an ``nn.Parameter`` turned into a plain tensor by ``.to()``/``.cuda()``/a dtype
-  cast after wrapping. No optimizer built from ``model.parameters()`` updates them.
+  cast after wrapping. No optimizer built from ``model.parameters()`` updates them. Always a warning.
 * ``not_in_optimizer``: a registered parameter with ``requires_grad=True`` that no optimizer's param groups
-  contain. It may receive gradients, but nothing applies them.
+  contain. What that means depends on whether gradients reach it, which :class:`OptimizerAudit` watches during
+  the run:
+
+  - a gradient reached it: the backward pass computes gradients that nothing applies (a layer left out of
+    ``configure_optimizers``; BatchNorm layers that ``BaseFinetuning`` made trainable with ``train_bn=False``
+    but left out of the new param group). A **warning**: ``GradReport.ok`` is False.
+  - no gradient reached it: nothing trains it and nothing differentiates it, so it changes nothing in training,
+    like a frozen tensor. Often deliberate (a DQN target network, an EMA teacher, kept with ``requires_grad=True``
+    and used under ``torch.no_grad()``), so it is a **note** (``severity="note"``): in the report, not in
+    ``ok``, and never a Python warning. ``requires_grad_(False)`` on it silences the note.
+
+The optimizer audit follows the run (:class:`OptimizerAudit`): it is taken again when an optimizer's param groups
+change (the registry's layout version, compared at each step) and when a backward pass reaches a parameter that no
+backward pass of the run reached before (the number of parameters a backward pass missed drops to a new low),
+which is how an unfrozen layer shows. A one-shot autograd hook on each parameter of a note tells when a gradient
+first reaches it, so a note turns into a warning at the next step. Between those events nothing is walked.
 
 Frozen tensors (``requires_grad=False``) and buffers are never findings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any, Optional
+import weakref
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from lightning_gradguard.core.diagnosis.graph import leaf_tensors
 from lightning_gradguard.core.registry import ParamRegistry, clean_name
-from lightning_gradguard.report import Finding
+from lightning_gradguard.report import NOTE, Finding
 
 UNREGISTERED = "unregistered"
 NOT_IN_OPTIMIZER = "not_in_optimizer"
@@ -37,7 +53,10 @@ _NOT_TRAINED = (
 
 
 def audit_model(
-    module: Optional[nn.Module], optimizers: Sequence[torch.optim.Optimizer], registry: ParamRegistry
+    module: Optional[nn.Module],
+    optimizers: Sequence[torch.optim.Optimizer],
+    registry: ParamRegistry,
+    reached: Collection[int] = (),
 ) -> list[Finding]:
     """Every static finding for ``module`` and ``optimizers`` (see the module docstring).
 
@@ -45,19 +64,138 @@ def audit_model(
         module: the root model (``None``: only the optimizer check runs, over ``registry``).
         optimizers: the optimizers that will train it; an empty sequence skips the optimizer check.
         registry: the engine's registry, bound to ``module``'s parameters (names and ``allow_none``).
+        reached: registry indices of the parameters a gradient is known to have reached.
 
     Example::
 
         for finding in audit_model(model, [optimizer], engine.registry):
-            print(finding.kind, finding.name, finding.detail)
+            print(finding.kind, finding.name, finding.severity, finding.detail)
 
     """
     findings: list[Finding] = []
     if module is not None:
         findings.extend(find_unregistered(module))
     if optimizers:
-        findings.extend(find_not_in_optimizer(registry, optimizers))
+        findings.extend(find_not_in_optimizer(registry, optimizers, reached))
     return findings
+
+
+class OptimizerAudit:
+    """The ``not_in_optimizer`` check, kept true while the run changes (see the module docstring).
+
+    The engine calls :meth:`start` with the optimizers at the start of training (and sets :attr:`following`),
+    :meth:`saw_backward` after each backward pass whose arrivals it knows, and :meth:`follow` at a step when
+    :attr:`due` is set or the registry's layout version moved (three attribute reads per step otherwise).
+    :meth:`close` takes the hooks off.
+
+    Args:
+        registry: the engine's registry.
+
+    Example::
+
+        audit = OptimizerAudit(engine.registry)
+        findings = audit.start([optimizer])
+        ...  # backward passes, steps
+        if audit.due or audit.version != engine.registry.layout_version:
+            findings = audit.follow(optimizer)
+
+    """
+
+    def __init__(self, registry: ParamRegistry) -> None:
+        self.registry = registry
+        self.following = False  # started with optimizers: the step check keeps the findings true
+        self.due = False  # something the findings depend on may have changed: follow() at the next step
+        self.version = -1  # the registry layout version the findings were taken at
+        self.fewest_missed = _NEVER  # the fewest parameters one backward pass of this run missed
+        self.reached: set[int] = set()  # registry indices a gradient reached while the guard watched
+        self._optimizers: list[weakref.ref] = []
+        self._hooks: dict[int, Any] = {}  # registry index -> the one-shot hook waiting for its first gradient
+        self._arrived: list[int] = []  # written by the hooks (inside backward), read at the next step
+        self._closed = False  # the run ended: no hook goes on again until the next start
+
+    def start(self, optimizers: Iterable[torch.optim.Optimizer]) -> list[Finding]:
+        """Take the check for ``optimizers`` (the start of training); returns the ``not_in_optimizer`` findings."""
+        self._optimizers = [weakref.ref(opt) for opt in optimizers]
+        self._closed = False
+        return self._take()
+
+    def start_run(self) -> None:
+        """A new run: its first backward pass brings the next check (the lowest count of misses restarts)."""
+        self.fewest_missed = _NEVER
+        self._closed = False
+
+    def saw_backward(self, missed: int) -> None:
+        """A backward pass missed ``missed`` parameters, fewer than any before it in this run: some parameter got
+        its first gradient of the run (an unfrozen layer, perhaps one no optimizer holds)."""
+        self.fewest_missed = missed
+        self.due = True
+
+    def follow(self, optimizer: Optional[torch.optim.Optimizer] = None) -> list[Finding]:
+        """Take the check again (``optimizer``: the one about to step, added when it is new); returns the findings."""
+        if optimizer is not None and not any(ref() is optimizer for ref in self._optimizers):
+            self._optimizers.append(weakref.ref(optimizer))
+        return self._take()
+
+    def _take(self) -> list[Finding]:
+        # the diagnosis's TorchFunctionMode may be active (the first steps): every attribute read of a tensor would
+        # go through it, three times slower, for nothing
+        with torch._C.DisableTorchFunction():
+            return self._take_now()
+
+    def _take_now(self) -> list[Finding]:
+        self.due = False
+        self.version = self.registry.layout_version
+        arrived, self._arrived = self._arrived, []
+        for index in arrived:
+            self.reached.add(index)
+            handle = self._hooks.pop(index, None)
+            if handle is not None:
+                handle.remove()
+        optimizers = [opt for opt in (ref() for ref in self._optimizers) if opt is not None]
+        if not optimizers:
+            return []
+        params = self.registry.params
+        held = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+        for index in range(len(params)):  # a gradient present now reached it (nothing clears a gradient no
+            param = params[index]  # optimizer holds, except model.zero_grad(), which the hooks outlive)
+            if id(param) not in held and index not in self.reached and param.grad is not None:
+                self.reached.add(index)
+        findings = find_not_in_optimizer(self.registry, optimizers, self.reached, held)
+        self._watch(findings, held)
+        return findings
+
+    def _watch(self, findings: list[Finding], held: set[int]) -> None:
+        """A one-shot hook on each parameter of a note: the first gradient that reaches it makes a warning of it."""
+        if self._closed or not any(f.severity == NOTE for f in findings):
+            return
+        params = self.registry.params
+        for index, param in enumerate(params):
+            if index in self._hooks or index in self.reached or id(param) in held or not param.requires_grad:
+                continue
+            if self.registry.allowed[index]:
+                continue
+            self._hooks[index] = param.register_post_accumulate_grad_hook(self._arrival(index))
+
+    def _arrival(self, index: int) -> Callable[[Tensor], None]:
+        def arrived(_: Tensor) -> None:  # autograd's hot path: note it, the step check does the rest
+            if index in self._hooks:
+                self._arrived.append(index)
+                self.due = True
+
+        return arrived
+
+    def close(self) -> None:
+        """Take every hook off (the run ended); what was learned stays, and :meth:`follow` still reads ``.grad``."""
+        self._closed = True
+        for index in self._arrived:
+            self.reached.add(index)
+        self._arrived = []
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks = {}
+
+
+_NEVER = 1 << 62
 
 
 # ---------------------------------------------------------------------- unregistered
@@ -165,58 +303,99 @@ def _hidden_params(module: nn.Module, registered: set[int]) -> list[Tensor]:
 
 
 # ---------------------------------------------------------------------- not in any optimizer
-def find_not_in_optimizer(registry: ParamRegistry, optimizers: Sequence[torch.optim.Optimizer]) -> list[Finding]:
+def find_not_in_optimizer(
+    registry: ParamRegistry,
+    optimizers: Sequence[torch.optim.Optimizer],
+    reached: Collection[int] = (),
+    held: Optional[set[int]] = None,
+) -> list[Finding]:
     """Trainable registered parameters that no optimizer's param groups contain, grouped by module.
+
+    Args:
+        registry: the engine's registry (names, tensors, ``allow_none``).
+        optimizers: every optimizer of the run.
+        reached: registry indices that a gradient reached: their findings are warnings (gradients nothing applies);
+            the others are notes (nothing trains them, nothing differentiates them).
+        held: ``id()`` of every tensor in the optimizers' param groups, when the caller has it already.
 
     When not one registered parameter is in any optimizer, the optimizers hold copies (a strategy that flattens
     or shards parameters) and nothing can be concluded: no finding.
     """
-    in_optimizer = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    in_optimizer = held if held is not None else {
+        id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]
+    }
     trainable = [
-        (name, p)
-        for name, p, allowed in zip(registry.names, registry.params, registry.allowed)
+        (index, name)
+        for index, (name, p, allowed) in enumerate(zip(registry.names, registry.params, registry.allowed))
         if p.requires_grad and not allowed and not name.startswith("<")
     ]
-    if not any(id(p) in in_optimizer for _, p in trainable):
+    params = registry.params
+    if not any(id(params[i]) in in_optimizer for i, _ in trainable):
         return []
-    missing = {name for name, p in trainable if id(p) not in in_optimizer}
-    if not missing:
+    outside = [(i, name) for i, name in trainable if id(params[i]) not in in_optimizer]
+    if not outside:
         return []
+    status = {name: i in reached for i, name in outside}  # name -> a gradient reached it
     under: dict[str, list[str]] = {}  # module prefix -> trainable parameter names below it
-    for name, _ in trainable:
+    for _, name in trainable:
         parts = name.split(".")
         for k in range(1, len(parts)):
             under.setdefault(".".join(parts[:k]), []).append(name)
     findings = []
     grouped: set[str] = set()
-    for name, _ in trainable:
-        if name not in missing or name in grouped:
+    for _, name in outside:
+        if name in grouped:
             continue
+        got = status[name]
         parts = name.split(".")
         group = None
-        for k in range(1, len(parts)):  # the highest module all of whose trainable parameters are missing
+        for k in range(1, len(parts)):  # the highest module all of whose trainable parameters are alike here
             prefix = ".".join(parts[:k])
-            if all(n in missing for n in under[prefix]):
+            if all(status.get(n) is got for n in under[prefix]):
                 group = prefix
                 break
         if group is not None and len(under[group]) > 1:
             members = under[group]
             grouped.update(members)
-            shown = ", ".join(f"`{m}`" for m in members[:3]) + (", ..." if len(members) > 3 else "")
-            findings.append(Finding(NOT_IN_OPTIMIZER, group, (
-                f"none of the {len(members)} trainable parameter tensors of module `{group}` ({shown}) is in any "
-                "optimizer's param groups: they require grad, so they get gradients, but nothing applies them. "
-                "Fix: pass them to the optimizer (e.g. self.parameters() in configure_optimizers), or freeze them "
-                "with requires_grad_(False)."
-            )))
+            findings.append(_module_finding(group, members, got))
         else:
             grouped.add(name)
-            findings.append(Finding(NOT_IN_OPTIMIZER, name, (
-                f"`{name}` requires grad but is in no optimizer's param groups: it gets gradients, but nothing "
-                "applies them. Fix: pass it to the optimizer (e.g. self.parameters() in configure_optimizers), or "
-                "freeze it with requires_grad_(False)."
-            )))
+            findings.append(_param_finding(name, got))
     return findings
+
+
+def _module_finding(group: str, members: list[str], reached: bool) -> Finding:
+    shown = ", ".join(f"`{m}`" for m in members[:3]) + (", ..." if len(members) > 3 else "")
+    lead = (
+        f"none of the {len(members)} trainable parameter tensors of module `{group}` ({shown}) is in any "
+        "optimizer's param groups"
+    )
+    if reached:
+        return Finding(NOT_IN_OPTIMIZER, group, (
+            f"{lead}: they receive gradients, but nothing applies them. Fix: pass them to the optimizer (e.g. "
+            "self.parameters() in configure_optimizers), or freeze them with requires_grad_(False)."
+        ))
+    return Finding(NOT_IN_OPTIMIZER, group, (
+        f"{lead}, and no gradient has reached them: they require grad, but nothing trains them. For a target "
+        f"network or an EMA copy (updated by hand, used under torch.no_grad()) that is right: "
+        f"`{group}.requires_grad_(False)` silences this note. If they should train, pass them to the optimizer and "
+        "make them take part in the loss."
+    ), severity=NOTE)
+
+
+def _param_finding(name: str, reached: bool) -> Finding:
+    if reached:
+        return Finding(NOT_IN_OPTIMIZER, name, (
+            f"`{name}` requires grad but is in no optimizer's param groups: it receives gradients, but nothing "
+            "applies them. Fix: pass it to the optimizer (e.g. self.parameters() in configure_optimizers), or "
+            "freeze it with requires_grad_(False)."
+        ))
+    return Finding(NOT_IN_OPTIMIZER, name, (
+        f"`{name}` requires grad but is in no optimizer's param groups, and no gradient has reached it: nothing "
+        "trains it. For a target network or an EMA copy (updated by hand, used under torch.no_grad()) that is "
+        "right: requires_grad_(False) silences this note. If it should train, pass it to the optimizer and make it "
+        "take part in the loss."
+    ), severity=NOTE)
 
 
 def _count(n: int, noun: str) -> str:

@@ -76,6 +76,9 @@ class StepChecker:
     ) -> StepCheck:
         engine = self.engine
         view = self._gather(optimizer)
+        audit = engine.optimizer_audit
+        if audit.following and (audit.due or audit.version != engine.registry.layout_version):
+            engine.follow_audit(optimizer)  # param groups or trainable parameters changed: three reads otherwise
         window, backwards = engine.windows.close(optimizer)
         if window > 1 and engine.late_backward:
             engine.tracker.eager_versions = True

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.core.arrivals import ArrivalTracker
-from lightning_gradguard.core.audit import AUDIT_KINDS, audit_model
+from lightning_gradguard.core.audit import AUDIT_KINDS, NOT_IN_OPTIMIZER, OptimizerAudit, find_unregistered
 from lightning_gradguard.core.check import StepChecker
 from lightning_gradguard.core.diagnosis import Diagnosis
 from lightning_gradguard.core.measure import Measurement, StatsRequest
@@ -36,7 +36,8 @@ from lightning_gradguard.core.registry import ParamRegistry
 from lightning_gradguard.core.state import GuardState
 from lightning_gradguard.core.windows import ArrivalCounts, Windows
 from lightning_gradguard.errors import GradGuardWarning
-from lightning_gradguard.report import Finding, GradReport, ParamReport
+from lightning_gradguard.isolation import internal_error
+from lightning_gradguard.report import NOTE, Finding, GradReport, ParamReport
 
 _GRAD = attrgetter("grad")
 _MAX_LISTS = 16  # derived index lists kept by identity (checked and measured subsets)
@@ -91,6 +92,9 @@ class GradGuardEngine:
         self._marked = False  # mark_gradients() took the snapshot the next backward pass is compared with
         self._checker = StepChecker(self)
         self._pending_state: Optional[Any] = None
+        self.optimizer_audit = OptimizerAudit(self.registry)  # not_in_optimizer, kept true while the run changes
+        self._warned_findings: set[tuple[str, str]] = set()
+        self._checked_patterns = False
 
     # ------------------------------------------------------------------ lifecycle
     def bind(self, named_parameters: Iterable[tuple[str, Tensor]], module: Optional[torch.nn.Module] = None) -> None:
@@ -122,6 +126,7 @@ class GradGuardEngine:
 
         """
         self.windows.start_run()
+        self.optimizer_audit.start_run()
         self.arrivals.reset()
         self.tracker.reset()
         self._in_backward = False
@@ -239,6 +244,8 @@ class GradGuardEngine:
         self.tracking = True
         self.sync_size()
         missed = self.tracker.after_backward(self.registry.params, keep=self._reuse_read)
+        if len(missed) < self.optimizer_audit.fewest_missed:  # a first gradient of the run reached some parameter
+            self.optimizer_audit.saw_backward(len(missed))
         micro_batch = self.windows.micro_batch
         for observer in self.observers:
             observer.after_backward(micro_batch, missed)
@@ -279,20 +286,57 @@ class GradGuardEngine:
         """Check the bound model and ``optimizers`` for trainable tensors nothing will train (call at fit start).
 
         Findings (``unregistered``, ``not_in_optimizer``; see :mod:`lightning_gradguard.core.audit`) replace those of
-        an earlier audit in :attr:`findings` and are warned about once. Returns the new findings.
+        an earlier audit in :attr:`findings`; each warning is warned about once (notes are not). From here on the
+        ``not_in_optimizer`` check follows the run by itself: the step check takes it again when an optimizer's
+        param groups or the set of parameters that receive gradients change. An ``allow_none`` pattern that matches
+        no parameter is warned about once, with the closest names. Returns the new findings.
         """
-        found = audit_model(self.module, list(optimizers), self.registry)
+        optimizers = list(optimizers)
+        found = find_unregistered(self.module) if self.module is not None else []
+        found += self.optimizer_audit.start(optimizers) if optimizers else []
+        self.optimizer_audit.following = bool(optimizers)
         self.findings[:] = [f for f in self.findings if f.kind not in AUDIT_KINDS] + found
-        if found:
-            lines = [f"GradGuard found {len(found)} problem{'s' if len(found) != 1 else ''} in the training set-up:"]
-            lines += [f"  [{f.kind}] {f.name}: {f.detail}" for f in found]
-            self.warn("\n".join(lines))
+        self._warn_findings(found)
+        if not self._checked_patterns:
+            self._checked_patterns = True
+            self._warn_unmatched_patterns()
         return found
+
+    def follow_audit(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Take the ``not_in_optimizer`` check again now (the step check calls this when the optimizers' layout or
+        the parameters that receive gradients changed; ``optimizer``: the one about to step)."""
+        try:
+            found = self.optimizer_audit.follow(optimizer)
+        except Exception as err:  # noqa: BLE001 - the audit must never stop the step check
+            self.optimizer_audit.following = False
+            self.warn(internal_error(
+                f"GradGuard: internal error in the optimizer audit ({type(err).__name__}: {err}); it is turned off "
+                "for the rest of this run, training continues. Please report this at the project's issue tracker."
+            ))
+            return
+        self.findings[:] = [f for f in self.findings if f.kind != NOT_IN_OPTIMIZER] + found
+        self._warn_findings(found)
+
+    def _warn_findings(self, found: list[Finding]) -> None:
+        new = [f for f in found if f.severity != NOTE and (f.kind, f.name) not in self._warned_findings]
+        if not new:
+            return
+        self._warned_findings.update((f.kind, f.name) for f in new)
+        lines = [f"GradGuard found {len(new)} problem{'s' if len(new) != 1 else ''} in the training set-up:"]
+        lines += [f"  [{f.kind}] {f.name}: {f.detail}" for f in new]
+        self.warn("\n".join(lines))
+
+    def _warn_unmatched_patterns(self) -> None:
+        from lightning_gradguard.core.messages import unmatched_pattern_message
+
+        for pattern in self.registry.unmatched_patterns():
+            self.warn(unmatched_pattern_message(pattern, self.registry.names))
 
     def end_diagnosis(self) -> None:
         """Remove every diagnosis instrument now (a run ends or raised); safe to call at any time."""
         if self.diagnosis is not None:
             self.diagnosis.close()
+        self.optimizer_audit.close()
 
     def names(self, indices: Sequence[int]) -> list[str]:
         return [self.registry.names[i] for i in indices]
@@ -313,6 +357,8 @@ class GradGuardEngine:
         """The report as it stands: every parameter checked at least once, and the findings."""
         self.sync_size()  # an optimizer's unregistered tensors may have joined the registry since
         self.flush()
+        if self.optimizer_audit.following:  # the findings as of now (reports are rare: a full look is cheap enough)
+            self.follow_audit()
         table = self.state.table()
         known = {f.name for f in fields(ParamReport)}
         counters = [name for name in table if name in known]

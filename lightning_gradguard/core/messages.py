@@ -71,3 +71,24 @@ def missing_message(engine: GradGuardEngine, result: StepCheck, only: Optional[S
     if only is None or len(only) == len(result.missing):
         lines.append("  (allow_none=[...] silences parameters that are legitimately unused)")
     return "\n".join(lines)
+
+
+def unmatched_pattern_message(pattern: str, names: Sequence[str]) -> str:
+    """The warning for an ``allow_none`` pattern that matches no parameter (a typo silences nothing), naming the
+    parameter names closest to it."""
+    import difflib
+
+    close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+    if not close:  # a pattern like "unsued.*" is closer to a module path than to a full parameter name
+        modules = sorted({module_of(name) for name in names})
+        near = difflib.get_close_matches(pattern.rstrip("*").rstrip("."), modules, n=3, cutoff=0.4)
+        close = [name for module in near for name in names if module_of(name) == module][:3]
+    if close:
+        hint = f"The closest parameter names: {', '.join(close)}."
+    else:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        hint = f"The parameter names look like: {shown}." if names else "The model has no parameter."
+    return (
+        f"GradGuard: the allow_none pattern {pattern!r} matches no parameter of this model, so it silences nothing. "
+        f"{hint} Patterns are fnmatch patterns matched against the whole name (e.g. 'heads.optional.*')."
+    )

@@ -36,6 +36,10 @@ class ParamRegistry:
         self._by_name: dict[str, int] = {}
         self._checked_cache: dict[tuple, tuple[list[int], list[Tensor]]] = {}
         self._all: tuple[Any, int, bool] = (None, 0, False)
+        self._layouts: dict[int, tuple] = {}  # optimizer id -> its param-group layout when last seen
+        # bumped whenever an optimizer shows a param-group layout not seen before (a new optimizer, a group added,
+        # a group's list grown or replaced): the optimizer audit compares it instead of walking the groups
+        self.layout_version = 0
 
     def __len__(self) -> int:
         return len(self.params)
@@ -73,6 +77,10 @@ class ParamRegistry:
         self._checked_cache.clear()
         return index
 
+    def unmatched_patterns(self) -> list[str]:
+        """The ``allow_none`` patterns that match no registered name (a typo silences nothing)."""
+        return [p for p in self._allow_none if not any(fnmatch.fnmatchcase(name, p) for name in self.names)]
+
     def is_all(self, indices: list[int]) -> bool:
         """Whether ``indices`` is every registered parameter in registry order (one optimizer over the model)."""
         known = self._all
@@ -97,6 +105,11 @@ class ParamRegistry:
         cached = self._checked_cache.get(key)
         if cached is not None:
             return cached
+        if self._layouts.get(id(optimizer)) != key:
+            if len(self._layouts) >= 64:  # optimizers re-created run after run; a spurious bump only re-audits
+                self._layouts.clear()
+            self._layouts[id(optimizer)] = key
+            self.layout_version += 1
         indices: list[int] = []
         tensors: list[Tensor] = []
         seen: set[int] = set()

@@ -1,0 +1,118 @@
+"""``watch()`` keeps its documented promises at the edges: tensors no module registered, optimizers over the wrong
+model, and the user's own exceptions, which always come out of ``with watch(...)`` unchanged."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from plain_models import HealthyNet, batches
+
+from lightning_gradguard import GradGuardError, watch
+
+
+def _optimizer_with_extra(model, extra):
+    return torch.optim.SGD([*model.parameters(), extra], lr=0.1)
+
+
+def test_an_optimizer_tensor_no_module_registered_is_checked_too():
+    torch.manual_seed(0)
+    model = HealthyNet()
+    temperature = torch.ones(1, requires_grad=True)  # in the optimizer, not in the model
+    unused = torch.zeros(1, requires_grad=True)  # in the optimizer, never in the loss
+    optimizer = torch.optim.SGD([*model.parameters(), temperature, unused], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with watch(model, optimizer, summary=False) as guard:
+            for x, y in batches(3):
+                F.mse_loss(model(x) * temperature, y).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    report = guard.report()
+    assert report.steps == 3
+    names = set(report.params)
+    assert {"encoder.weight", "head.bias"} <= names
+    synthetic = sorted(n for n in names if n.startswith("<"))
+    assert synthetic == ["<SGD.param_groups[0][4]>", "<SGD.param_groups[0][5]>"]
+    assert report.params["<SGD.param_groups[0][4]>"].none_steps == 0  # the temperature got its gradient
+    assert report.params["<SGD.param_groups[0][5]>"].none_steps == 3  # the unused tensor did not
+    assert report.missing == ["<SGD.param_groups[0][5]>"]
+
+
+@pytest.mark.parametrize("read", ["report", "close"])
+def test_report_and_close_work_before_the_first_backward(read):
+    model = HealthyNet()
+    optimizer = _optimizer_with_extra(model, torch.ones(1, requires_grad=True))
+    guard = watch(model, optimizer, summary=False)
+    report = guard.report() if read == "report" else guard.close()
+    assert report.steps == 0 and report.params == {} and report.ok
+    guard.close()
+
+
+def test_report_after_steps_then_close_with_an_unregistered_tensor():
+    model = HealthyNet()
+    extra = torch.ones(1, requires_grad=True)
+    optimizer = _optimizer_with_extra(model, extra)
+    guard = watch(model, optimizer, summary=False)
+    x, y = batches(1)[0]
+    (F.mse_loss(model(x), y) + extra.sum()).backward()
+    optimizer.step()
+    assert guard.report().steps == 1
+    assert guard.close().missing == []
+
+
+class Boom(Exception):
+    """The user's own exception."""
+
+
+@pytest.mark.parametrize("when", ["before any backward", "after a backward", "after a step"])
+def test_the_users_exception_comes_out_of_with_watch_unchanged(when):
+    model = HealthyNet()
+    optimizer = _optimizer_with_extra(model, torch.ones(1, requires_grad=True))
+    raised = Boom("the user's own error")
+    with pytest.raises(Boom) as info:
+        with watch(model, optimizer, summary=False):
+            x, y = batches(1)[0]
+            if when != "before any backward":
+                F.mse_loss(model(x), y).backward()
+            if when == "after a step":
+                optimizer.step()
+            raise raised
+    assert info.value is raised
+    assert info.value.__context__ is None  # nothing of GradGuard's was raised (and swallowed) on the way out
+
+
+def test_strict_modes_error_comes_out_of_with_watch_unchanged():
+    model = HealthyNet()
+    unused = torch.zeros(1, requires_grad=True)
+    optimizer = _optimizer_with_extra(model, unused)
+    with pytest.raises(GradGuardError) as info:
+        with watch(model, optimizer, strict=True, summary=False):
+            x, y = batches(1)[0]
+            F.mse_loss(model(x), y).backward()
+            optimizer.step()
+    assert info.value.params == ["<SGD.param_groups[0][4]>"] and info.value.step == 0
+
+
+def test_an_optimizer_over_another_models_parameters_is_the_documented_value_error():
+    model, other = HealthyNet(), HealthyNet()
+    with pytest.raises(ValueError, match="the optimizers hold no trainable parameter of `model`"):
+        watch(model, torch.optim.SGD(other.parameters(), lr=0.1))
+
+
+def test_an_optimizer_over_loose_tensors_only_is_the_documented_value_error():
+    model = HealthyNet()
+    with pytest.raises(ValueError, match="no trainable parameter of `model`"):
+        watch(model, torch.optim.SGD([torch.ones(2, requires_grad=True)], lr=0.1))
+
+
+def test_a_failed_watch_leaves_no_hook_behind():
+    model, other = HealthyNet(), HealthyNet()
+    optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    with pytest.raises(ValueError):
+        watch(model, optimizer)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert not optimizer._optimizer_step_pre_hooks and "zero_grad" not in vars(optimizer)
+    assert torch._C._len_torch_function_stack() == 0
