@@ -97,10 +97,10 @@ def assert_gradients_flow(
     __tracebackhide__ = True  # pytest shows the user's test line, not this function
     report, failures = _Preflight(model, loss_fn, optimizer, allow_none).run(batch)
     if not report.ok:
-        if report.findings:
-            n = len(report.findings)
+        if report.warnings:  # notes (a target network no gradient reaches) are not failures
+            n = len(report.warnings)
             failures.append(f"GradGuard found {n} problem{'s' if n != 1 else ''} in the training set-up:")
-            failures.extend(f"  [{f.kind}] {f.name}: {f.detail}" for f in report.findings)
+            failures.extend(f"  [{f.kind}] {f.name}: {f.detail}" for f in report.warnings)
         if report.nonfinite:
             failures.append(f"GradGuard: non-finite (NaN or Inf) gradients in {', '.join(report.nonfinite)}")
         raise AssertionError("\n".join(failures))
@@ -150,9 +150,8 @@ class _Preflight:
                 if standin is not None:
                     standin.install()
                 self.engine.bind(model.named_parameters(), module=model)  # opens a diagnosis window
-                self._muted = True
-                self.engine.audit(self.optimizers)  # the report carries the findings: no warning
-                self._muted = False
+                self._muted = True  # the report carries the findings, including those the audit finds later
+                self.engine.audit(self.optimizers)
                 model.train()
                 self.engine.start_micro_batch()
                 self._step(batch)
@@ -160,6 +159,7 @@ class _Preflight:
                     self.check(torch.optim.SGD(self.trainable, lr=0.0))
         finally:
             self.engine.end_diagnosis()
+            self._muted = False
             if standin is not None:
                 standin.remove()
             for module, training in modes:
@@ -173,7 +173,11 @@ class _Preflight:
                     if getattr(module, name, None) is not buffer:
                         setattr(module, name, buffer)
                     buffer.copy_(saved)
-        return self.engine.report(), self.failures
+        self._muted = True  # the report says what the findings are; no warning besides
+        try:
+            return self.engine.report(), self.failures
+        finally:
+            self._muted = False
 
     def _step(self, batch: Any) -> None:
         model = self.model
@@ -213,11 +217,11 @@ class _Preflight:
 
     def check(self, optimizer: torch.optim.Optimizer) -> None:
         """Check the parameters ``optimizer`` would update now (it is never stepped)."""
-        self._muted = True  # the report carries what the warning would say
+        muted, self._muted = self._muted, True  # the report carries what the warning would say
         try:
             result = self.engine.check_step(optimizer, step=self.checks, measure=True)
         finally:
-            self._muted = False
+            self._muted = muted
         self.checks += 1
         if result.missing:
             self.failures.append(self.engine.describe_missing(result))

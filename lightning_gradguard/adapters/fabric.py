@@ -44,7 +44,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_gradguard.adapters.watcher import MethodWrapper, Watcher
+from lightning_gradguard.adapters.watcher import MethodWrapper, Watcher, close_at_exit
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.training.precision import LossScaleTracker
 from lightning_gradguard.training.strategies import class_names, describe_strategy
@@ -133,6 +133,7 @@ class FabricGuard(Watcher):
                 self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre_hook))
                 self._handles.append(optimizer.register_step_post_hook(self._on_step_post_hook))
         self._hook_flat_params()
+        close_at_exit(self)
 
     def _hook_flat_params(self) -> None:
         for root in self._called:  # the wrapped modules: FSDP's root unit included
