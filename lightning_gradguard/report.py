@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
 from lightning_gradguard.core.causes import hint_for
+from lightning_gradguard.files import write_atomically
 from lightning_gradguard.report_schema import check_report
 
 REPORT_FILENAME = "gradguard.json"
 WARNING, NOTE = "warning", "note"  # the severities of a Finding
+MIN_ZERO_STEPS = 2  # measured steps, all with an all-zero gradient, before that is a finding (see always_zero)
 _NOTHING_CHECKED = (
     "the optimizers that stepped hold no parameter with requires_grad=True that allow_none leaves checked"
 )
@@ -25,14 +26,18 @@ class ParamReport:
 
     ``steps``/``none_steps``: optimizer steps that checked it / at which it had no gradient.
     ``micro_batches``/``none_micro_batches``: micro-batches in the windows of those steps / those whose backward
-    pass gave it no gradient. ``nonfinite_steps``: checked steps at which its gradient held NaN or Inf.
+    pass gave it no gradient. ``measured_steps``: checked steps at which its gradient's values were measured (its
+    norm computed: every step by default, logging steps only when ``nonfinite_check`` says so);
+    ``nonfinite_steps``/``zero_steps``: measured steps at which its gradient held NaN or Inf / was zero everywhere.
     """
 
     steps: int = 0
     none_steps: int = 0
     micro_batches: int = 0
     none_micro_batches: int = 0
+    measured_steps: int = 0
     nonfinite_steps: int = 0
+    zero_steps: int = 0
     cause: Optional[str] = None
     detail: Optional[str] = None
 
@@ -45,6 +50,15 @@ class ParamReport:
     def intermittent(self) -> bool:
         """A gradient at every step, but not from every micro-batch of the accumulation windows."""
         return self.none_steps == 0 and self.none_micro_batches > 0
+
+    @property
+    def always_zero(self) -> bool:
+        """A gradient at every step, zero everywhere at every measured step (at least :data:`MIN_ZERO_STEPS`).
+
+        One all-zero step is common and harmless (a branch behind a zero-initialised gate at the first step, a
+        batch that does not touch a sparse feature); zeros that never end train nothing.
+        """
+        return not self.missing and self.measured_steps >= MIN_ZERO_STEPS and self.zero_steps == self.measured_steps
 
 
 @dataclass
@@ -108,17 +122,25 @@ class GradReport:
 
     @property
     def nonfinite(self) -> list[str]:
+        """Names of parameters whose gradient held NaN or Inf at one or more measured steps."""
         return [name for name, p in self.params.items() if p.nonfinite_steps > 0]
 
     @property
+    def zero(self) -> list[str]:
+        """Names of parameters whose gradient was zero everywhere at every measured step (see
+        :attr:`ParamReport.always_zero`): they train no more than a parameter without a gradient."""
+        return [name for name, p in self.params.items() if p.always_zero]
+
+    @property
     def ok(self) -> bool:
-        """True when every checked parameter received a finite gradient at every step and nothing was found.
+        """True when every checked parameter received a finite gradient at every step, not zero at all of them, and
+        nothing was found.
 
         Under an AMP GradScaler an overflowing (non-finite) gradient makes the scaler skip that step and lower the
         scale, which is how loss scaling works; it counts against ``ok`` only when the scaler skipped every step.
         """
         benign_overflow = self.amp_skipped_steps is not None and self.amp_skipped_steps < self.steps
-        return not (self.missing or (self.nonfinite and not benign_overflow) or self.warnings)
+        return not (self.missing or (self.nonfinite and not benign_overflow) or self.zero or self.warnings)
 
     @property
     def warnings(self) -> list[Finding]:
@@ -253,8 +275,8 @@ class GradReport:
             print(report.format_table("markdown"))
 
         """
-        header = ["parameter", "None steps", "None micro-batches", "non-finite", "cause", "hint"]
-        problems = [(name, p) for name, p in self.params.items() if p.missing or p.intermittent or p.nonfinite_steps]
+        header = ["parameter", "None steps", "None micro-batches", "non-finite", "zero", "cause", "hint"]
+        problems = [(name, p) for name, p in self.params.items() if _problem(p)]
         rows = [_row(name, p) for name, p in problems[:max_rows]]
         lines = [self._headline()]
         why = self.explanations(markdown=fmt == "markdown", max_lines=max_rows)
@@ -291,7 +313,7 @@ class GradReport:
         """
         groups: dict[tuple[Optional[str], str], list[str]] = {}
         for name, p in self.params.items():
-            if p.detail and (p.missing or p.intermittent):
+            if p.detail and (p.missing or p.intermittent or p.always_zero):
                 groups.setdefault((p.cause, p.detail), []).append(name)
         items = list(groups.items())
         lines = []
@@ -359,9 +381,15 @@ class GradReport:
             parts.append(f"{len(self.intermittent)} received one at every step but not from every micro-batch")
         if self.nonfinite:
             parts.append(f"{len(self.nonfinite)} had non-finite gradients")
+        if self.zero:
+            parts.append(f"{len(self.zero)} had a gradient that was zero everywhere at every measured step")
         counts = {"finding": len(self.warnings), "note": len(self.findings) - len(self.warnings)}
         parts += [f"{n} {noun}{'s' if n != 1 else ''}" for noun, n in counts.items() if n]
         return "; ".join(parts)
+
+
+def _problem(p: ParamReport) -> bool:
+    return p.missing or p.intermittent or bool(p.nonfinite_steps) or p.always_zero
 
 
 def _cause_text(p: ParamReport) -> str:
@@ -369,20 +397,24 @@ def _cause_text(p: ParamReport) -> str:
         when = "every step" if p.none_steps == p.steps else "some steps"
     elif p.intermittent:
         when = "some micro-batches"
+    elif p.always_zero:
+        when = "every measured step"
     else:
         return "-"
     return f"{p.cause or 'unknown'} ({when})"
 
 
 def _row(name: str, p: ParamReport) -> list[str]:
-    if not (p.missing or p.intermittent):
+    if not (p.missing or p.intermittent or p.always_zero):
         hint = "check the loss scale and learning rate"
     elif p.detail and "fix" in p.detail.lower():
         hint = "see above"
     else:
         hint = hint_for(p.cause)
-    nonfinite = f"{p.nonfinite_steps}/{p.steps}" if p.nonfinite_steps else "0"
-    return [name, f"{p.none_steps}/{p.steps}", f"{p.none_micro_batches}/{p.micro_batches}", nonfinite,
+    measured = p.measured_steps or p.steps  # reports written before measured_steps was kept
+    nonfinite = f"{p.nonfinite_steps}/{measured}" if p.nonfinite_steps else "0"
+    zero = f"{p.zero_steps}/{measured}" if p.zero_steps else "0"
+    return [name, f"{p.none_steps}/{p.steps}", f"{p.none_micro_batches}/{p.micro_batches}", nonfinite, zero,
             _cause_text(p), hint]
 
 
@@ -390,9 +422,11 @@ def _more(rest: list[tuple[str, ParamReport]], noun: str) -> str:
     """The line that ends a cut table: how many rows are left out, and of what kind."""
     missing = sum(p.missing for _, p in rest)
     intermittent = sum(p.intermittent for _, p in rest)
+    zero = sum(p.always_zero for _, p in rest)
     kinds = [f"{missing} missed a gradient at some step" if missing else "",
-             f"{intermittent} in some micro-batches" if intermittent else ""]
-    others = len(rest) - missing - intermittent
+             f"{intermittent} in some micro-batches" if intermittent else "",
+             f"{zero} with a gradient zero at every measured step" if zero else ""]
+    others = len(rest) - missing - intermittent - zero
     if others:
         kinds.append(f"{others} with non-finite gradients only")
     detail = "; ".join(k for k in kinds if k)
@@ -410,49 +444,3 @@ def _render(header: list[str], rows: list[list[str]], fmt: str) -> str:
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(out)
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename.
-
-    A reader sees the old file or the new one, never a part; whatever is at ``path`` (a file, a symbolic link) is
-    replaced, and a link's target is left untouched.
-
-    Raises:
-        OSError: the directory cannot be created or written, the disk is full, ``path`` is a directory, ...
-
-    Example::
-
-        write_atomically("run/gradguard.json", report.to_json())
-
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=".gradguard-", suffix=".json.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; a report is as readable as any file
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where the system allows (changing it races other threads)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

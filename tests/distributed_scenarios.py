@@ -546,6 +546,52 @@ def fsdp1_watch(root: str) -> dict[str, Any]:
     return results
 
 
+class SharedUnit(nn.Module):
+    """One FSDP unit holding a used embedding, a used head and an unused layer.
+
+    FSDP gives ``unused`` zeros, not None, because other parameters of its unit were used. Flattened and split in
+    two, the unit puts the embedding's first 15 values on rank 0 and its last value, the head and ``unused`` on
+    rank 1; the tokens are all 0, so rank 1's shard of the (used) embedding is zero at every step: only the ranks
+    together can tell which parameter's gradient is zero.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(8, 2)
+        self.used = nn.Linear(2, 1)
+        self.unused = nn.Linear(2, 1)
+
+    def forward(self, tokens):
+        return self.used(self.emb(tokens)).squeeze(-1)
+
+
+@scenario
+def fsdp1_shared_unit(root: str) -> dict[str, Any]:
+    """``watch()`` on one FSDP1 unit with an unused layer: its gradient is zeros, found as such on every rank."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from lightning_gradguard import watch
+    from lightning_gradguard.core.registry import clean_name
+
+    rank, _ = _process_group()
+    torch.manual_seed(0)
+    model = FSDP(SharedUnit(), device_id=torch.device("cpu"), use_orig_params=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False, log_every_n_steps=2)
+    for _ in range(4):
+        optimizer.zero_grad()
+        model(torch.zeros(2, 3, dtype=torch.int64)).pow(2).mean().backward()
+        optimizer.step()
+    local = {clean_name(n): p for n, p in model.named_parameters()}
+    report = guard.close()
+    return {
+        "report": report.to_dict(),
+        "summary": report.summary(),
+        "local_numel": {n: p.numel() for n, p in local.items()},
+        "local_zero": {n: bool(p.grad is not None and p.grad.numel() and not p.grad.any()) for n, p in local.items()},
+    }
+
+
 def _full_state(model) -> dict[str, torch.Tensor]:
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP

@@ -88,7 +88,7 @@ def test_markdown_format(planted_run, capsys):
     log_dir, _ = planted_run
     code, out, _ = run_cli(capsys, "report", log_dir, "--format", "markdown")
     assert code == EXIT_OK
-    assert "| parameter | None steps | None micro-batches | non-finite | cause | hint |" in out
+    assert "| parameter | None steps | None micro-batches | non-finite | zero | cause | hint |" in out
     assert all(f"| {name} | 3/3 | 3/3 |" in out for name in NAMES)
 
 

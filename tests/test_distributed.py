@@ -91,7 +91,7 @@ def launch(out_dir: Path, scenarios: list[str], timeout: float = LAUNCH_TIMEOUT)
 
 DDP_SCENARIOS = ["usage_table", "unused_everywhere", "amp_overflow", "manual_gan", "strict_together",
                  "plain_ddp_unused", "fabric_usage", "torch_ddp_usage", "fabric_strict_together", "torch_ddp_unused"]
-SHARDED_SCENARIOS = ["fsdp1_engine", "fsdp2_lightning", "fsdp1_watch", "fsdp2_watch"]
+SHARDED_SCENARIOS = ["fsdp1_engine", "fsdp2_lightning", "fsdp1_watch", "fsdp2_watch", "fsdp1_shared_unit"]
 
 
 @pytest.fixture(scope="module")
@@ -320,6 +320,26 @@ def test_watch_on_torch_fsdp2_logs_global_norms_and_none_means_unused(sharded):
     for got, want in zip(rank0["logged"], rank0["reference"]):
         assert set(got) == set(want) == {"a.weight", "a.bias", "b.weight", "b.bias"}
         assert got == pytest.approx(want, rel=1e-4)  # the full gradients' norms, not the shards'
+
+
+def test_fsdp1_unused_parameter_in_a_used_unit_is_a_zero_gradient_found_by_all_ranks_together(sharded):
+    rank0, rank1 = sharded["fsdp1_shared_unit"]
+    # the setup: rank 1 holds a piece of the embedding that no token looks up (a zero shard of a used parameter),
+    # and all of `unused`
+    assert rank1["local_zero"]["emb.weight"] and not rank0["local_zero"]["emb.weight"]
+    assert rank0["local_numel"]["unused.weight"] == 0 and rank1["local_zero"]["unused.weight"]
+    for result in (rank0, rank1):
+        params = result["report"]["params"]
+        assert {n: (p["none_steps"], p["measured_steps"], p["zero_steps"]) for n, p in params.items()} == {
+            "emb.weight": (0, 4, 0), "used.weight": (0, 4, 0), "used.bias": (0, 4, 0),
+            "unused.weight": (0, 4, 4), "unused.bias": (0, 4, 4),
+        }
+        for name in ("unused.weight", "unused.bias"):
+            assert params[name]["cause"] == "zero"
+            assert params[name]["detail"].startswith(
+                "under FSDP a parameter that no forward pass used gets a zero gradient, not None"
+            )
+        assert "- unused.weight, unused.bias (zero): under FSDP" in result["summary"]
 
 
 # ---------------------------------------------------------------------- packing (no processes needed)

@@ -77,6 +77,7 @@ def test_tensorboard_has_the_expected_tags_at_lightnings_steps(logged_run):
         "gradguard/none_params",
         "gradguard/nonfinite_params",
         "gradguard/intermittent_params",
+        "gradguard/zero_params",
         *(f"gradguard/norm/{name}" for name in USED),
         "gradguard/none_steps/unused.weight",
         "gradguard/none_steps/unused.bias",
@@ -88,6 +89,7 @@ def test_tensorboard_has_the_expected_tags_at_lightnings_steps(logged_run):
         assert [s for s, _ in scalars[tag]] == log_steps, tag
     assert [v for _, v in scalars["gradguard/none_params"]] == [2.0] * 4
     assert [v for _, v in scalars["gradguard/nonfinite_params"]] == [0.0] * 4
+    assert [v for _, v in scalars["gradguard/zero_params"]] == [0.0] * 4
     assert [v for _, v in scalars["gradguard/none_steps/unused.weight"]] == [2.0, 4.0, 6.0, 8.0]
 
 
@@ -135,11 +137,12 @@ def test_report_dict_schema(logged_run):
     assert isinstance(data["findings"], list)
     for entry in data["params"].values():
         assert set(entry) == {
-            "steps", "none_steps", "micro_batches", "none_micro_batches", "nonfinite_steps", "cause", "detail"
+            "steps", "none_steps", "micro_batches", "none_micro_batches", "measured_steps", "nonfinite_steps",
+            "zero_steps", "cause", "detail",
         }
     assert data["params"]["l1.weight"] == {
-        "steps": 8, "none_steps": 0, "micro_batches": 8, "none_micro_batches": 0, "nonfinite_steps": 0,
-        "cause": None, "detail": None,
+        "steps": 8, "none_steps": 0, "micro_batches": 8, "none_micro_batches": 0, "measured_steps": 8,
+        "nonfinite_steps": 0, "zero_steps": 0, "cause": None, "detail": None,
     }
     assert GradReport.from_dict(data).to_dict() == data
 

@@ -1,7 +1,8 @@
-"""Why a parameter has no gradient: the cause vocabulary, with a fix hint for each.
+"""Why a parameter does not learn: the cause vocabulary, with a fix hint for each.
 
 The engine assigns ``cleared`` and ``no_backward`` from its own bookkeeping; ``unused``, ``no_grad`` and
-``detached`` come from the diagnosis instruments (:mod:`lightning_gradguard.core.diagnosis`).
+``detached`` come from the diagnosis instruments (:mod:`lightning_gradguard.core.diagnosis`); ``zero`` (a gradient
+that is there but zero everywhere at every measured step) from the counts, when the report is made.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ NO_GRAD = "no_grad"
 DETACHED = "detached"
 CLEARED = "cleared"
 NO_BACKWARD = "no_backward"
+ZERO = "zero"
 
-CAUSES = (UNUSED, NO_GRAD, DETACHED, CLEARED, NO_BACKWARD)
+CAUSES = (UNUSED, NO_GRAD, DETACHED, CLEARED, NO_BACKWARD, ZERO)
 
 HINTS: dict[str, str] = {
     UNUSED: "call the module in forward (or remove it), or add its name to allow_none if it is optional",
@@ -23,6 +25,8 @@ HINTS: dict[str, str] = {
     DETACHED: "keep the tensor in the graph: drop the .detach()/.data/.item() round trip on the way to the loss",
     CLEARED: "call zero_grad() before backward or after optimizer.step(), never between backward and step",
     NO_BACKWARD: "make training_step return the loss (or call manual_backward) before stepping the optimizer",
+    ZERO: "find what zeroes its output's gradient: a mask or a zero factor downstream, or units that never activate "
+    "(dead ReLUs: lower the learning rate, or use LeakyReLU/GELU)",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -31,6 +35,7 @@ DESCRIPTIONS: dict[str, str] = {
     DETACHED: "was used, but its path to the loss was cut",
     CLEARED: "received a gradient in backward that was cleared before the optimizer step",
     NO_BACKWARD: "no backward pass ran before the optimizer step",
+    ZERO: "received a gradient that was zero everywhere at every measured step",
 }
 
 

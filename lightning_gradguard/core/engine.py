@@ -28,9 +28,11 @@ from torch import Tensor
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.core.arrivals import ArrivalTracker
 from lightning_gradguard.core.audit import AUDIT_KINDS, NOT_IN_OPTIMIZER, OptimizerAudit, find_unregistered
+from lightning_gradguard.core.causes import ZERO
 from lightning_gradguard.core.check import StepChecker
 from lightning_gradguard.core.diagnosis import Diagnosis
 from lightning_gradguard.core.measure import Measurement, StatsRequest
+from lightning_gradguard.core.messages import zero_detail
 from lightning_gradguard.core.observer import EngineObserver, StepCheck
 from lightning_gradguard.core.registry import ParamRegistry
 from lightning_gradguard.core.state import GuardState
@@ -369,6 +371,8 @@ class GradGuardEngine:
             p = ParamReport(**{counter: table[counter][i] for counter in counters})
             if p.missing or p.intermittent:
                 p.cause, p.detail = self.state.causes.get(i, (None, None))
+            elif p.always_zero:
+                p.cause, p.detail = ZERO, zero_detail(p.zero_steps)
             params[name] = p
         report = GradReport(self.state.steps, self.state.backwards, params, list(self.findings))
         for observer in self.observers:

@@ -92,3 +92,23 @@ def unmatched_pattern_message(pattern: str, names: Sequence[str]) -> str:
         f"GradGuard: the allow_none pattern {pattern!r} matches no parameter of this model, so it silences nothing. "
         f"{hint} Patterns are fnmatch patterns matched against the whole name (e.g. 'heads.optional.*')."
     )
+
+
+def zero_detail(steps: int) -> str:
+    """The explanation of a gradient that was zero everywhere at each of ``steps`` measured steps."""
+    return (
+        f"its gradient was there but exactly zero everywhere at all {steps} measured steps, so the optimizer never "
+        "moves it (beyond weight decay): something downstream multiplies its contribution by zero (a mask, or a gate "
+        "or scale that sits at zero and is not trained), or the units it feeds never activate (a ReLU layer whose "
+        "inputs are always negative passes no gradient back)"
+    )
+
+
+def fsdp_zero_detail(steps: int) -> str:
+    """:func:`zero_detail` under FSDP, where an unused parameter shows as zeros (not None)."""
+    return (
+        "under FSDP a parameter that no forward pass used gets a zero gradient, not None, when other parameters of "
+        f"its FSDP unit were used; its gradient was zero everywhere at all {steps} measured steps, so most likely it "
+        "is unused: call its module in forward, remove it, or add its name to allow_none if it is optional (a zero "
+        "factor downstream, or units that never activate, look the same)"
+    )

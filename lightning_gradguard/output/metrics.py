@@ -3,7 +3,8 @@
 Tags live under one ``gradguard/`` prefix so they sort together in any logger:
 
 * ``gradguard/total_norm``, ``gradguard/none_params``, ``gradguard/nonfinite_params``,
-  ``gradguard/intermittent_params``: one series each;
+  ``gradguard/intermittent_params``, ``gradguard/zero_params`` (parameters whose gradient at this step is zero
+  everywhere): one series each;
 * ``gradguard/norm/<parameter>``: the gradient norm of a parameter tensor;
 * ``gradguard/module_norm/<module>``: the norm over a module's parameters (the norm of their norms);
 * ``gradguard/none_steps/<parameter>``: the cumulative count of steps without a gradient, for each parameter
@@ -191,7 +192,10 @@ class StagedMetrics:
 
     def _norm_metrics(self, keys: list[int], values: Tensor) -> dict[str, float]:
         p, layout, names = self._norm_type, self._layout, self._names
-        out: dict[str, float] = {f"{self._prefix}/nonfinite_params": float((~torch.isfinite(values)).sum())}
+        out: dict[str, float] = {
+            f"{self._prefix}/nonfinite_params": float((~torch.isfinite(values)).sum()),
+            f"{self._prefix}/zero_params": float((values == 0).sum()),
+        }
         out[f"{self._prefix}/total_norm"] = _p_norm(values, p)
         if self._owners:
             for label, members in self._owners:

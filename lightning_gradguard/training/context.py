@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from torch import Tensor
 
+from lightning_gradguard.core.causes import ZERO
+from lightning_gradguard.core.messages import fsdp_zero_detail
 from lightning_gradguard.core.observer import EngineObserver
 from lightning_gradguard.output.metrics import PREFIX
 from lightning_gradguard.report import DistributedInfo, GradReport
 from lightning_gradguard.training.collective import Collective
 from lightning_gradguard.training.distributed import DDP_UNFINISHED_REDUCTION, RankLedger, unreduced_parameters
 from lightning_gradguard.training.precision import LossScaleTracker, find_scaler, precision_name
-from lightning_gradguard.training.strategies import DDP, DEEPSPEED, SINGLE, StrategyInfo, describe_strategy
+from lightning_gradguard.training.strategies import DDP, DEEPSPEED, FSDP, SINGLE, StrategyInfo, describe_strategy
 
 if TYPE_CHECKING:
     import torch
@@ -178,6 +180,10 @@ class TrainingContext(EngineObserver):
 
     # ------------------------------------------------------------------ report, checkpoint, exceptions
     def add_to_report(self, report: GradReport) -> None:
+        if self.info.name == FSDP:
+            for p in report.params.values():
+                if p.cause == ZERO:
+                    p.detail = fsdp_zero_detail(p.zero_steps)
         if self.scale is not None:
             report.amp_skipped_steps = self.scale.skipped_steps()
         if self.info.distributed or self.info.name not in (SINGLE, DDP):

@@ -26,7 +26,9 @@ so :meth:`RankLedger.decide` takes the decision together: one scalar all-reduce 
 list of parameters only at a step where some rank has one. Every rank then raises the same error.
 
 The counters are combined as :mod:`lightning_gradguard.core.state` declares them: ``same`` counters are taken from
-the ranks that hold the parameter (FSDP1), ``any`` counters are flagged per measured step and OR-ed.
+the ranks that hold the parameter (FSDP1); ``any`` and ``all`` counters are flagged per measured step: a step counts
+when any rank's shard flags it (a non-finite value), or when the parameter was measured and no rank's shard dissents
+(an all-zero gradient is zero in every shard; a rank whose shard of it is empty does not dissent).
 
 The packing of per-rank flags into the one all-reduce is :mod:`lightning_gradguard.training.collective`'s.
 """
@@ -43,7 +45,7 @@ from torch import Tensor
 
 from lightning_gradguard.core.norms import NormGroup
 from lightning_gradguard.core.observer import EngineObserver, StepCheck
-from lightning_gradguard.core.state import ANY_RANK, DEVICE_COUNTERS, HOST_COUNTERS, SAME
+from lightning_gradguard.core.state import ALL_RANKS, DEVICE_COUNTERS, HOST_COUNTERS, SAME
 from lightning_gradguard.training.collective import Collective, pack_flags, ranks_in, slot_bits, unpack_flags
 from lightning_gradguard.training.strategies import StrategyInfo
 
@@ -52,7 +54,7 @@ if TYPE_CHECKING:
 
 # counters every rank that checks a parameter counts alike, and counters flagged per measured step from norms
 _SAME_COUNTERS = tuple(c.name for c in HOST_COUNTERS if c.combine == SAME)
-_FLAG_COUNTERS = tuple(c for c in DEVICE_COUNTERS if c.combine == ANY_RANK)
+_FLAG_COUNTERS = DEVICE_COUNTERS
 
 
 # ---------------------------------------------------------------------- the ledger
@@ -175,14 +177,17 @@ class RankLedger(EngineObserver):
             self._flags.append(self._step_flags(check))
 
     def _step_flags(self, check: StepCheck) -> Tensor:
-        """``[counter, parameter]``: this rank's flags, at this step, of each counter measured from norms."""
-        flags = torch.zeros(len(_FLAG_COUNTERS), len(self.engine.registry), dtype=torch.bool,
+        """``[1 + counter, parameter]``: which parameters this rank measured at this step, then per counter measured
+        from norms its flag (``any`` counters) or its dissent (``all`` counters: measured here, not flagged)."""
+        flags = torch.zeros(1 + len(_FLAG_COUNTERS), len(self.engine.registry), dtype=torch.bool,
                             device=self.collective.device)
         for indices, group in check.norms:
             idx = torch.tensor(indices, dtype=torch.int64, device=flags.device)
             norms = group.norms.to(flags.device, non_blocking=True)
-            for row, counter in enumerate(_FLAG_COUNTERS):
-                flags[row, idx] = counter.from_norms(norms)  # type: ignore[misc]
+            flags[0, idx] = True
+            for row, counter in enumerate(_FLAG_COUNTERS, start=1):
+                flag = counter.from_norms(norms)  # type: ignore[misc]
+                flags[row, idx] = flag.logical_not_() if counter.combine == ALL_RANKS else flag
         return flags
 
     # ------------------------------------------------------------------ the one collective of a logging step
@@ -318,12 +323,17 @@ class RankLedger(EngineObserver):
 
     def _apply_flags(self, words: Tensor, local: Tensor) -> None:
         steps, kinds, size = local.shape
-        cells = unpack_flags(words, steps * kinds, self.world_size).reshape(steps, kinds, size)
+        cells = unpack_flags(words, steps * kinds, self.world_size).reshape(steps, kinds, size).to(local.device)
         index = torch.arange(size, device=local.device)
-        for k, counter in enumerate(_FLAG_COUNTERS):
-            # global flagged steps (any shard) minus what this rank counted, added on the device: no host copy
-            counted = (cells[:, k] != 0).sum(0).to(local.device, non_blocking=True)
-            self.engine.state.add_device(counter.name, index, counted - local[:, k].to(torch.int64).sum(0))
+        measured_anywhere, measured_here = cells[:, 0] != 0, local[:, 0]
+        for k, counter in enumerate(_FLAG_COUNTERS, start=1):
+            if counter.combine == ALL_RANKS:
+                counted = measured_anywhere & (cells[:, k] == 0)
+                own = measured_here & ~local[:, k]
+            else:
+                counted, own = cells[:, k] != 0, local[:, k]
+            # the global count minus what this rank counted, added on the device: no host copy
+            self.engine.state.add_device(counter.name, index, (counted.sum(0) - own.to(torch.int64).sum(0)))
 
     def _write_norms(self, checks: Sequence[StepCheck], norms: Tensor, measured: Tensor) -> None:
         indices = (measured > 0).nonzero().flatten().tolist()

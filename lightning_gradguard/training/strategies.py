@@ -93,8 +93,8 @@ class StrategyInfo:
         if self.name == FSDP:
             return (
                 "under FSDP (use_orig_params=True) a parameter that is unused while other parameters of its FSDP unit "
-                "are used receives a zero gradient from FSDP, not None, so GradGuard finds a missing gradient only "
-                "when no parameter of its FSDP unit received one; norms and counts are global"
+                "are used receives a zero gradient from FSDP, not None: GradGuard reports it as a gradient that was "
+                "zero at every measured step (cause 'zero'), not as a missing one; norms and counts are global"
             )
         if self.name == OTHER and self.distributed:
             return (

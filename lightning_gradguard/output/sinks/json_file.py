@@ -13,8 +13,9 @@ import warnings
 from typing import Optional
 
 from lightning_gradguard.errors import GradGuardWarning
+from lightning_gradguard.files import write_atomically
 from lightning_gradguard.output.sinks.base import RunInfo, Sink
-from lightning_gradguard.report import REPORT_FILENAME, GradReport, write_atomically
+from lightning_gradguard.report import REPORT_FILENAME, GradReport
 
 # what an OSError means for the user, by errno; the rest are described by the system's own message
 _MEANING = {

@@ -104,6 +104,7 @@ def dashboard_layout(names: Sequence[str], amp: bool = False, prefix: str = PREF
             [rf"{prefix}/none_steps/"],
         ],
         "parameters with a non-finite gradient": ["Multiline", [rf"{prefix}/nonfinite_params$"]],
+        "parameters with an all-zero gradient": ["Multiline", [rf"{prefix}/zero_params$"]],
     }
     if amp:
         overview["steps skipped by the AMP gradient scaler"] = ["Multiline", [rf"{prefix}/amp_skipped_steps$"]]
