@@ -53,7 +53,7 @@ class ParamReport:
 
     @property
     def always_zero(self) -> bool:
-        """A gradient at every step, zero everywhere at every measured step (at least :data:`MIN_ZERO_STEPS`).
+        """A gradient at every step, zero everywhere at every measured step (at least ``MIN_ZERO_STEPS``, two).
 
         One all-zero step is common and harmless (a branch behind a zero-initialised gate at the first step, a
         batch that does not touch a sparse feature); zeros that never end train nothing.
@@ -350,6 +350,13 @@ class GradReport:
                 f"the AMP GradScaler skipped {self.amp_skipped_steps} of {self.steps} optimizer steps because a "
                 "gradient overflowed (non-finite gradients at those steps are the scaler's business; it lowers "
                 "the loss scale and retries)"
+            )
+        once = [name for name, p in self.params.items() if p.measured_steps == p.zero_steps == 1 and not p.missing]
+        if once:
+            shown = ", ".join(once[:8]) + (f" and {len(once) - 8} more" if len(once) > 8 else "")
+            notes.append(
+                f"the gradient of {shown} was zero everywhere at the one measured step (normal at the first step "
+                "behind a zero-initialised gate; a dead branch if it lasts)"
             )
         if self.distributed is not None and self.distributed.unchecked:
             notes.append(self.distributed.unchecked)

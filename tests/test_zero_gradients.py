@@ -208,6 +208,10 @@ def test_one_zero_step_is_not_a_finding(make_trainer):
     report = guard.report()
     assert report.params["branch.weight"].zero_steps == report.params["branch.weight"].measured_steps == 1
     assert report.zero == [] and report.ok
+    assert report.summary().endswith(
+        "; the gradient of branch.weight, branch.bias was zero everywhere at the one measured step (normal at the "
+        "first step behind a zero-initialised gate; a dead branch if it lasts)"
+    )
 
 
 class SparseAndExperts(LightningModule):
