@@ -46,7 +46,6 @@ import warnings
 from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scaling import ManyTensors  # noqa: E402
