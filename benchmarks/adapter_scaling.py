@@ -20,11 +20,15 @@ A step is the interval between consecutive step starts in this process's CPU tim
 processes on a shared machine weigh less; ``--clock wall`` uses ``time.perf_counter``). Reported per loop: the
 median step of each variant, the median over pairs of (guarded step - unguarded step) with the pairs taken side by
 side (adjacent batches in the fit; the k-th timed step of adjacent blocks in the loop), and its 25th and 75th
-percentiles.
+percentiles. A step of this model takes about 200 ms, and on a machine where other processes run its time varies by
+several milliseconds from step to step, more than the guard costs; so the script also reports the time spent inside
+the guard's own hooks (the callback's hooks; the plain-loop adapter's forward, backward, ``zero_grad`` and optimizer
+hooks, timed at their entry), the median per guarded step: less noisy, but blind to what the guard costs the rest
+of the step (the cache lines its reads evict, the allocations it leaves to the allocator).
 
 Usage::
 
-    python benchmarks/adapter_scaling.py                 # 10,000 tensors, both loops: about 3 minutes on 2 cores
+    python benchmarks/adapter_scaling.py                 # 10,000 tensors, both loops: about 4 minutes on 2 cores
     python benchmarks/adapter_scaling.py --loops watch --pairs 60
     python benchmarks/adapter_scaling.py --smoke         # 40 tensors, a few steps: seconds
 
@@ -95,13 +99,18 @@ def trainer_loop(n_tensors: int, pairs: int, warmup: int, clock: Callable[[], fl
 
     switch = Switch()
     guard = GradGuard(summary=False)
+    inside = [0.0] * (total + 1)  # per batch: CPU time inside the guard's hooks
     for name in _PER_BATCH_HOOKS:  # gated on the instance: the guard itself stays in trainer.callbacks
         original = getattr(guard, name)
 
         def gated(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            if switch.guarded:
+            if not switch.guarded:
+                return None
+            t = clock()
+            try:
                 return _original(*args, **kwargs)
-            return None
+            finally:
+                inside[len(switch.marks) - 1] += clock() - t
 
         setattr(guard, name, gated)
 
@@ -118,16 +127,17 @@ def trainer_loop(n_tensors: int, pairs: int, warmup: int, clock: Callable[[], fl
     finally:
         gc.unfreeze()
     steps = [b - a for a, b in zip(switch.marks, switch.marks[1:])]
-    with_guard, without, diffs = [], [], []
+    with_guard, without, diffs, in_hooks = [], [], [], []
     for k in range(warmup, warmup + pairs):
         first, second = steps[2 * k], steps[2 * k + 1]
         g, n = (first, second) if guarded_batches[2 * k] else (second, first)
         with_guard.append(g)
         without.append(n)
         diffs.append(g - n)
+        in_hooks.append(inside[2 * k] if guarded_batches[2 * k] else inside[2 * k + 1])
     report = guard.report()
     return {
-        "with": with_guard, "without": without, "diffs": diffs,
+        "with": with_guard, "without": without, "diffs": diffs, "in_hooks": in_hooks,
         "reused_backward_read": guard.engine.reuse_backward_read,
         "guarded_steps": report.steps,
         "tensors": sum(1 for _ in model.parameters()),
@@ -135,6 +145,59 @@ def trainer_loop(n_tensors: int, pairs: int, warmup: int, clock: Callable[[], fl
 
 
 # ---------------------------------------------------------------------------------------------- the plain loop
+# the plain-loop adapter's entry points: every hook it installs calls one of these (the forward hooks, the pre-hook
+# on the outputs' grad_fn, autograd's end-of-backward callback, the zero_grad wrappers, the first window's gradient
+# hooks, the optimizer's step pre- and post-hooks)
+_WATCH_ENTRIES = {
+    "lightning_gradguard.adapters.backward.BackwardBracket": ("_forward_start", "_forward_end", "_output_reached",
+                                                               "_end"),
+    "lightning_gradguard.adapters.loop.LoopGuard": ("_after_zero_grad", "_on_param_grad", "_on_step_pre_hook",
+                                                     "_on_step_post_hook"),
+}
+
+
+class HookTimer:
+    """Adds up the CPU time spent inside the adapter's entry points (outermost calls only) while installed."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.total = 0.0
+        self._depth = 0
+        self._originals: list[tuple[type, str, Any]] = []
+
+    def install(self) -> None:
+        import importlib
+
+        for path, names in _WATCH_ENTRIES.items():
+            module, _, cls_name = path.rpartition(".")
+            cls = getattr(importlib.import_module(module), cls_name)
+            for name in names:
+                original = cls.__dict__[name]  # a KeyError here: the adapter changed, update _WATCH_ENTRIES
+                self._originals.append((cls, name, original))
+                setattr(cls, name, self._timed(original))
+
+    def remove(self) -> None:
+        for cls, name, original in reversed(self._originals):
+            setattr(cls, name, original)
+        self._originals.clear()
+
+    def _timed(self, original: Any) -> Any:
+        timer = self
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if timer._depth:
+                return original(*args, **kwargs)
+            timer._depth += 1
+            t = timer.clock()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                timer.total += timer.clock() - t
+                timer._depth -= 1
+
+        return timed
+
+
 def watch_loop(n_tensors: int, blocks: int, steps: int, skip: int, clock: Callable[[], float],
                tmp: str) -> dict[str, Any]:
     from lightning_gradguard import watch
@@ -144,6 +207,8 @@ def watch_loop(n_tensors: int, blocks: int, steps: int, skip: int, clock: Callab
     model = ManyTensors(n_tensors)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(2, 4)
+    timer = HookTimer(clock)
+    in_hooks: list[float] = []
 
     def block(guarded: bool, index: int) -> list[float]:
         guard = None
@@ -153,12 +218,15 @@ def watch_loop(n_tensors: int, blocks: int, steps: int, skip: int, clock: Callab
         gc.collect()
         gc.freeze()
         marks = []
-        for _ in range(skip + steps):
+        for i in range(skip + steps):
             marks.append(clock())
+            timer.total = 0.0
             loss = model(x).square().mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if guarded and i >= skip:
+                in_hooks.append(timer.total)
         marks.append(clock())
         gc.unfreeze()
         if guard is not None:
@@ -167,13 +235,17 @@ def watch_loop(n_tensors: int, blocks: int, steps: int, skip: int, clock: Callab
 
     block(False, -1)  # warm-up: the first steps of a fresh model allocate its gradients
     with_guard, without, diffs = [], [], []
-    for b in range(blocks):
-        order = (True, False) if b % 2 == 0 else (False, True)
-        times = {guarded: block(guarded, b) for guarded in order}
-        with_guard += times[True]
-        without += times[False]
-        diffs += [g - n for g, n in zip(times[True], times[False])]
-    return {"with": with_guard, "without": without, "diffs": diffs,
+    timer.install()
+    try:
+        for b in range(blocks):
+            order = (True, False) if b % 2 == 0 else (False, True)
+            times = {guarded: block(guarded, b) for guarded in order}
+            with_guard += times[True]
+            without += times[False]
+            diffs += [g - n for g, n in zip(times[True], times[False])]
+    finally:
+        timer.remove()
+    return {"with": with_guard, "without": without, "diffs": diffs, "in_hooks": in_hooks,
             "tensors": sum(1 for _ in model.parameters())}
 
 
@@ -190,6 +262,7 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
         "extra_p25_ms": quartiles[0] * ms,
         "extra_p75_ms": quartiles[2] * ms,
         "pairs": len(diffs),
+        "in_hooks_ms": statistics.median(run["in_hooks"]) * ms,
     }
     summary["extra_of_medians_ms"] = summary["with_ms"] - summary["without_ms"]
     for key in ("reused_backward_read", "guarded_steps"):
@@ -202,9 +275,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS))
     parser.add_argument("--tensors", type=int, default=10_000, help="parameter tensors (two per Linear(4, 4))")
-    parser.add_argument("--pairs", type=int, default=100, help="trainer: timed (guarded, unguarded) batch pairs")
+    parser.add_argument("--pairs", type=int, default=200, help="trainer: timed (guarded, unguarded) batch pairs")
     parser.add_argument("--warmup", type=int, default=6, help="trainer: pairs left out at the start of the fit")
-    parser.add_argument("--blocks", type=int, default=8, help="watch: guarded and unguarded blocks, each")
+    parser.add_argument("--blocks", type=int, default=16, help="watch: guarded and unguarded blocks, each")
     parser.add_argument("--steps", type=int, default=10, help="watch: timed steps per block")
     parser.add_argument("--skip", type=int, default=4, help="watch: steps left out at the start of each block")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
@@ -232,7 +305,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{loop:8s} without {s['without_ms']:8.2f} ms   with GradGuard {s['with_ms']:8.2f} ms   "
                   f"extra {s['extra_ms']:+6.2f} ms per step (median of {s['pairs']} pairs; quartiles "
                   f"{s['extra_p25_ms']:+.2f} / {s['extra_p75_ms']:+.2f}; difference of medians "
-                  f"{s['extra_of_medians_ms']:+.2f})", flush=True)
+                  f"{s['extra_of_medians_ms']:+.2f}); inside the guard's hooks {s['in_hooks_ms']:.2f} ms",
+                  flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"torch": torch.__version__, "clock": args.clock, "threads": args.threads,

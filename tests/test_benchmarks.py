@@ -104,6 +104,7 @@ def test_adapter_scaling_smoke_run_times_both_adapters_side_by_side(tmp_path):
     assert set(loops) == {"trainer", "watch"}
     for row in loops.values():
         assert row["tensors"] == 40 and row["pairs"] > 0 and row["without_ms"] > 0 and row["with_ms"] > 0
+        assert row["in_hooks_ms"] > 0  # the guard's own hooks ran, and were timed, in the guarded steps
     # the guard in the Trainer checked exactly its own batches (warm-up and timed), and kept the decision a real
     # fit takes: no hook between backward and step, so the step check reuses the read after backward
     assert loops["trainer"]["guarded_steps"] == 2 + 3 and loops["trainer"]["reused_backward_read"] is True
