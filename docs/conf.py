@@ -35,6 +35,10 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 autodoc_typehints = "description"
 autodoc_member_order = "bysource"
+# The signatures name some argument types by alias (``allow_none: AllowNone``). A class's signature keeps the alias
+# as written, a function's would be expanded; this keeps every alias as its name, which links to its entry in api.md
+# ("Argument types", where the value is spelled out).
+autodoc_type_aliases = {name: name for name in ("AllowNone", "NormType", "NonfiniteCheck", "LogGranularity", "Models")}
 
 # Broken cross-references fail the build, except to other packages' classes: their inventories (intersphinx) would
 # need the network at build time, so type hints naming torch, Lightning or standard-library classes stay plain text.

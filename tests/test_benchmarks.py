@@ -31,7 +31,7 @@ def test_gpt_presets_have_the_documented_shapes():
     with torch.device("meta"):
         model = gpt.GPT(gpt.PRESETS["gpu"])
     params = list(model.parameters())
-    assert len(params) == 149 and sum(p.numel() for p in params) == 163_037_184  # the GPT-2-small step
+    assert len(params) == 149 and sum(p.numel() for p in params) == 163_037_184  # GPT-2 small, untied head
     assert gpt.PRESETS["gpu"].precision == "bf16-mixed" and gpt.PRESETS["gpu"].batch_size == 8
 
 
@@ -94,3 +94,17 @@ def test_plain_overhead_smoke_run(tmp_path):
     (row,) = json.loads(out.read_text())["sizes"]
     assert row["tensors"] == 40
     assert row["step_ms"] > 0 and row["watch_step_ms"] > 0
+
+
+def test_adapter_scaling_smoke_run_times_both_adapters_side_by_side(tmp_path):
+    adapter_scaling = load("adapter_scaling")
+    out = tmp_path / "adapters.json"
+    assert adapter_scaling.main(["--smoke", "--json", str(out)]) == 0
+    loops = json.loads(out.read_text())["loops"]
+    assert set(loops) == {"trainer", "watch"}
+    for row in loops.values():
+        assert row["tensors"] == 40 and row["pairs"] > 0 and row["without_ms"] > 0 and row["with_ms"] > 0
+        assert row["in_hooks_ms"] > 0  # the guard's own hooks ran, and were timed, in the guarded steps
+    # the guard in the Trainer checked exactly its own batches (warm-up and timed), and kept the decision a real
+    # fit takes: no hook between backward and step, so the step check reuses the read after backward
+    assert loops["trainer"]["guarded_steps"] == 2 + 3 and loops["trainer"]["reused_backward_read"] is True

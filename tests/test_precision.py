@@ -1,9 +1,9 @@
 """Mixed and reduced precision: unscaled norms (fused optimizers too), skipped AMP steps, overflows that are not
 missing gradients, and every other precision setting Lightning offers.
 
-``16-mixed`` runs the real ``GradScaler`` path on the CPU through ``plugins=[MixedPrecision("16-mixed", "cpu")]``
-(lightning-internals.md, section 4). A small initial scale keeps fp16 from overflowing by accident, so that the
-only overflows are the planted ones.
+``16-mixed`` runs the real ``GradScaler`` path on the CPU through ``plugins=[MixedPrecision("16-mixed", "cpu",
+scaler=torch.amp.GradScaler("cpu", ...))]``: Lightning's own plugin, autocasting and scaling on the CPU. A small
+initial scale keeps fp16 from overflowing by accident, so that the only overflows are the planted ones.
 """
 
 from __future__ import annotations
