@@ -26,6 +26,9 @@ class ParamReport:
     ``steps``/``none_steps``: optimizer steps that checked it / at which it had no gradient.
     ``micro_batches``/``none_micro_batches``: micro-batches in the windows of those steps / those whose backward
     pass gave it no gradient. ``nonfinite_steps``: checked steps at which its gradient held NaN or Inf.
+    ``update_steps``/``zero_lr_steps``: checked steps whose ``optimizer.step()`` ran / at which its param group's
+    learning rate was 0. ``version_steps``/``untouched_steps``: steps at which GradGuard compared its version
+    counter across ``step()`` / after which it had not changed (the step skipped it).
     """
 
     steps: int = 0
@@ -33,6 +36,10 @@ class ParamReport:
     micro_batches: int = 0
     none_micro_batches: int = 0
     nonfinite_steps: int = 0
+    update_steps: int = 0
+    zero_lr_steps: int = 0
+    version_steps: int = 0
+    untouched_steps: int = 0
     cause: Optional[str] = None
     detail: Optional[str] = None
 
@@ -52,7 +59,7 @@ class Finding:
     """Found by inspecting the model and optimizers rather than gradients. ``severity``: a ``"warning"`` makes
     :attr:`GradReport.ok` False; a ``"note"`` changes nothing in training (a target network no gradient reaches)."""
 
-    kind: str  # "unregistered" | "not_in_optimizer"
+    kind: str  # "unregistered" | "not_in_optimizer" | "zero_lr" | "skipped_by_optimizer"
     name: str
     detail: str
     severity: str = WARNING

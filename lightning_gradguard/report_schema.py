@@ -21,7 +21,8 @@ from typing import Any
 MAX_COUNT = 2**63 - 1  # the engine's counters are int64
 
 REPORT_FIELDS = ("steps", "micro_batches", "params", "findings", "amp_skipped_steps", "distributed")
-PARAM_COUNTS = ("steps", "none_steps", "micro_batches", "none_micro_batches", "nonfinite_steps")
+PARAM_COUNTS = ("steps", "none_steps", "micro_batches", "none_micro_batches", "nonfinite_steps", "update_steps",
+                "zero_lr_steps", "version_steps", "untouched_steps")
 PARAM_TEXTS = ("cause", "detail")
 FINDING_FIELDS = ("kind", "name", "detail")
 FINDING_SEVERITIES = ("warning", "note")  # "severity" is optional: reports written before it hold warnings only

@@ -173,10 +173,12 @@ class GradGuardCallback(TrainerCallback):
         guard = self.guard
         if guard is None or guard.closed:
             return
-        guard.close()
-        self.report_path = guard.report_path
-        guard.publish(args, state, control, kwargs)  # what the last steps logged
-        guard.close_writer()
+        try:
+            guard.close()  # strict mode raises here for weights that never moved, once the report is written
+        finally:
+            self.report_path = guard.report_path
+            guard.publish(args, state, control, kwargs)  # what the last steps logged
+            guard.close_writer()
 
 
 class TrainerGuard(Watcher):

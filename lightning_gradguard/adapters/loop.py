@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from lightning_gradguard.adapters.backward import BackwardBracket
 from lightning_gradguard.adapters.watcher import MethodWrapper, Watcher, close_at_exit, open_guards
 from lightning_gradguard.config import GuardConfig
-from lightning_gradguard.errors import GradGuardWarning
+from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.training.strategies import class_names, describe_module
 
 
@@ -306,7 +306,10 @@ def _replace_earlier_guards(model: nn.Module, optimizers: Sequence[torch.optim.O
             GradGuardWarning,
             stacklevel=4,
         )
-        guard.close(summary=False)
+        try:
+            guard.close(summary=False)
+        except GradGuardError:  # strict mode's verdict on the earlier run: its report holds it
+            pass
 
 
 __all__ = ["LoopGuard", "watch"]

@@ -97,6 +97,7 @@ class StepChecker:
                 check.stats = measure_stats(request, [i for i, _ in pairs], [g for _, g in pairs])
             self._explain(check)
         self._decide(check)
+        engine.updates.before_step(optimizer, check, view.indices, view.params)  # the step goes ahead
         return check
 
     def _gather(self, optimizer: torch.optim.Optimizer) -> _View:
