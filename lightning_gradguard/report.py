@@ -26,9 +26,7 @@ class ParamReport:
     ``steps``/``none_steps``: optimizer steps that checked it / at which it had no gradient.
     ``micro_batches``/``none_micro_batches``: micro-batches in the windows of those steps / those whose backward
     pass gave it no gradient. ``nonfinite_steps``: checked steps at which its gradient held NaN or Inf.
-    ``update_steps``/``zero_lr_steps``: checked steps whose ``optimizer.step()`` ran / at which its param group's
-    learning rate was 0. ``version_steps``/``untouched_steps``: steps at which GradGuard compared its version
-    counter across ``step()`` / after which it had not changed (the step skipped it).
+    ``update_steps``, ``zero_lr_steps``, ``version_steps``, ``untouched_steps``: see :mod:`~.core.updates`.
     """
 
     steps: int = 0
@@ -135,8 +133,7 @@ class GradReport:
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "steps": self.steps,
-            "micro_batches": self.micro_batches,
+            "steps": self.steps, "micro_batches": self.micro_batches,
             "params": {name: asdict(p) for name, p in self.params.items()},
             "findings": [asdict(f) for f in self.findings],
         }
@@ -164,11 +161,9 @@ class GradReport:
         except ValueError as err:
             raise ValueError(f"not a GradGuard report: {err}") from None
         return cls(
-            steps=data["steps"],
-            micro_batches=data["micro_batches"],
+            steps=data["steps"], micro_batches=data["micro_batches"],
             params={name: ParamReport(**p) for name, p in data["params"].items()},
-            findings=[Finding(**f) for f in data.get("findings", [])],
-            amp_skipped_steps=data.get("amp_skipped_steps"),
+            findings=[Finding(**f) for f in data.get("findings", [])], amp_skipped_steps=data.get("amp_skipped_steps"),
             distributed=DistributedInfo(**data["distributed"]) if data.get("distributed") else None,
         )
 

@@ -8,8 +8,9 @@ Two ways, told apart by what a step leaves behind, without reading a parameter's
   per param group.
 * ``skipped_by_optimizer``: the step left the parameter's version counter where it was, while it moved the counters
   of other parameters of the same optimizer (a custom or wrapped optimizer that skips a group or a parameter).
-  Versions are read before and after the step at the first two steps of each optimizer in a run, then at measured
-  steps at least :data:`OBSERVE_GAP` checks apart: two reads of 0.1 us per parameter tensor, on one step in fifty.
+  Versions are read before and after the first two steps of each optimizer, then every :data:`OBSERVE_GAP`-th
+  step: two reads of 0.1 us per parameter tensor, on one step in fifty. The steps are counted over the whole
+  training (a resumed run continues the count), so a resumed run observes the very steps an uninterrupted one would.
 
 A step counts only once it ran: the step check records what it saw, and a step post-hook
 (``optimizer.register_step_post_hook``) counts when ``step()`` returns. A step the AMP ``GradScaler`` skips (an
@@ -50,8 +51,8 @@ ZERO_LR = "zero_lr"
 SKIPPED = "skipped_by_optimizer"
 UPDATE_KINDS = (ZERO_LR, SKIPPED)
 
-FIRST_OBSERVED = 2  # versions are compared at the first steps of each optimizer in a run ...
-OBSERVE_GAP = 50  # ... then at measured steps at least this many checks apart
+FIRST_OBSERVED = 2  # versions are compared across the first steps of each optimizer ...
+OBSERVE_GAP = 50  # ... then across every this-many-th
 _MAX_CACHED = 32  # param-group member lists kept by identity
 _MAX_NAMES = 8  # names per explanation in a message
 
@@ -74,13 +75,12 @@ class _Pending:
 class _Watched:
     """One optimizer of this run: its post-hook and the observation cadence."""
 
-    __slots__ = ("ref", "handle", "observed", "since")
+    __slots__ = ("ref", "handle", "position")
 
     def __init__(self, optimizer: torch.optim.Optimizer, handle: Any) -> None:
         self.ref = weakref.ref(optimizer)
         self.handle = handle
-        self.observed = 0  # steps at which versions were compared
-        self.since = 0  # checks since the last comparison
+        self.position: Optional[int] = None  # its checked steps before this one, over the whole training
 
 
 class UpdateWatch:
@@ -140,8 +140,12 @@ class UpdateWatch:
             return  # a second check inside one step (LBFGS calls its closure several times): the first one counts
         self.last_step = check.step
         pending = self._pending[key] = _Pending(check.step, check.checked)
-        watched.since += 1
-        if watched.observed < FIRST_OBSERVED or (check.measured and watched.since >= OBSERVE_GAP):
+        if watched.position is None:  # once a run: the count the checkpoint carried on (the check counted this step)
+            steps = self.engine.state.values("steps")
+            watched.position = int(steps[check.checked].max()) - 1 if check.checked else 0
+        else:
+            watched.position += 1
+        if watched.position < FIRST_OBSERVED or watched.position % OBSERVE_GAP == 0:
             pending.indices, pending.params = self._candidates(optimizer, check, indices, params)
             pending.versions = list(map(_VERSION, pending.params))
 
@@ -201,13 +205,9 @@ class UpdateWatch:
                 if members:
                     state.add_uniform(members, zero_lr_steps=1)
         if pending.versions is not None:
-            self._compare(optimizer, pending)
+            self._compare(pending)
 
-    def _compare(self, optimizer: Any, pending: _Pending) -> None:
-        watched = self._watched.get(id(optimizer))
-        if watched is not None:
-            watched.observed += 1
-            watched.since = 0
+    def _compare(self, pending: _Pending) -> None:
         before, indices = pending.versions, pending.indices
         after = list(map(_VERSION, pending.params))  # type: ignore[arg-type]
         if after == before:
