@@ -94,3 +94,12 @@ def test_plain_overhead_smoke_run(tmp_path):
     (row,) = json.loads(out.read_text())["sizes"]
     assert row["tensors"] == 40
     assert row["step_ms"] > 0 and row["watch_step_ms"] > 0
+
+
+def test_never_moved_smoke_run_times_both_calls(tmp_path):
+    never_moved = load("never_moved")
+    out = tmp_path / "never_moved.json"
+    assert never_moved.main(["--sizes", "16", "--steps", "60", "--json", str(out)]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["tensors"] == 16 and row["steps"] == 60
+    assert all(row[key] > 0 for key in ("ordinary_warm_us", "ordinary_after_step_us", "observed_us", "amortized_us"))

@@ -217,8 +217,8 @@ class UpdateWatch:
             state.add_uniform(indices, version_steps=1)
         else:
             state.add("version_steps", indices, 1)
-        untouched = [i for i, same in zip(indices, map(eq, before, after)) if same]  # type: ignore[arg-type]
-        if untouched:
+        if any(map(eq, before, after)):  # type: ignore[arg-type]  # in C: the usual step moved every one
+            untouched = [i for i, same in zip(indices, map(eq, before, after)) if same]  # type: ignore[arg-type]
             state.add("untouched_steps", untouched, 1)
 
     def _group_members(self, checked: list[int], group_params: list[Tensor]) -> list[int]:
