@@ -59,28 +59,25 @@ _MAX_NAMES = 8  # names per explanation in a message
 _VERSION = attrgetter("_version")
 
 
-class _Pending:
-    """What the check saw of one optimizer's step, until its post-hook counts it."""
+class _Watched:
+    """One optimizer of this run: its post-hook, the observation cadence, and what the check saw of the step in
+    progress until the post-hook counts it (``step`` is None when no checked step is pending)."""
 
-    __slots__ = ("step", "checked", "indices", "params", "versions")
+    __slots__ = ("ref", "handle", "position", "step", "checked", "indices", "params", "versions")
 
-    def __init__(self, step: int, checked: list[int]) -> None:
-        self.step = step
-        self.checked = checked
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.ref = weakref.ref(optimizer)
+        self.handle: Any = None
+        self.position: Optional[int] = None  # its checked steps before this one, over the whole training
+        self.drop()
+
+    def drop(self) -> None:
+        """Nothing pending (never hold a parameter past the step)."""
+        self.step: Optional[int] = None
+        self.checked: list[int] = []
         self.indices: Optional[list[int]] = None  # the parameters whose versions were read (when they were)
         self.params: Optional[list[Tensor]] = None
         self.versions: Optional[list[int]] = None
-
-
-class _Watched:
-    """One optimizer of this run: its post-hook and the observation cadence."""
-
-    __slots__ = ("ref", "handle", "position")
-
-    def __init__(self, optimizer: torch.optim.Optimizer, handle: Any) -> None:
-        self.ref = weakref.ref(optimizer)
-        self.handle = handle
-        self.position: Optional[int] = None  # its checked steps before this one, over the whole training
 
 
 class UpdateWatch:
@@ -100,7 +97,6 @@ class UpdateWatch:
         self.enabled = True
         self.last_step = 0
         self._watched: dict[int, _Watched] = {}
-        self._pending: dict[int, _Pending] = {}
         self._members: dict[tuple[int, int, int], tuple[list[int], list[int]]] = {}
         self._warned: set[tuple[str, str]] = set()
 
@@ -116,7 +112,7 @@ class UpdateWatch:
             if watched.handle is not None:
                 watched.handle.remove()
                 watched.handle = None
-        self._pending.clear()
+            watched.drop()
 
     # ------------------------------------------------------------------ the step
     def before_step(self, optimizer: Any, check: StepCheck, indices: list[int], params: list[Tensor]) -> None:
@@ -129,38 +125,38 @@ class UpdateWatch:
             self._fail(err)
 
     def _capture(self, optimizer: Any, check: StepCheck, indices: list[int], params: list[Tensor]) -> None:
-        key = id(optimizer)
-        watched = self._watched.get(key)
-        if watched is None or watched.ref() is not optimizer or watched.handle is None:
+        watched = self._watched.get(id(optimizer))
+        if watched is None or watched.handle is None or watched.ref() is not optimizer:
             watched = self._watch(optimizer)
             if watched is None:
                 return
-        pending = self._pending.get(key)
-        if pending is not None and pending.step == check.step:
+        elif watched.step == check.step:
             return  # a second check inside one step (LBFGS calls its closure several times): the first one counts
-        self.last_step = check.step
-        pending = self._pending[key] = _Pending(check.step, check.checked)
+        self.last_step = watched.step = check.step
+        watched.checked, watched.versions = check.checked, None
         if watched.position is None:  # once a run: the count the checkpoint carried on (the check counted this step)
             steps = self.engine.state.values("steps")
             watched.position = int(steps[check.checked].max()) - 1 if check.checked else 0
         else:
             watched.position += 1
         if watched.position < FIRST_OBSERVED or watched.position % OBSERVE_GAP == 0:
-            pending.indices, pending.params = self._candidates(optimizer, check, indices, params)
-            pending.versions = list(map(_VERSION, pending.params))
+            watched.indices, watched.params = self._candidates(optimizer, check, indices, params)
+            watched.versions = list(map(_VERSION, watched.params))
 
     def _watch(self, optimizer: Any) -> Optional[_Watched]:
         register = getattr(optimizer, "register_step_post_hook", None)
         if register is None or not isinstance(optimizer, torch.optim.Optimizer):
             return None  # not a torch optimizer: its steps cannot be seen
         ref = weakref.ref(self)
+        watched = _Watched(optimizer)
 
         def stepped(opt: Any, args: Any, kwargs: Any) -> None:
             watch = ref()
-            if watch is not None:
+            if watch is not None and watched.step is not None:  # not a step the guard did not check
                 watch.stepped(opt)
 
-        watched = self._watched[id(optimizer)] = _Watched(optimizer, register(stepped))
+        watched.handle = register(stepped)
+        self._watched[id(optimizer)] = watched
         return watched
 
     def _candidates(
@@ -181,39 +177,39 @@ class UpdateWatch:
 
     def stepped(self, optimizer: Any) -> None:
         """``optimizer.step()`` returned (its post-hook): count the step the check saw."""
-        if not self.enabled:
+        watched = self._watched.get(id(optimizer))
+        if not self.enabled or watched is None or watched.step is None:
             return
         try:
-            self._count(optimizer)
+            self._count(optimizer, watched)
         except Exception as err:  # noqa: BLE001 - never break the user's optimizer.step()
             self._fail(err)
+        finally:
+            watched.drop()
 
-    def _count(self, optimizer: Any) -> None:
-        pending = self._pending.pop(id(optimizer), None)
-        if pending is None:  # a step the guard did not check
-            return
+    def _count(self, optimizer: Any, watched: _Watched) -> None:
         state = self.engine.state
-        checked = pending.checked
+        checked = watched.checked
         state.add_uniform(checked, update_steps=1)
         groups = optimizer.param_groups
         zero = [g for g, group in enumerate(groups) if _is_zero(group.get("lr"))]
-        if len(zero) == len(groups):  # a warmup from 0 scales every group alike: one pending count
+        if zero and len(zero) == len(groups):  # a warmup from 0 scales every group alike: one pending count
             state.add_uniform(checked, zero_lr_steps=1)
         else:
             for g in zero:
                 members = self._group_members(checked, groups[g]["params"])
                 if members:
                     state.add_uniform(members, zero_lr_steps=1)
-        if pending.versions is not None:
-            self._compare(pending)
+        if watched.versions is not None:
+            self._compare(watched)
 
-    def _compare(self, pending: _Pending) -> None:
-        before, indices = pending.versions, pending.indices
-        after = list(map(_VERSION, pending.params))  # type: ignore[arg-type]
+    def _compare(self, watched: _Watched) -> None:
+        before, indices = watched.versions, watched.indices
+        after = list(map(_VERSION, watched.params))  # type: ignore[arg-type]
         if after == before:
             return  # the step moved no version counter at all: it cannot tell a skip from a write around them
         state = self.engine.state
-        if indices is pending.checked:
+        if indices is watched.checked:
             state.add_uniform(indices, version_steps=1)
         else:
             state.add("version_steps", indices, 1)
@@ -314,7 +310,7 @@ class UpdateWatch:
 
 # ---------------------------------------------------------------------------------------------- wording
 def _is_zero(lr: Any) -> bool:
-    if isinstance(lr, (int, float)):
+    if type(lr) is float or isinstance(lr, int):
         return lr == 0
     if isinstance(lr, Tensor) and lr.device.type == "cpu" and lr.numel() == 1:
         return lr.item() == 0
