@@ -351,8 +351,8 @@ def test_a_wrapper_that_forgets_one_parameter_is_named():
     assert list(found) == ["fc.bias"]
     kind, severity, detail = found["fc.bias"]
     assert (kind, severity) == ("skipped_by_optimizer", WARNING)
-    assert detail.startswith("SkippingWrapper.step() left it untouched (its version counter did not change) at each "
-                             "of the 2 steps it observed")
+    assert detail.startswith("SkippingWrapper.step() left it untouched at each of the 2 steps GradGuard observed (its "
+                             "version counter did not change, while other parameters' did), although it had a gradient")
     assert "param group 0 (lr=0.05)" in detail
 
 

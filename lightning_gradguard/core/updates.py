@@ -347,17 +347,16 @@ def _zero_lr_detail(where: Optional[tuple[str, int, dict[str, Any]]], n: int) ->
 
 
 def _skipped_detail(where: Optional[tuple[str, int, dict[str, Any]]], n: int) -> str:
+    owner = f"{where[0]}.step()" if where is not None else "the optimizer's step()"
+    when = "at the only step of this run" if n == 1 else f"at each of the {n} steps"
+    text = (f"{owner} left it untouched {when} GradGuard observed (its version counter did not change, while other "
+            "parameters' did), although it had a gradient")
     if where is not None:
-        owner, group = f"{where[0]}.step()", f"; it is in param group {where[1]} (lr={_lr(where[2].get('lr'))})"
-    else:
-        owner, group = "the optimizer's step()", ""
-    when = "at the only step of this run GradGuard observed" if n == 1 else f"at each of the {n} steps it observed"
-    text = (f"{owner} left it untouched (its version counter did not change) {when}, while it changed other parameters "
-            f"of the optimizer; it had a gradient{group}")
+        text += f"; it is in param group {where[1]} (lr={_lr(where[2].get('lr'))})"
     if n == 1:
         return text
-    return (f"{text}; fix: the custom or wrapped optimizer skips this group or parameter (check its step()); to freeze "
-            "it on purpose set requires_grad=False")
+    return (f"{text}; fix: check the optimizer's step(): a custom or wrapped optimizer that skips this group or "
+            "parameter; to freeze it on purpose, set requires_grad=False")
 
 
 def never_moved_message(findings: list[Finding]) -> str:
