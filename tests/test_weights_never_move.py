@@ -550,3 +550,30 @@ def test_the_hugging_face_warmup_from_zero_stays_silent(tmp_path):
     report, record = hf_train(tmp_path, GradGuardCallback(strict=True, summary=False), warmup_steps=2)
     assert never_moved(report) == {} and moved_warnings(record) == []
     assert report.params["transformer.h.0.attn.c_attn.weight"].zero_lr_steps == 1
+
+
+def test_strict_mode_under_the_hugging_face_trainer_raises_once_the_report_is_written(tmp_path):
+    from lightning_gradguard.hf import GradGuardCallback
+
+    guard = GradGuardCallback(strict=True, summary=False)
+    with pytest.raises(GradGuardError) as info:
+        hf_train(tmp_path, guard, optimizers="ln_f at lr=0")
+    assert sorted(info.value.params) == ["transformer.ln_f.bias", "transformer.ln_f.weight"]
+    assert "param group 1 of AdamW has lr=0" in str(info.value)
+    saved = json.loads((tmp_path / "gradguard.json").read_text())
+    assert {f["name"] for f in saved["findings"] if f["kind"] == "zero_lr"} == set(info.value.params)
+    assert guard.report_path == str(tmp_path / "gradguard.json")
+
+
+def test_close_after_strict_mode_stopped_the_run_raises_nothing_more():
+    model = ConvNet()
+    optimizer = torch.optim.SGD(conv_groups(model, 0.0), lr=0.1)
+    guard = watch(model, optimizer, strict=True, summary=False)
+    train_loop(model, optimizer, 3)
+    x, y = image_batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    optimizer.zero_grad()  # planted between backward and step: strict mode stops the run at this step
+    with pytest.raises(GradGuardError, match="fc.weight"):
+        optimizer.step()
+    report = guard.close()  # the verdict is in the report; the run already raised
+    assert sorted(never_moved(report)) == sorted(CONV)

@@ -95,6 +95,7 @@ class UpdateWatch:
     def __init__(self, engine: GradGuardEngine) -> None:
         self.engine = engine
         self.enabled = True
+        self.stopped = False  # strict mode stopped the run at a step: the verdict at its end raises nothing more
         self.last_step = 0
         self._watched: dict[int, _Watched] = {}
         self._members: dict[tuple[int, int, int], tuple[list[int], list[int]]] = {}
@@ -102,9 +103,12 @@ class UpdateWatch:
 
     # ------------------------------------------------------------------ lifecycle
     def start_run(self) -> None:
-        """A run begins: hooks are put on again as optimizers step; the cadence restarts."""
+        """A run begins: hooks are put on again as optimizers step; the cadence restarts; the verdict of an earlier
+        run is dropped (it is taken again at this run's end, over all the counts)."""
         self.close()
         self._watched.clear()
+        self.stopped = False
+        self.engine.findings[:] = [f for f in self.engine.findings if f.kind not in UPDATE_KINDS]
 
     def close(self) -> None:
         """Remove every post-hook and drop what a step left pending (the optimizers stay known for :meth:`finish`)."""
@@ -257,6 +261,8 @@ class UpdateWatch:
         if not warnings:
             return None
         if engine.config.strict:
+            if self.stopped:
+                return None
             return GradGuardError(never_moved_message(warnings), [f.name for f in warnings], self.last_step)
         new = [f for f in warnings if (f.kind, f.name) not in self._warned]
         if new:
