@@ -78,7 +78,8 @@ class GradGuardCallback(TrainerCallback):
 
     Args:
         strict: raise :class:`~lightning_gradguard.GradGuardError` from ``trainer.train()`` at the first step where a
-            checked parameter has no gradient, before the optimizer changes any weight. Otherwise warn once per
+            checked parameter has no gradient, before the optimizer changes any weight, and at the end of training for
+            parameters that received gradients but never moved (a param group at ``lr=0``). Otherwise warn once per
             parameter.
         allow_none: ``fnmatch`` patterns of parameter names never reported (optional heads, MoE experts).
         log_every_n_steps: logging cadence in optimizer steps; ``None`` follows ``TrainingArguments(logging_steps)``.

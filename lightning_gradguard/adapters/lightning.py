@@ -37,7 +37,8 @@ class GradGuard(Callback):
 
     Args:
         strict: raise :class:`~lightning_gradguard.GradGuardError` at the first step where a checked parameter has
-            no gradient, before the optimizer changes any weight. Otherwise warn once per parameter.
+            no gradient, before the optimizer changes any weight, and at the end of fit for parameters that received
+            gradients but never moved (a param group at ``lr=0``). Otherwise warn once per parameter.
         allow_none: ``fnmatch`` patterns of parameter names never reported (optional heads, MoE experts).
         log_every_n_steps: logging cadence in optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
         norm_type: the p of the per-parameter p-norm: a positive float or ``"inf"``.

@@ -206,7 +206,7 @@ def watch(
         log_dir: TensorBoard log directory for scalars, the dashboard and ``gradguard.json``.
         writer: an existing ``SummaryWriter`` instead of ``log_dir``.
         strict: raise :class:`~lightning_gradguard.GradGuardError` from ``optimizer.step()`` at the first missing
-            gradient, before the weights change.
+            gradient, before the weights change, and from ``close()`` for parameters that never moved.
         allow_none: ``fnmatch`` patterns of parameter names never reported.
         **options: any other :class:`~lightning_gradguard.config.GuardConfig` option (``log_every_n_steps``,
             ``norm_type``, ``histogram_every_n_steps``, ``gradient_flow_every_n_steps``, ``summary``, ``name``, ...).

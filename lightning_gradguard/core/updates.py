@@ -24,9 +24,10 @@ one step only (a one-step run with a warmup from 0 looks the same as a group fro
 warnings become the error the adapter raises once the report is written.
 
 Silent by design (the version counter cannot tell): a step that moves *no* parameter's version counter (fused
-kernels such as ``fused=True``, whose groups are left out; updates written through ``p.data``; bitsandbytes or
-apex kernels; an LBFGS step that converged), and a parameter whose gradient was zero at every measured step (the
-zero-gradient count says why it did not move).
+kernels such as ``fused=True``, whose groups are left out; updates written through ``p.data``; extension kernels
+that write through raw pointers; an LBFGS step that converged), and a parameter whose gradient was zero at every
+measured step (the zero-gradient count says why it did not move). Strict mode stopped at a step raises nothing more
+at the end (:attr:`UpdateWatch.stopped`).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class UpdateWatch:
         elif watched.step == check.step:
             return  # a second check inside one step (LBFGS calls its closure several times): the first one counts
         self.last_step = watched.step = check.step
-        watched.checked, watched.versions = check.checked, None
+        watched.checked, watched.indices, watched.params, watched.versions = check.checked, None, None, None
         if watched.position is None:  # once a run: the count the checkpoint carried on (the check counted this step)
             steps = self.engine.state.values("steps")
             watched.position = int(steps[check.checked].max()) - 1 if check.checked else 0
@@ -160,6 +161,9 @@ class UpdateWatch:
                 watch.stepped(opt)
 
         watched.handle = register(stepped)
+        if len(self._watched) >= _MAX_CACHED:  # optimizers re-created within a run: forget the ones that are gone
+            for key in [key for key, old in self._watched.items() if old.ref() is None]:
+                del self._watched[key]
         self._watched[id(optimizer)] = watched
         return watched
 
