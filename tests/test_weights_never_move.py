@@ -379,10 +379,14 @@ def test_an_epoch_warmup_from_zero_that_ends_stays_silent(make_trainer):
     assert report.params["head.weight"].zero_lr_steps == 3 and report.params["head.weight"].update_steps == 6
 
 
-def test_cosine_annealing_to_zero_stays_silent():
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_torch_schedules_that_end_at_zero_stay_silent(schedule):
     model = ConvNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4, eta_min=0.0)
+    if schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4, eta_min=0.0)
+    else:
+        scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=4)
     guard = watch(model, optimizer, strict=True, summary=False)
     for x, y in image_batches(5):
         F.cross_entropy(model(x), y).backward()
