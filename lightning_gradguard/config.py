@@ -120,7 +120,8 @@ class GuardConfig:
 
     Args:
         strict: raise :class:`~lightning_gradguard.GradGuardError` at the first step where a checked parameter has
-            no gradient, before the optimizer changes any weight. Otherwise warn once per parameter.
+            no gradient, before the optimizer changes any weight, and at the end of the run for parameters that
+            received gradients but never moved. Otherwise warn once per parameter.
         allow_none: ``fnmatch`` patterns of parameter names that are never checked, reported, warned about or
             logged (optional heads, mixture-of-experts experts).
         log_every_n_steps: logging cadence in optimizer steps; ``None`` follows the Trainer's

@@ -11,7 +11,9 @@ if TYPE_CHECKING:
 class GradGuardError(RuntimeError):
     """Raised in strict mode at the first optimizer step where a checked parameter has no gradient.
 
-    It is raised before the optimizer changes any weight.
+    It is raised before the optimizer changes any weight. At the end of a run (the end of fit, ``close()``) it is
+    also raised for parameters that received gradients but never moved (a param group at ``lr=0``, an optimizer
+    step that skips them); ``step`` is then the last step of the run.
 
     Attributes:
         params: names of every parameter that had no gradient at that step.

@@ -29,6 +29,7 @@ class ParamReport:
     pass gave it no gradient. ``measured_steps``: checked steps at which its gradient's values were measured (its
     norm computed: every step by default, logging steps only when ``nonfinite_check`` says so);
     ``nonfinite_steps``/``zero_steps``: measured steps at which its gradient held NaN or Inf / was zero everywhere.
+    ``update_steps``, ``zero_lr_steps``, ``version_steps``, ``untouched_steps``: see :mod:`~.core.updates`.
     """
 
     steps: int = 0
@@ -38,6 +39,10 @@ class ParamReport:
     measured_steps: int = 0
     nonfinite_steps: int = 0
     zero_steps: int = 0
+    update_steps: int = 0
+    zero_lr_steps: int = 0
+    version_steps: int = 0
+    untouched_steps: int = 0
     cause: Optional[str] = None
     detail: Optional[str] = None
 
@@ -66,7 +71,7 @@ class Finding:
     """Found by inspecting the model and optimizers rather than gradients. ``severity``: a ``"warning"`` makes
     :attr:`GradReport.ok` False; a ``"note"`` changes nothing in training (a target network no gradient reaches)."""
 
-    kind: str  # "unregistered" | "not_in_optimizer"
+    kind: str  # "unregistered" | "not_in_optimizer" | "zero_lr" | "skipped_by_optimizer"
     name: str
     detail: str
     severity: str = WARNING
@@ -150,8 +155,7 @@ class GradReport:
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "steps": self.steps,
-            "micro_batches": self.micro_batches,
+            "steps": self.steps, "micro_batches": self.micro_batches,
             "params": {name: asdict(p) for name, p in self.params.items()},
             "findings": [asdict(f) for f in self.findings],
         }
@@ -179,11 +183,9 @@ class GradReport:
         except ValueError as err:
             raise ValueError(f"not a GradGuard report: {err}") from None
         return cls(
-            steps=data["steps"],
-            micro_batches=data["micro_batches"],
+            steps=data["steps"], micro_batches=data["micro_batches"],
             params={name: ParamReport(**p) for name, p in data["params"].items()},
-            findings=[Finding(**f) for f in data.get("findings", [])],
-            amp_skipped_steps=data.get("amp_skipped_steps"),
+            findings=[Finding(**f) for f in data.get("findings", [])], amp_skipped_steps=data.get("amp_skipped_steps"),
             distributed=DistributedInfo(**data["distributed"]) if data.get("distributed") else None,
         )
 

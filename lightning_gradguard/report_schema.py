@@ -22,7 +22,8 @@ MAX_COUNT = 2**63 - 1  # the engine's counters are int64
 
 REPORT_FIELDS = ("steps", "micro_batches", "params", "findings", "amp_skipped_steps", "distributed")
 PARAM_COUNTS = (
-    "steps", "none_steps", "micro_batches", "none_micro_batches", "measured_steps", "nonfinite_steps", "zero_steps"
+    "steps", "none_steps", "micro_batches", "none_micro_batches", "measured_steps", "nonfinite_steps", "zero_steps",
+    "update_steps", "zero_lr_steps", "version_steps", "untouched_steps",
 )
 PARAM_TEXTS = ("cause", "detail")
 FINDING_FIELDS = ("kind", "name", "detail")

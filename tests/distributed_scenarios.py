@@ -73,6 +73,11 @@ def counts(report) -> dict[str, list]:
     }
 
 
+def never_moved(report) -> list[str]:
+    """The findings about weights that never move (every healthy run: none, on any rank)."""
+    return [f"{f.kind}: {f.name}" for f in report.findings if f.kind in ("zero_lr", "skipped_by_optimizer")]
+
+
 # ---------------------------------------------------------------------- a usage table
 # which ranks use each branch at each position of a 3-micro-batch accumulation window
 USAGE = {
@@ -126,6 +131,7 @@ def usage_table(root: str) -> dict[str, Any]:
         "hooks_left": sum(bool(getattr(p, "_post_accumulate_grad_hooks", None)) for p in model.parameters()),
         "counts": counts(report),
         "distributed": report.to_dict().get("distributed"),
+        "never_moved": never_moved(report),
         "reductions": guard._context.ledger.reductions,
         "logged_steps": [step for step, _ in logger.rows],
         "logged_none_steps": [
@@ -179,6 +185,7 @@ def unused_everywhere(root: str) -> dict[str, Any]:
     return {
         "counts": counts(report),
         "distributed": report.to_dict().get("distributed"),
+        "never_moved": never_moved(report),
         "logged_norms": [{k[len(prefix):]: v for k, v in m.items() if k.startswith(prefix)} for _, m in logger.rows],
         "reference_norms": recorder.norms,
         "reductions": guard._context.ledger.reductions,
@@ -306,6 +313,7 @@ def fabric_usage(root: str) -> dict[str, Any]:
     return {
         "counts": counts(report),
         "distributed": report.to_dict().get("distributed"),
+        "never_moved": never_moved(report),
         "reductions_before_close": reductions_before_close,
         "reductions": guard.context.ledger.reductions,
         "hooks_left": sum(bool(getattr(p, "_post_accumulate_grad_hooks", None)) for p in net.parameters()),
@@ -336,6 +344,7 @@ def torch_ddp_usage(root: str) -> dict[str, Any]:
     return {
         "counts": counts(report),  # the user's names: no "module." from the wrapper
         "distributed": report.to_dict().get("distributed"),
+        "never_moved": never_moved(report),
         "reductions": guard.context.ledger.reductions,
     }
 
@@ -541,6 +550,7 @@ def fsdp1_watch(root: str) -> dict[str, Any]:
             "counts": counts(report),
             "raised": raised,
             "distributed": report.to_dict().get("distributed"),
+            "never_moved": never_moved(report),
             "reductions": guard.context.ledger.reductions,
         }
     return results
@@ -666,6 +676,7 @@ def fsdp2_lightning(root: str) -> dict[str, Any]:
     return {
         "counts": counts(report),
         "distributed": report.to_dict().get("distributed"),
+        "never_moved": never_moved(report),
         "logged_norms": [{k[len(prefix):]: v for k, v in m.items() if k.startswith(prefix)} for _, m in logger.rows],
         "reference_norms": model.reference,
         "local_shapes": {n: list(p.to_local().shape) for n, p in model.named_parameters()},
@@ -711,6 +722,7 @@ def fsdp2_watch(root: str) -> dict[str, Any]:
     return {
         "counts": counts(report),
         "distributed": report.to_dict().get("distributed"),
+        "never_moved": never_moved(report),
         "reference": reference,
         "logged": logged,
         "local_numel": {n: p.to_local().numel() for n, p in model.named_parameters()},
@@ -935,6 +947,37 @@ def _after_exit() -> None:
 
 
 atexit.register(_after_exit)
+
+
+# ---------------------------------------------------------------------- weights that never move
+class HeadAtLrZero(LightningModule):
+    """A body that trains and a head in a param group at lr=0 (the planted typo)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(IN_DIM, 4), nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.head(torch.tanh(self.body(x))), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([{"params": self.body.parameters()}, {"params": self.head.parameters(), "lr": 0.0}],
+                               lr=0.1)
+
+
+@scenario
+def never_moved_strict(root: str) -> dict[str, Any]:
+    """Strict mode under DDP: every rank finishes the run, then raises the same error for the head at lr=0."""
+    guard = GradGuard(strict=True, summary=False)
+    t = trainer(root, callbacks=[guard], strategy="ddp")
+    try:
+        t.fit(HeadAtLrZero(), loader(4, seed=50 + t.global_rank))
+    except GradGuardError as err:
+        found = {f.name: f.kind for f in err.report.findings}
+        return {"raised": True, "step": err.step, "params": err.params, "global_step": t.global_step,
+                "found": found, "zero_lr_steps": err.report.params["head.weight"].zero_lr_steps}
+    return {"raised": False}
 
 
 # ---------------------------------------------------------------------- entry point

@@ -108,3 +108,12 @@ def test_adapter_scaling_smoke_run_times_both_adapters_side_by_side(tmp_path):
     # the guard in the Trainer checked exactly its own batches (warm-up and timed), and kept the decision a real
     # fit takes: no hook between backward and step, so the step check reuses the read after backward
     assert loops["trainer"]["guarded_steps"] == 2 + 3 and loops["trainer"]["reused_backward_read"] is True
+
+
+def test_never_moved_smoke_run_times_both_calls(tmp_path):
+    never_moved = load("never_moved")
+    out = tmp_path / "never_moved.json"
+    assert never_moved.main(["--sizes", "16", "--steps", "60", "--json", str(out)]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["tensors"] == 16 and row["steps"] == 60
+    assert all(row[key] > 0 for key in ("ordinary_warm_us", "ordinary_after_step_us", "observed_us", "amortized_us"))

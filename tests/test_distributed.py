@@ -90,7 +90,8 @@ def launch(out_dir: Path, scenarios: list[str], timeout: float = LAUNCH_TIMEOUT)
 
 
 DDP_SCENARIOS = ["usage_table", "unused_everywhere", "amp_overflow", "manual_gan", "strict_together",
-                 "plain_ddp_unused", "fabric_usage", "torch_ddp_usage", "fabric_strict_together", "torch_ddp_unused"]
+                 "plain_ddp_unused", "fabric_usage", "torch_ddp_usage", "fabric_strict_together", "torch_ddp_unused",
+                 "never_moved_strict"]
 SHARDED_SCENARIOS = ["fsdp1_engine", "fsdp2_lightning", "fsdp1_watch", "fsdp2_watch", "fsdp1_shared_unit"]
 
 
@@ -231,6 +232,22 @@ def test_ddp_strict_mode_raises_on_every_rank_at_the_same_step(ddp):
     assert [r["step"] for r in results] == [2, 2]
     assert [r["params"] for r in results] == [["late.weight", "late.bias"]] * 2
     assert all(r["seconds"] < 60 for r in results)
+
+
+def test_ddp_strict_mode_names_a_group_at_lr_zero_on_every_rank_at_the_end_of_fit(ddp):
+    results = ddp["never_moved_strict"]
+    assert [r["raised"] for r in results] == [True, True]
+    assert [(r["global_step"], r["step"], r["zero_lr_steps"]) for r in results] == [(4, 3, 4)] * 2
+    assert [sorted(r["params"]) for r in results] == [["head.bias", "head.weight"]] * 2
+    assert [r["found"] for r in results] == [{"head.weight": "zero_lr", "head.bias": "zero_lr"}] * 2
+
+
+def test_no_distributed_run_reports_a_weight_that_never_moved(ddp, sharded):
+    """Steps, learning rates and version counters under DDP, FSDP1 (empty shards) and FSDP2 (DTensor parameters)."""
+    results = [r for runs in (*ddp.values(), *sharded.values()) for rank in runs
+               for r in ([rank] if "never_moved" in rank else [v for v in rank.values() if isinstance(v, dict)])]
+    checked = [r["never_moved"] for r in results if "never_moved" in r]
+    assert len(checked) >= 14 and all(found == [] for found in checked)
 
 
 def test_plain_ddp_unused_parameter_error_names_the_parameters(ddp):

@@ -138,11 +138,12 @@ def test_report_dict_schema(logged_run):
     for entry in data["params"].values():
         assert set(entry) == {
             "steps", "none_steps", "micro_batches", "none_micro_batches", "measured_steps", "nonfinite_steps",
-            "zero_steps", "cause", "detail",
+            "zero_steps", "update_steps", "zero_lr_steps", "version_steps", "untouched_steps", "cause", "detail",
         }
     assert data["params"]["l1.weight"] == {
         "steps": 8, "none_steps": 0, "micro_batches": 8, "none_micro_batches": 0, "measured_steps": 8,
-        "nonfinite_steps": 0, "zero_steps": 0, "cause": None, "detail": None,
+        "nonfinite_steps": 0, "zero_steps": 0, "update_steps": 8, "zero_lr_steps": 0, "version_steps": 2,
+        "untouched_steps": 0, "cause": None, "detail": None,
     }
     assert GradReport.from_dict(data).to_dict() == data
 

@@ -81,3 +81,40 @@ def test_the_plain_loop_import_leaves_the_lightning_trainer_out():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+ROOT = os.path.dirname(PACKAGE)
+SHIPPED_TEXT = ("README.md", "CHANGELOG.md", "docs", "examples", "lightning_gradguard", "benchmarks")
+
+
+def shipped_text_files() -> list[str]:
+    found = []
+    for entry in SHIPPED_TEXT:
+        path = os.path.join(ROOT, entry)
+        if os.path.isfile(path):
+            found.append(path)
+            continue
+        for root, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+            found += [os.path.join(root, n) for n in names if n.endswith((".py", ".md", ".sh", ".txt", ".toml"))]
+    return found
+
+
+def test_what_ships_refers_only_to_files_a_user_has():
+    """A user reading the code or the docs can open every Markdown file they name, and no text refers to a
+    numbered work item or a directory outside the project."""
+    import re
+
+    existing = {name for _, _, names in os.walk(ROOT) for name in names if name.endswith(".md")}
+    # a bare file name ending in .md, not part of a URL or a path that the text spells out in full
+    mention = re.compile(r"(?<![\w/.-])([\w-]+\.md)\b")
+    problems = []
+    for path in shipped_text_files():
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        for name in mention.findall(text):
+            if name not in existing:
+                problems.append(f"{os.path.relpath(path, ROOT)} names {name}, which the project does not have")
+        if re.search(r"\(issue [0-9]|\bshared/", text, re.IGNORECASE):
+            problems.append(f"{os.path.relpath(path, ROOT)} refers to a work item or to a directory outside it")
+    assert problems == []

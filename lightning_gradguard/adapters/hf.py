@@ -78,7 +78,8 @@ class GradGuardCallback(TrainerCallback):
 
     Args:
         strict: raise :class:`~lightning_gradguard.GradGuardError` from ``trainer.train()`` at the first step where a
-            checked parameter has no gradient, before the optimizer changes any weight. Otherwise warn once per
+            checked parameter has no gradient, before the optimizer changes any weight, and at the end of training for
+            parameters that received gradients but never moved (a param group at ``lr=0``). Otherwise warn once per
             parameter.
         allow_none: ``fnmatch`` patterns of parameter names never reported (optional heads, MoE experts).
         log_every_n_steps: logging cadence in optimizer steps; ``None`` follows ``TrainingArguments(logging_steps)``.
@@ -173,10 +174,12 @@ class GradGuardCallback(TrainerCallback):
         guard = self.guard
         if guard is None or guard.closed:
             return
-        guard.close()
-        self.report_path = guard.report_path
-        guard.publish(args, state, control, kwargs)  # what the last steps logged
-        guard.close_writer()
+        try:
+            guard.close()  # strict mode raises here for weights that never moved, once the report is written
+        finally:
+            self.report_path = guard.report_path
+            guard.publish(args, state, control, kwargs)  # what the last steps logged
+            guard.close_writer()
 
 
 class TrainerGuard(Watcher):

@@ -37,7 +37,8 @@ class GradGuard(Callback):
 
     Args:
         strict: raise :class:`~lightning_gradguard.GradGuardError` at the first step where a checked parameter has
-            no gradient, before the optimizer changes any weight. Otherwise warn once per parameter.
+            no gradient, before the optimizer changes any weight, and at the end of fit for parameters that received
+            gradients but never moved (a param group at ``lr=0``). Otherwise warn once per parameter.
         allow_none: ``fnmatch`` patterns of parameter names never reported (optional heads, MoE experts).
         log_every_n_steps: logging cadence in optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
         norm_type: the p of the per-parameter p-norm: a positive float or ``"inf"``.
@@ -361,11 +362,15 @@ class GradGuard(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.engine.end_diagnosis()
         self._finish_context()
+        error = self.engine.finish_run()  # weights that never moved: decided now that the whole run is known
         report = self.engine.report()  # every rank reads its device counters: a local, not collective, copy
         if self.reporter is not None:
             self.reporter.finish(report, trainer.fit_loop.epoch_loop._batches_that_stepped)
             json_sink = getattr(self, "_json", None)
             self.report_path = json_sink.path if json_sink is not None else None
+        if error is not None:  # strict mode, once the report is out (every rank counted alike)
+            error.report = report
+            raise error
 
     @feature("distributed")
     def _finish_context(self) -> None:

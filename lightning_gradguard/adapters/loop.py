@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from lightning_gradguard.adapters.backward import BackwardBracket
 from lightning_gradguard.adapters.watcher import MethodWrapper, Watcher, close_at_exit, open_guards
 from lightning_gradguard.config import GuardConfig
-from lightning_gradguard.errors import GradGuardWarning
+from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.training.strategies import class_names, describe_module
 
 
@@ -206,7 +206,7 @@ def watch(
         log_dir: TensorBoard log directory for scalars, the dashboard and ``gradguard.json``.
         writer: an existing ``SummaryWriter`` instead of ``log_dir``.
         strict: raise :class:`~lightning_gradguard.GradGuardError` from ``optimizer.step()`` at the first missing
-            gradient, before the weights change.
+            gradient, before the weights change, and from ``close()`` for parameters that never moved.
         allow_none: ``fnmatch`` patterns of parameter names never reported.
         **options: any other :class:`~lightning_gradguard.config.GuardConfig` option (``log_every_n_steps``,
             ``norm_type``, ``histogram_every_n_steps``, ``gradient_flow_every_n_steps``, ``summary``, ``name``, ...).
@@ -306,7 +306,10 @@ def _replace_earlier_guards(model: nn.Module, optimizers: Sequence[torch.optim.O
             GradGuardWarning,
             stacklevel=4,
         )
-        guard.close(summary=False)
+        try:
+            guard.close(summary=False)
+        except GradGuardError:  # strict mode's verdict on the earlier run: its report holds it
+            pass
 
 
 __all__ = ["LoopGuard", "watch"]

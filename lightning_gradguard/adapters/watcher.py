@@ -277,7 +277,7 @@ class Watcher:
     def at_exit(self) -> None:
         """The interpreter exits with this guard open: close it, without the collective."""
         if not self._closed:
-            self.abandon()
+            self._close(collective=False, finished=True)  # the loop ended without close(): its verdicts stand
 
     def close(self, summary: bool = True) -> GradReport:
         """Remove every hook, print the summary, write the report file and the dashboard's final report.
@@ -287,14 +287,19 @@ class Watcher:
         collective, so that the last steps' counts are global: call it on every rank, at the same point (as for
         ``torch.distributed.destroy_process_group``). A guard left open is closed at interpreter exit without a
         collective (its report then holds the counts of the last logging step plus this rank's own since).
+
+        Raises:
+            GradGuardError: in strict mode, when a parameter received gradients but never moved in this run (its
+                param group's learning rate was 0 at every step, or every observed step skipped it).
+
         """
-        return self._close(collective=True, summary=summary)
+        return self._close(collective=True, summary=summary, finished=True)
 
     def abandon(self, summary: bool = True) -> GradReport:
         """Close without the collective: the loop raised, or the interpreter exits (another rank may be gone)."""
         return self._close(collective=False, summary=summary)
 
-    def _close(self, collective: bool, summary: bool = True) -> GradReport:
+    def _close(self, collective: bool, summary: bool = True, finished: bool = False) -> GradReport:
         if self._closed:
             return self.report()
         self._closed = True
@@ -303,8 +308,12 @@ class Watcher:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        error = self.engine.finish_run() if finished else None  # weights that never moved, now the run is known
         report = self.report()
         self._finish(report, summary)
+        if error is not None and collective:  # strict mode, once the report is out (not at interpreter exit)
+            error.report = report
+            raise error
         return report
 
     @feature("distributed")

@@ -97,6 +97,7 @@ class StepChecker:
                 check.stats = measure_stats(request, [i for i, _ in pairs], [g for _, g in pairs])
             self._explain(check)
         self._decide(check)
+        engine.updates.before_step(optimizer, check, view.indices, view.params)  # the step goes ahead
         return check
 
     def _gather(self, optimizer: torch.optim.Optimizer) -> _View:
@@ -205,6 +206,7 @@ class StepChecker:
         if check.missing:
             if engine.config.strict:
                 engine.end_diagnosis()  # the run stops here: no instrument may outlive it
+                engine.updates.stopped = True  # its end (a close() after this error) raises nothing more
                 message, names = engine.describe_missing(check), engine.names(check.missing)
                 raise GradGuardError(message, names, check.step, engine.report())
             new = [i for i in check.missing if i not in engine.state.warned]

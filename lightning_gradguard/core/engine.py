@@ -36,8 +36,9 @@ from lightning_gradguard.core.messages import zero_detail
 from lightning_gradguard.core.observer import EngineObserver, StepCheck
 from lightning_gradguard.core.registry import ParamRegistry
 from lightning_gradguard.core.state import GuardState
+from lightning_gradguard.core.updates import UpdateWatch
 from lightning_gradguard.core.windows import ArrivalCounts, Windows
-from lightning_gradguard.errors import GradGuardWarning
+from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import internal_error
 from lightning_gradguard.report import NOTE, Finding, GradReport, ParamReport
 
@@ -93,6 +94,7 @@ class GradGuardEngine:
         self._late_backward = False
         self._marked = False  # mark_gradients() took the snapshot the next backward pass is compared with
         self._checker = StepChecker(self)
+        self.updates = UpdateWatch(self)  # weights that never move: lr=0 groups, steps that skip a parameter
         self._pending_state: Optional[Any] = None
         self.optimizer_audit = OptimizerAudit(self.registry)  # not_in_optimizer, kept true while the run changes
         self._warned_findings: set[tuple[str, str]] = set()
@@ -129,6 +131,7 @@ class GradGuardEngine:
         """
         self.windows.start_run()
         self.optimizer_audit.start_run()
+        self.updates.start_run()
         self.arrivals.reset()
         self.tracker.reset()
         self._in_backward = False
@@ -339,6 +342,13 @@ class GradGuardEngine:
         if self.diagnosis is not None:
             self.diagnosis.close()
         self.optimizer_audit.close()
+        self.updates.close()
+
+    def finish_run(self) -> Optional[GradGuardError]:
+        """The run ended normally (the end of fit, ``close()``): parameters that had gradients but never moved
+        become findings (:mod:`~lightning_gradguard.core.updates`), warned about once. In strict mode, returns the
+        error the adapter raises once it has written the report."""
+        return self.updates.finish()
 
     def names(self, indices: Sequence[int]) -> list[str]:
         return [self.registry.names[i] for i in indices]

@@ -72,6 +72,11 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("measured_steps", "checked steps at which its gradient's values were measured"),
     Counter("nonfinite_steps", "measured steps at which its gradient held NaN or Inf", ANY_RANK, _nonfinite),
     Counter("zero_steps", "measured steps at which its gradient was zero everywhere", ALL_RANKS, _zero),
+    # weights that never move (lightning_gradguard.core.updates): steps that ran, not the ones the AMP scaler skipped
+    Counter("update_steps", "checked steps at which its optimizer's step() ran"),
+    Counter("zero_lr_steps", "steps that ran while its param group's learning rate was 0"),
+    Counter("version_steps", "steps that ran with its version counter read before and after step()"),
+    Counter("untouched_steps", "of those, steps after which its version counter had not changed"),
 )
 HOST_COUNTERS = tuple(c for c in COUNTERS if not c.on_device)
 DEVICE_COUNTERS = tuple(c for c in COUNTERS if c.on_device)

@@ -1,6 +1,6 @@
 """Which training strategy runs the model, and what a ``None`` gradient means under it.
 
-A ``None`` in ``p.grad`` means different things under different strategies (lightning-internals.md, sections 5-7):
+A ``None`` in ``p.grad`` means different things under different strategies:
 
 * single device, DDP: the parameter received no gradient. Under DDP the gradients at the optimizer step are the
   all-reduced ones, so every rank sees the same Nones; only the micro-batches that merely accumulate (``no_sync``)
