@@ -29,7 +29,9 @@ class ParamReport:
     pass gave it no gradient. ``measured_steps``: checked steps at which its gradient's values were measured (its
     norm computed: every step by default, logging steps only when ``nonfinite_check`` says so);
     ``nonfinite_steps``/``zero_steps``: measured steps at which its gradient held NaN or Inf / was zero everywhere.
-    ``update_steps``, ``zero_lr_steps``, ``version_steps``, ``untouched_steps``: see :mod:`~.core.updates`.
+    ``update_steps``: checked steps at which its optimizer's ``step()`` ran; ``zero_lr_steps``: of those, steps at
+    which its param group's learning rate was 0; ``version_steps``: steps at which GradGuard read its version counter
+    around the step (the first two and every 50th); ``untouched_steps``: of those, steps that did not modify it.
     """
 
     steps: int = 0
