@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_gradguard import GradGuardEngine, GuardConfig
+from lightning_gradguard.config import GuardConfig
+from lightning_gradguard.core.engine import GradGuardEngine
 
 
 class Block(nn.Module):

@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt import GPT, PRESETS  # noqa: E402
 
-from lightning_gradguard import GradGuardEngine, GuardConfig  # noqa: E402
+from lightning_gradguard.config import GuardConfig  # noqa: E402
+from lightning_gradguard.core.engine import GradGuardEngine  # noqa: E402
 from lightning_gradguard.core.norms import per_param_norms  # noqa: E402
 
 TARGET_TBPS = 2.0

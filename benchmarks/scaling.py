@@ -39,7 +39,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_gradguard import GradGuardEngine, GuardConfig
+from lightning_gradguard.config import GuardConfig
+from lightning_gradguard.core.engine import GradGuardEngine
 from lightning_gradguard.output.metrics import step_metrics
 
 LAYERS_PER_BLOCK = 10
