@@ -13,8 +13,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BaseFinetuning
 from models import quiet_trainer_options
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard, GradReport
@@ -57,6 +58,39 @@ class Classification(LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class Finetuned(Regression):
+    """A backbone with a BatchNorm layer, frozen at first (see :class:`UnfreezeAt`), and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU())
+        self.head = nn.Linear(HIDDEN, 1)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05)
+
+
+class UnfreezeAt(BaseFinetuning):
+    """Freezes :class:`Finetuned`'s backbone and unfreezes it into a new param group at ``epoch``. With
+    ``train_bn=False`` Lightning sets requires_grad=True on the BatchNorm layer at the unfreeze as well, but leaves it
+    out of the new param group."""
+
+    def __init__(self, epoch: int, train_bn: bool) -> None:
+        super().__init__()
+        self.epoch = epoch
+        self.train_bn = train_bn
+
+    def freeze_before_training(self, pl_module) -> None:
+        self.freeze(pl_module.backbone, train_bn=self.train_bn)
+
+    def finetune_function(self, pl_module, current_epoch, optimizer) -> None:
+        if current_epoch == self.epoch:
+            self.unfreeze_and_add_param_group(pl_module.backbone, optimizer, train_bn=self.train_bn)
 
 
 def fit(

@@ -15,7 +15,9 @@ from diagnosis_helpers import (
     SEQ,
     VOCAB,
     Classification,
+    Finetuned,
     Regression,
+    UnfreezeAt,
     assert_clean,
     fit,
     instruments_removed,
@@ -23,7 +25,6 @@ from diagnosis_helpers import (
     token_data,
 )
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import BaseFinetuning
 from models import Backbone, TiedEmbeddingLM
 from torch import nn
 
@@ -45,32 +46,6 @@ class FrozenBackbone(Regression):
     def configure_optimizers(self):
         params = self.parameters() if self.optimize == "all" else [p for p in self.parameters() if p.requires_grad]
         return torch.optim.SGD(params, lr=0.05)
-
-
-class UnfreezeAtEpoch(BaseFinetuning):
-    def __init__(self, epoch: int) -> None:
-        super().__init__()
-        self.epoch = epoch
-
-    def freeze_before_training(self, pl_module) -> None:
-        self.freeze(pl_module.backbone)
-
-    def finetune_function(self, pl_module, current_epoch, optimizer) -> None:
-        if current_epoch == self.epoch:
-            self.unfreeze_and_add_param_group(pl_module.backbone, optimizer, train_bn=True)
-
-
-class FinetunedModel(Regression):
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU())
-        self.head = nn.Linear(HIDDEN, 1)
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05)
 
 
 class PaddingAndSparseEmbeddings(Classification):
@@ -242,8 +217,8 @@ def test_frozen_backbone_lightning_freeze_and_only_trainable_in_optimizer(tmp_pa
 
 
 def test_base_finetuning_freezes_then_unfreezes_mid_run(tmp_path):
-    model = FinetunedModel()
-    report = fit(model, regression_data(), tmp_path, extra_callbacks=[UnfreezeAtEpoch(1)], max_epochs=2)
+    model = Finetuned()
+    report = fit(model, regression_data(), tmp_path, extra_callbacks=[UnfreezeAt(1, train_bn=True)], max_epochs=2)
     assert_clean(report)
     assert all(p.requires_grad for p in model.backbone.parameters())
     # the linear layer is checked once unfrozen (the second epoch's 3 steps); BaseFinetuning keeps BatchNorm trainable

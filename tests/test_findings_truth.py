@@ -19,8 +19,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from diagnosis_helpers import HIDDEN, IN_DIM, Regression, fit, regression_data
-from lightning.pytorch.callbacks import BaseFinetuning
+from diagnosis_helpers import HIDDEN, IN_DIM, Finetuned, Regression, UnfreezeAt, fit, regression_data
 from models import gradguard_warnings
 from plain_models import HealthyNet, batches
 from torch import nn
@@ -183,38 +182,9 @@ def test_a_note_becomes_a_warning_in_a_plain_loop_even_when_model_zero_grad_clea
 
 
 # ---------------------------------------------------------------------- the audit follows the run
-class UnfreezeWithoutBatchNorm(BaseFinetuning):
-    """Unfreezes the backbone at ``epoch`` with ``train_bn=False``: Lightning sets requires_grad=True on the
-    BatchNorm layer as well, but leaves it out of the new param group."""
-
-    def __init__(self, epoch: int) -> None:
-        super().__init__()
-        self.epoch = epoch
-
-    def freeze_before_training(self, pl_module) -> None:
-        self.freeze(pl_module.backbone, train_bn=False)
-
-    def finetune_function(self, pl_module, current_epoch, optimizer) -> None:
-        if current_epoch == self.epoch:
-            self.unfreeze_and_add_param_group(pl_module.backbone, optimizer, train_bn=False)
-
-
-class Finetuned(Regression):
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.ReLU())
-        self.head = nn.Linear(HIDDEN, 1)
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05)
-
-
 def test_base_finetuning_train_bn_false_leaves_batchnorm_with_gradients_nothing_applies(tmp_path):
     model = Finetuned()
-    report, said = _fit_recording(model, tmp_path, extra_callbacks=[UnfreezeWithoutBatchNorm(1)], max_epochs=2)
+    report, said = _fit_recording(model, tmp_path, extra_callbacks=[UnfreezeAt(1, train_bn=False)], max_epochs=2)
     bn = model.backbone[1]
     assert bn.weight.requires_grad and bn.weight.grad is not None  # the premise: trainable, with gradients
     held = {id(p) for group in model.trainer.optimizers[0].param_groups for p in group["params"]}
@@ -229,9 +199,7 @@ def test_base_finetuning_train_bn_false_leaves_batchnorm_with_gradients_nothing_
 
 
 def test_an_audit_with_train_bn_true_stays_clean(tmp_path):
-    from test_diagnosis_healthy import FinetunedModel, UnfreezeAtEpoch
-
-    report, said = _fit_recording(FinetunedModel(), tmp_path, extra_callbacks=[UnfreezeAtEpoch(1)], max_epochs=2)
+    report, said = _fit_recording(Finetuned(), tmp_path, extra_callbacks=[UnfreezeAt(1, train_bn=True)], max_epochs=2)
     assert report.ok and report.findings == [] and said == []
 
 
