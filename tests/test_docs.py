@@ -184,3 +184,19 @@ def test_runnable_marker_is_never_ignored() -> None:
                 assert re.match(r"^\s*`{3,}python\s*$", following), (
                     f"{path.name}:{number + 1}: a runnable comment must be followed directly by a ```python fence"
                 )
+
+
+def test_report_tables_in_the_docs_have_the_columns_gradguard_prints():
+    """An output example is only as good as its likeness: every report table quoted in the docs has the header that
+    ``GradReport.format_table`` writes today."""
+    from lightning_gradguard.report import GradReport, ParamReport
+
+    report = GradReport(1, 1, {"a": ParamReport(steps=1, none_steps=1, micro_batches=1, none_micro_batches=1)}, [])
+    printed = next(line for line in report.format_table().splitlines() if line.startswith("parameter "))
+    columns = re.split(r"\s{2,}", printed.strip())
+    stale = []
+    for document in DOCUMENTS:
+        for number, line in enumerate(document.read_text(encoding="utf-8").splitlines(), 1):
+            if line.startswith("parameter ") and "None steps" in line and re.split(r"\s{2,}", line.strip()) != columns:
+                stale.append(f"{document.name}:{number}")
+    assert stale == []
