@@ -105,6 +105,7 @@ class Measurement:
         self.state = state
         self.norm_type = norm_type
         self._plans: OrderedDict[int, _Measured] = OrderedDict()
+        self._last: Optional[_Measured] = None  # the plan of the previous step: most steps measure the same list
 
     def measure(
         self, indices: Sequence[int], grads: Sequence[Tensor], grad_scale: Optional[Tensor] = None
@@ -115,9 +116,11 @@ class Measurement:
         it on the device; Inf and NaN stay what they are. The returned norms stay valid until this parameter list
         has been measured as many times again as its ring buffer has rows.
         """
-        measured = self._plan_for(indices, grads)
+        measured = self._last
+        if measured is None or measured.indices is not indices or measured.plan.size != len(grads):
+            measured = self._last = self._plan_for(indices, grads)
         row = measured.next
-        measured.plan.compute(grads, measured.out[row])
+        measured.plan.compute_into(grads, measured.out[row])
         out = measured.groups[row]
         if grad_scale is not None:
             for _, group in out:
@@ -149,6 +152,7 @@ class Measurement:
     def reset(self) -> None:
         """Drop every plan and its uncounted rows (a reset of the state)."""
         self._plans.clear()
+        self._last = None
 
     def _count(self, measured: _Measured) -> None:
         pending = measured.pending

@@ -45,7 +45,7 @@ def _dtensor_type() -> Optional[type]:
 
 
 SMALL_NUMEL = 4096  # CPU tensors up to this size are reduced from stacked copies instead of one dispatch each
-STACK_MIN_TENSORS = 4  # ... when at least this many share a shape and dtype
+STACK_MIN_TENSORS = 8  # ... when at least this many share a shape and dtype (4 biases of an LSTM: slower stacked)
 LARGE_NUMEL = 1 << 22  # accelerator tensors from this size (16 MB in float32) get a reduction kernel of their own
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -82,6 +82,14 @@ class _Part:
         self.all = all_positions  # the part covers every position in order: the gradient list is used as it is
         self.device: torch.device = torch.device("cpu")
         self.take = _slice_of(positions)  # evenly spaced positions (weights, biases): a slice, not a list comprehension
+
+    def tensors(self, grads: Sequence[Tensor]) -> Sequence[Tensor]:
+        """This part's gradients, out of the whole list."""
+        if self.all:
+            return grads
+        if self.take is not None:
+            return grads[self.take]
+        return [grads[i] for i in self.positions]
 
 
 class NormPlan:
@@ -132,22 +140,15 @@ class NormPlan:
             part.device = local_tensor(grads[part.positions[0]]).device
         return cls(parts, len(grads))
 
-    def compute(self, grads: Sequence[Tensor], out: Optional[Sequence[Tensor]] = None) -> list[NormGroup]:
-        """The norms of ``grads`` (the same parameters as when the plan was built), no host synchronization.
+    def compute(self, grads: Sequence[Tensor]) -> list[NormGroup]:
+        """The norms of ``grads`` (the same parameters as when the plan was built), no host synchronization."""
+        return [NormGroup(part.positions, part.kernel(part.tensors(grads)), part.local) for part in self.parts]
 
-        ``out``: one float32 tensor per part (in :attr:`parts` order) to write the norms into.
-        """
-        groups = []
-        for k, part in enumerate(self.parts):
-            if part.all:
-                tensors = grads
-            elif part.take is not None:
-                tensors = grads[part.take]
-            else:
-                tensors = [grads[i] for i in part.positions]
-            norms = part.kernel(tensors, out[k]) if out is not None else part.kernel(tensors)
-            groups.append(NormGroup(part.positions, norms, part.local))
-        return groups
+    def compute_into(self, grads: Sequence[Tensor], out: Sequence[Tensor]) -> None:
+        """Write the norms of ``grads`` into ``out``: one float32 tensor per part, in :attr:`parts` order (the
+        measurement's ring buffer rows, whose groups are built once: a step creates no Python object here)."""
+        for part, into in zip(self.parts, out):
+            part.kernel(part.tensors(grads), into)
 
 
 def per_param_norms(grads: Sequence[Tensor], norm_type: float) -> list[NormGroup]:
