@@ -44,7 +44,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_gradguard.adapters.watcher import MethodWrapper, Watcher, close_at_exit
+from lightning_gradguard.adapters.patching import MethodWrapper, close_at_exit
+from lightning_gradguard.adapters.watcher import Watcher
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.training.precision import LossScaleTracker
 from lightning_gradguard.training.strategies import class_names, describe_strategy

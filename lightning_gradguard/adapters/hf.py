@@ -56,7 +56,8 @@ from transformers import TrainerCallback
 from lightning_gradguard.adapters.backward import BackwardBracket
 from lightning_gradguard.adapters.hf_logs import TrainerLogs, calling_handler
 from lightning_gradguard.adapters.loop import _optimizer_list
-from lightning_gradguard.adapters.watcher import Watcher, close_at_exit
+from lightning_gradguard.adapters.patching import close_at_exit
+from lightning_gradguard.adapters.watcher import Watcher
 from lightning_gradguard.config import OPTIONS, AllowNone, GuardConfig, LogGranularity, NonfiniteCheck, NormType
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature

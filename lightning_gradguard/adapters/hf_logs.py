@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_gradguard.adapters.watcher import _writer_log_dir
+from lightning_gradguard.output.sinks.tensorboard import writer_log_dir
 
 _TENSORBOARD = "TensorBoardCallback"
 
@@ -141,7 +141,7 @@ def _reporting_callbacks(handler: Any) -> list[Any]:
 def _tensorboard_dir(callback: Any, args: Any) -> str:
     """The run directory of the Trainer's TensorBoard callback (its writer exists once its on_train_begin ran)."""
     writer = getattr(callback, "tb_writer", None)
-    directory = _writer_log_dir(writer) if writer is not None else None
+    directory = writer_log_dir(writer) if writer is not None else None
     directory = directory or getattr(callback, "logging_dir", None) or getattr(args, "logging_dir", None)
     return os.fspath(directory or os.path.join(args.output_dir, "runs"))
 

@@ -52,7 +52,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard.adapters.backward import BackwardBracket
-from lightning_gradguard.adapters.watcher import MethodWrapper, Watcher, close_at_exit, open_guards
+from lightning_gradguard.adapters.patching import MethodWrapper, close_at_exit, open_guards
+from lightning_gradguard.adapters.watcher import Watcher
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.training.strategies import class_names, describe_module

@@ -15,18 +15,15 @@ their framework's hooks and call these; they override nothing.
 
 from __future__ import annotations
 
-import atexit
-import functools
 import os
-import sys
 import warnings
-import weakref
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard.adapters.patching import warn_at_user_code
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.core.engine import GradGuardEngine
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
@@ -35,7 +32,13 @@ from lightning_gradguard.output.reporter import Reporter, claim
 from lightning_gradguard.output.sinks.console import ConsoleSink
 from lightning_gradguard.output.sinks.json_file import JsonSink
 from lightning_gradguard.output.sinks.loggers import LoggerSink
-from lightning_gradguard.output.sinks.tensorboard import ScalarWriterSink, TensorBoardDashboard, tensorboard_writers
+from lightning_gradguard.output.sinks.tensorboard import (
+    ScalarWriterSink,
+    TensorBoardDashboard,
+    open_writer,
+    tensorboard_writers,
+    writer_log_dir,
+)
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.training.collective import Collective
 from lightning_gradguard.training.context import TrainingContext
@@ -147,12 +150,12 @@ class Watcher:
         if self.writes:
             destinations: list[tuple[Any, str]] = []
             if log_dir is not None and writer is None:
-                writer = _open_writer(log_dir)
+                writer = open_writer(log_dir)
                 if writer is not None:
                     reporter.add(ScalarWriterSink(writer, owned=True))
             elif writer is not None:
                 reporter.add(ScalarWriterSink(writer))
-                log_dir = _writer_log_dir(writer)
+                log_dir = writer_log_dir(writer)
             if writer is not None:
                 destinations.append((("writer", id(writer)), f"the SummaryWriter of {log_dir or 'this run'}"))
             if loggers:
@@ -350,101 +353,3 @@ class Watcher:
         """Warnings come from the process that writes (global rank zero), pointing at the user's line."""
         if self.writes:
             warn_at_user_code(message)
-
-
-def warn_at_user_code(message: str) -> None:
-    """Warn with the location of the user's line (``optimizer.step()``), not of a hook inside torch or GradGuard."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    internal = (package, os.path.dirname(os.path.abspath(torch.__file__)))
-    level, frame = 2, sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
-        frame = frame.f_back
-        level += 1
-    warnings.warn(message, GradGuardWarning, stacklevel=level)
-
-
-_open_guards: weakref.WeakSet = weakref.WeakSet()
-
-
-def close_at_exit(guard: Watcher) -> None:
-    """Close ``guard`` when the interpreter exits if nothing closed it before, so that the one-line form (``watch``
-    without ``close()``) still reports, and a run that raised still writes its report file."""
-    if not _open_guards and not _exit_hook:
-        _exit_hook.append(True)
-        atexit.register(_close_open_guards)
-    _open_guards.add(guard)
-
-
-def open_guards() -> list[Watcher]:
-    """The guards not closed yet (a notebook cell run twice finds the earlier one here)."""
-    return [guard for guard in list(_open_guards) if not guard.closed]
-
-
-_exit_hook: list[bool] = []
-
-
-def _close_open_guards() -> None:
-    for guard in list(_open_guards):
-        try:
-            guard.at_exit()
-        except Exception:  # noqa: BLE001 - nothing can be done at exit
-            pass
-
-
-def _open_writer(log_dir: str) -> Any:
-    """A ``SummaryWriter`` on ``log_dir``, or None with a warning that says why when it cannot be created."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    try:
-        return SummaryWriter(log_dir=log_dir)
-    except OSError as err:
-        warnings.warn(
-            f"GradGuard cannot write TensorBoard logs to {log_dir}: {err.strerror or err}. It checks every step and "
-            "prints its report as usual, without logs there.",
-            GradGuardWarning,
-            stacklevel=4,
-        )
-        return None
-
-
-def _writer_log_dir(writer: Any) -> Optional[str]:
-    get = getattr(writer, "get_logdir", None)
-    if callable(get):
-        return get()
-    return getattr(writer, "log_dir", None) or getattr(writer, "logdir", None)
-
-
-
-class MethodWrapper:
-    """Replaces ``owner.<name>`` (as an instance attribute) by ``wrapper(original, *args, **kwargs)``.
-
-    ``remove()`` puts back what was there; when another wrapper went on top in the meantime (two guards on one
-    Fabric), this one stays in the chain and only passes calls through.
-    """
-
-    def __init__(self, owner: Any, name: str, wrapper: Any) -> None:
-        self._owner = owner
-        self._name = name
-        self._previous = vars(owner).get(name, _ABSENT)
-        original = getattr(owner, name)
-        self._active = True
-
-        @functools.wraps(original)
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            if not self._active:
-                return original(*args, **kwargs)
-            return wrapper(original, *args, **kwargs)
-
-        self._wrapped = wrapped
-        setattr(owner, name, wrapped)
-
-    def remove(self) -> None:
-        self._active = False
-        if vars(self._owner).get(self._name) is self._wrapped:
-            if self._previous is _ABSENT:
-                delattr(self._owner, self._name)
-            else:
-                setattr(self._owner, self._name, self._previous)
-
-
-_ABSENT = object()

@@ -25,11 +25,13 @@ and the layout and the text cost nothing per step. A named guard writes under ``
 from __future__ import annotations
 
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 from lightning_gradguard.core.measure import HISTOGRAM_BINS, StatsRequest
+from lightning_gradguard.errors import GradGuardWarning
 from lightning_gradguard.output.metrics import PREFIX, auto_depth, module_key
 from lightning_gradguard.output.sinks.base import RunInfo, Sink
 from lightning_gradguard.output.sinks.pictures import gradient_flow_stats, render_gradient_flow
@@ -294,3 +296,27 @@ class ScalarWriterSink(Sink):
 
 def _due(every: Optional[int], step: int) -> bool:
     return every is not None and (step + 1) % every == 0
+
+
+def open_writer(log_dir: str) -> Any:
+    """A ``SummaryWriter`` on ``log_dir``, or None with a warning that says why when it cannot be created."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    try:
+        return SummaryWriter(log_dir=log_dir)
+    except OSError as err:
+        warnings.warn(
+            f"GradGuard cannot write TensorBoard logs to {log_dir}: {err.strerror or err}. It checks every step and "
+            "prints its report as usual, without logs there.",
+            GradGuardWarning,
+            stacklevel=4,
+        )
+        return None
+
+
+def writer_log_dir(writer: Any) -> Optional[str]:
+    """The log directory of a ``SummaryWriter`` (torch's or tensorboardX's), None when it does not say."""
+    get = getattr(writer, "get_logdir", None)
+    if callable(get):
+        return get()
+    return getattr(writer, "log_dir", None) or getattr(writer, "logdir", None)
