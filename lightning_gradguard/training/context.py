@@ -4,8 +4,9 @@ The Lightning callback builds one :class:`TrainingContext` per fit (in ``on_trai
 wrapped the model) and asks it, at each hook, for what depends on precision or strategy: the loss scale to divide
 norms by, whether this micro-batch's backward pass is all-reduced, when the one collective of a logging step is
 due, what to add to the report and to an exception. Everything strategy-specific stays in
-:mod:`~lightning_gradguard.training.precision`, :mod:`~lightning_gradguard.training.strategies` and
-:mod:`~lightning_gradguard.training.distributed`; the engine stays framework-free.
+:mod:`~lightning_gradguard.training.precision`, :mod:`~lightning_gradguard.training.strategies`,
+:mod:`~lightning_gradguard.training.distributed` and :mod:`~lightning_gradguard.training.ddp_reducer`; the engine
+stays framework-free.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from lightning_gradguard.core.observer import EngineObserver
 from lightning_gradguard.output.metrics import PREFIX
 from lightning_gradguard.report import DistributedInfo, GradReport
 from lightning_gradguard.training.collective import Collective
-from lightning_gradguard.training.distributed import DDP_UNFINISHED_REDUCTION, RankLedger, unreduced_parameters
+from lightning_gradguard.training.ddp_reducer import DDP_UNFINISHED_REDUCTION, unreduced_parameters
+from lightning_gradguard.training.distributed import RankLedger
 from lightning_gradguard.training.precision import LossScaleTracker, find_scaler, precision_name
 from lightning_gradguard.training.strategies import DDP, DEEPSPEED, FSDP, SINGLE, StrategyInfo, describe_strategy
 
