@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from plain_models import HealthyNet, batches
+from torch import nn
 
 from lightning_gradguard import GradGuardError, watch
 
@@ -39,6 +40,53 @@ def test_an_optimizer_tensor_no_module_registered_is_checked_too():
     assert report.params["<SGD.param_groups[0][4]>"].none_steps == 0  # the temperature got its gradient
     assert report.params["<SGD.param_groups[0][5]>"].none_steps == 3  # the unused tensor did not
     assert report.missing == ["<SGD.param_groups[0][5]>"]
+
+
+def test_a_layer_replaced_after_the_optimizer_was_built_is_named_as_such():
+    # the classic fine-tuning slip: a new head assigned after the optimizer took the old one's parameters
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model[2] = nn.Linear(8, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with watch(model, optimizer, summary=False) as guard:
+            for _ in range(3):
+                model(torch.randn(8, 4)).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    report = guard.report()
+    assert report.missing == ["<SGD.param_groups[0][2]>", "<SGD.param_groups[0][3]>"]
+    old_weight = report.params["<SGD.param_groups[0][2]>"]
+    assert old_weight.cause == "unused" and old_weight.none_steps == 3
+    assert "shape [3, 8]" in old_weight.detail and "not a parameter of the model" in old_weight.detail
+    assert "replaced after the optimizer was created" in old_weight.detail
+    assert "allow_none" not in old_weight.detail  # silencing it is not the fix
+    assert [(f.kind, f.name) for f in report.findings] == [("not_in_optimizer", "2")]  # the new head, not trained
+
+
+def test_an_unused_parameter_of_the_root_module_is_not_called_an_optimizer_leftover():
+    class WithRootParameter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 1)
+            self.scale = nn.Parameter(torch.ones(1))  # planted: never used
+
+        def forward(self, x):
+            return self.layer(x)
+
+    model = WithRootParameter()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with watch(model, optimizer, summary=False) as guard:
+            for _ in range(2):
+                model(torch.randn(8, 4)).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    scale = guard.report().params["scale"]
+    assert scale.cause == "unused" and "never used `scale`" in scale.detail
+    assert "replaced" not in scale.detail and "not a parameter of the model" not in scale.detail
 
 
 @pytest.mark.parametrize("read", ["report", "close"])

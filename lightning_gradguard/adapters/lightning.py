@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Optional
 
 import torch
@@ -113,16 +114,11 @@ class GradGuard(Callback):
         """The :class:`~lightning_gradguard.report.GradReport` for the run so far."""
         return self.engine.report()
 
-    @property
-    def state_key(self) -> str:
-        # Lightning reads this at every hook call (profiler names): build it once, the config is frozen
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            extra = {"name": self.config.name} if self.config.name is not None else {}
-            key = self.__dict__["_state_key"] = self._generate_state_key(
-                allow_none=self.config.allow_none, strict=self.config.strict, **extra
-            )
-        return key
+    @functools.cached_property
+    def state_key(self) -> str:  # type: ignore[override]
+        # Lightning reads this at every hook call (profiler names): once cached, a plain instance attribute
+        extra = {"name": self.config.name} if self.config.name is not None else {}
+        return self._generate_state_key(allow_none=self.config.allow_none, strict=self.config.strict, **extra)
 
     def state_dict(self) -> dict[str, Any]:
         extra = self._context.state_dict() if self._context is not None else self._context_state

@@ -87,6 +87,8 @@ def render(
             "of its output. Run a few steps without torch.compile to see the cause."
         )
     named = [o for o in owners if o.name]
+    if not owners and root is not None:  # only an optimizer holds it: the model has no module that owns it
+        return UNUSED, _orphan_text(model_map, index)
     if not named:
         return UNUSED, (
             f"nothing in the forward pass used it (a parameter of the model itself{_defined(root, name)}). Fix: "
@@ -97,6 +99,19 @@ def render(
         f"{owner}{_defined(root, owner.name, ',')} was never called in the forward pass: it is registered, but "
         f"no code path of this step ran it. Fix: call it in forward, remove it, or add '{owner.name}.*' to "
         "allow_none if it is optional."
+    )
+
+
+def _orphan_text(model_map: ModelMap, index: int) -> str:
+    params = model_map.engine.registry.params
+    shape = f" of shape {list(params[index].shape)}" if index < len(params) else ""
+    return (
+        f"a tensor{shape} that an optimizer updates but that is not a parameter of the model GradGuard watches, and "
+        "nothing in the forward pass used it. Most often it is what remains of a layer or parameter replaced after "
+        "the optimizer was created (`model.fc = nn.Linear(...)` after building the optimizer): the optimizer still "
+        "holds the old tensor and not its replacement. Fix: create the optimizer after the last change to the "
+        "model (or add the new parameters with add_param_group); if the tensor belongs to another model, that "
+        "model's forward pass is not watched here."
     )
 
 
