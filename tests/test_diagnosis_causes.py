@@ -122,6 +122,41 @@ class MLPCustomFunctionLeftOut(Regression):
         return ScaleFunction.apply(x, self.proj) + self.bias
 
 
+class NoGradientForWeight(torch.autograd.Function):
+    """A custom autograd Function whose backward returns None for its weight: the classic silent bug."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        return x @ weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.t(), None  # planted: no gradient for the weight
+
+
+class MLPCustomFunctionReturnsNone(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(IN_DIM, IN_DIM))
+        self.head = nn.Linear(IN_DIM, 1)
+
+    def forward(self, x):
+        return self.head(NoGradientForWeight.apply(x, self.proj))
+
+
+class MLPNewTensorCopy(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(IN_DIM, IN_DIM)
+        self.head = nn.Linear(IN_DIM, 1)
+
+    def forward(self, x):
+        h = x.new_tensor(self.encoder(x))  # planted: a copy without history
+        return self.head(h)
+
+
 class EmbeddingMaxNormLeftOut(Classification):
     """``nn.Embedding(max_norm=...)`` renormalizes its rows under no_grad inside PyTorch: not the user's no_grad."""
 
@@ -441,6 +476,22 @@ def test_custom_autograd_function_result_left_out_is_unused_not_no_grad(tmp_path
     report = fit(MLPCustomFunctionLeftOut(), regression_data(), tmp_path)
     assert_flagged(report, {"side"}, "unused")
     assert "never reached the loss" in report.params["side"].detail
+
+
+def test_custom_autograd_function_that_returns_none_is_named(tmp_path):
+    report = fit(MLPCustomFunctionReturnsNone(), regression_data(), tmp_path)
+    assert_flagged(report, {"proj"}, "detached")
+    detail = report.params["proj"].detail
+    assert "the backward pass reached it, but its gradient came back None from `NoGradientForWeightBackward`" in detail
+    assert "custom torch.autograd.Function `NoGradientForWeight` returns None for this input" in detail
+    assert "never reached the loss" not in detail
+
+
+def test_a_new_tensor_copy_is_a_cut(tmp_path, recwarn):
+    report = fit(MLPNewTensorCopy(), regression_data(), tmp_path)
+    where = planted_at(MLPNewTensorCopy.forward, "new_tensor(")
+    assert_flagged(report, names("encoder", "weight", "bias"), "detached", where)
+    assert "`new_tensor` returns a result without autograd history" in report.params["encoder.weight"].detail
 
 
 def test_embedding_with_max_norm_left_out_is_unused_not_no_grad(tmp_path):

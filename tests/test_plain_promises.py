@@ -89,6 +89,58 @@ def test_an_unused_parameter_of_the_root_module_is_not_called_an_optimizer_lefto
     assert "replaced" not in scale.detail and "not a parameter of the model" not in scale.detail
 
 
+def test_a_custom_function_that_returns_no_gradient_is_named_in_a_plain_loop():
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):
+            return x * weight
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None  # planted: no gradient for the weight
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(Scale.apply(x, self.weight))
+
+    model = Scaled()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with watch(model, optimizer, summary=False) as guard:
+            for _ in range(3):
+                model(torch.randn(8, 4)).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    weight = guard.report().params["weight"]
+    assert weight.none_steps == 3 and weight.cause == "detached"
+    assert "custom torch.autograd.Function `" in weight.detail and "Scale` returns None for this input" in weight.detail
+
+
+def test_a_loss_detached_from_the_model_is_no_backward_in_the_words_of_a_plain_loop():
+    model = HealthyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with watch(model, optimizer, summary=False) as guard:
+            for x, y in batches(2):
+                loss = F.mse_loss(model(x), y).detach().requires_grad_()  # planted: the backward never reaches it
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    report = guard.report()
+    assert set(report.missing) == set(report.params) and report.steps == 2
+    detail = report.params["head.weight"].detail
+    assert report.params["head.weight"].cause == "no_backward"
+    assert detail.startswith("no backward pass reached the model before this optimizer step (loss.backward()")
+    assert "detached tensors" in detail and "training_step" not in detail
+
+
 @pytest.mark.parametrize("read", ["report", "close"])
 def test_report_and_close_work_before_the_first_backward(read):
     model = HealthyNet()

@@ -122,7 +122,7 @@ class BackwardBracket:
                 engine.keep_baseline()
         new_micro_batch = self._forward_since_backward or not self.forward_seen
         self._forward_since_backward = False
-        self.watcher.backward_started(new_micro_batch=new_micro_batch)
+        self.watcher.backward_started(output_node, new_micro_batch=new_micro_batch)  # the node: what diagnosis walks
 
     def _end(self) -> None:
         self.open = False

@@ -119,6 +119,7 @@ class FabricGuard(Watcher):
             writer=writer,
             loggers=loggers,
             ddp_fix="Fabric(strategy='ddp_find_unused_parameters_true')",
+            no_backward_hint="fabric.backward(loss) was not called before optimizer.step()",
             scale=LossScaleTracker(scaler) if enabled else None,
         )
         self._forward_since_backward = False

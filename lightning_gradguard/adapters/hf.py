@@ -221,6 +221,7 @@ class TrainerGuard(Watcher):
             writer=self.logs.writer,
             loggers=[self.logs],
             ddp_fix="TrainingArguments(ddp_find_unused_parameters=True)",
+            no_backward_hint="the loss does not depend on the model's output: compute_loss returned a detached loss",
             scale=LossScaleTracker(scaler) if enabled else None,
             report_dir=os.fspath(args.output_dir) if args.output_dir else None,
             late_backward=True,

@@ -90,7 +90,7 @@ class GradGuard(Callback):
         super().__init__()
         given = locals()
         self.config = GuardConfig.create(**{option: given[option] for option in OPTIONS})
-        self.engine = GradGuardEngine(self.config, warn=_warn)
+        self.engine = GradGuardEngine(self.config, warn=_warn, no_backward_hint=_NO_BACKWARD_HINT)
         self.reporter: Optional[Reporter] = None  # built for each fit
         self.report_path: Optional[str] = None
         self._disabled: set[str] = set()
@@ -372,6 +372,9 @@ class GradGuard(Callback):
     def _finish_context(self) -> None:
         if self._context is not None:  # every rank: the last steps' counts become global (a collective)
             self._context.finish()
+
+
+_NO_BACKWARD_HINT = "training_step returned None, or the optimizer stepped without manual_backward"
 
 
 def _batches_started(trainer: Trainer) -> Optional[int]:

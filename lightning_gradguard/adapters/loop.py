@@ -112,6 +112,8 @@ class LoopGuard(Watcher):
             log_dir=os.fspath(log_dir) if log_dir is not None else None,
             writer=writer,
             late_backward=True,
+            no_backward_hint="loss.backward() was not called before optimizer.step(), or the loss does not depend on "
+            "the model's output: it was computed from detached tensors",
         )
         self.backward = BackwardBracket(self, model)
         self._handles.extend(self.backward.handles)

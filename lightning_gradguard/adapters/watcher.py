@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lightning_gradguard.adapters.patching import warn_at_user_code
 from lightning_gradguard.config import GuardConfig
-from lightning_gradguard.core.engine import GradGuardEngine
+from lightning_gradguard.core.engine import NO_BACKWARD_HINT, GradGuardEngine
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
 from lightning_gradguard.output.reporter import Reporter, claim
@@ -65,6 +65,7 @@ class Watcher:
         late_backward: the adapter notices a backward pass only once it runs (hooks inside autograd).
         report_dir: write the report file here instead of the log directory (the Hugging Face Trainer's
             ``output_dir``, next to its checkpoints, while TensorBoard logs go to their own directory).
+        no_backward_hint: what, in this loop, leaves a step without a backward pass (see the engine).
 
     """
 
@@ -83,12 +84,13 @@ class Watcher:
         scale: Optional[LossScaleTracker] = None,
         late_backward: bool = False,
         report_dir: Optional[str] = None,
+        no_backward_hint: str = NO_BACKWARD_HINT,
     ) -> None:
         self.config = config
         self.optimizers = list(optimizers)
         self.writes = writes
         self.scale = scale
-        self.engine = GradGuardEngine(config, warn=self._warn)
+        self.engine = GradGuardEngine(config, warn=self._warn, no_backward_hint=no_backward_hint)
         self.global_step = 0  # optimizer steps checked, all optimizers together (Lightning's global_step)
         self.report_path: Optional[str] = None
         self._disabled: set[str] = set()
@@ -180,8 +182,9 @@ class Watcher:
 
     # ------------------------------------------------------------------ the calls adapters make
     @feature("check")
-    def backward_started(self, loss: Optional[Tensor] = None, new_micro_batch: bool = False) -> None:
-        """A backward pass that writes ``.grad`` starts (``loss``: its root, when the adapter sees it).
+    def backward_started(self, loss: Any = None, new_micro_batch: bool = False) -> None:
+        """A backward pass that writes ``.grad`` starts (``loss``: its root tensor, or that tensor's ``grad_fn``, when
+        the adapter sees it).
 
         ``new_micro_batch``: it belongs to a new micro-batch (its forward pass ran since the previous backward).
         """

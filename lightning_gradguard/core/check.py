@@ -39,6 +39,7 @@ _CLEARED_DETAIL = (
     "it received a gradient in backward, but .grad was None at the optimizer step: something called zero_grad() "
     "(or set .grad = None) in between"
 )
+_STALE_GRAD = "; .grad still holds a gradient from an earlier step, which the optimizer is about to apply again"
 _LEFTOVER_DETAIL = (
     "no backward pass gave it a gradient, but .grad is not None: it holds a tensor left by "
     "zero_grad(set_to_none=False) (or an earlier step), so the optimizer still applies it (momentum, weight decay)"
@@ -146,7 +147,7 @@ class StepChecker:
             if index not in zero_set:
                 engine.state.explain(index, CLEARED, _CLEARED_DETAIL)
             elif backwards == 0:
-                engine.state.explain(index, NO_BACKWARD, _no_backward_detail(window))
+                engine.state.explain(index, NO_BACKWARD, _no_backward_detail(window, engine))
         if engine.tracking and zero:
             position = self._positions(indices)
             for index in zero:
@@ -158,8 +159,7 @@ class StepChecker:
                     excluded.add(index)
                 elif backwards == 0:
                     missing.append(index)
-                    engine.state.explain(index, NO_BACKWARD, _no_backward_detail(window) + "; .grad still holds a "
-                                       "gradient from an earlier step, which the optimizer is about to apply again")
+                    engine.state.explain(index, NO_BACKWARD, _no_backward_detail(window, engine) + _STALE_GRAD)
                 elif engine.tracker.unchanged_since_backward(index, grad):
                     missing.append(index)
                     leftover.append(index)
@@ -245,8 +245,8 @@ class _DerivedLists:
         return value
 
 
-def _no_backward_detail(window: int) -> str:
-    return (
-        f"no backward pass ran in the {window} micro-batch{'es' if window != 1 else ''} before this optimizer step "
-        "(training_step returned None, or the optimizer stepped without manual_backward)"
-    )
+def _no_backward_detail(window: int, engine: GradGuardEngine) -> str:
+    # an adapter that sees backward passes only from inside autograd knows those that reached the model, no others
+    seen = "no backward pass reached the model" if engine.late_backward else "no backward pass ran"
+    within = f" in the {window} micro-batch{'es' if window != 1 else ''}" if window else ""
+    return f"{seen}{within} before this optimizer step ({engine.no_backward_hint})"

@@ -44,6 +44,7 @@ from lightning_gradguard.report import NOTE, Finding, GradReport, ParamReport
 
 _GRAD = attrgetter("grad")
 _MAX_LISTS = 16  # derived index lists kept by identity (checked and measured subsets)
+NO_BACKWARD_HINT = "backward() was not called before the optimizer step, or the loss does not depend on the model"
 _EAGER_VERSIONS_MAX = 2048  # parameter tensors up to which plain loops read versions after every backward pass
 class GradGuardEngine:
     """Detects, counts and explains missing gradients; knows nothing of Lightning.
@@ -54,6 +55,8 @@ class GradGuardEngine:
             a rank-zero warning).
         micro_batch_per_backward: every backward pass starts a micro-batch (loops that never call
             :meth:`start_micro_batch`).
+        no_backward_hint: what, in the adapter's framework, leaves a step without a backward pass (the end of
+            the ``no_backward`` detail).
 
     Example::
 
@@ -73,8 +76,10 @@ class GradGuardEngine:
         warn: Optional[Callable[[str], None]] = None,
         *,
         micro_batch_per_backward: bool = False,
+        no_backward_hint: str = NO_BACKWARD_HINT,
     ) -> None:
         self.config = config
+        self.no_backward_hint = no_backward_hint
         self.warn: Callable[[str], None] = warn or _default_warn
         self.micro_batch_per_backward = micro_batch_per_backward
         self.registry = ParamRegistry(config.allow_none)
@@ -213,14 +218,14 @@ class GradGuardEngine:
 
     def before_backward(
         self,
-        loss: Optional[Tensor] = None,
+        loss: Any = None,
         cleared: Optional[torch.optim.Optimizer] = None,
         new_micro_batch: bool = False,
     ) -> None:
         """Call right before a backward pass; ``loss`` (the tensor backward starts from) enables diagnosis.
 
         Args:
-            loss: the tensor the backward pass starts from, when the adapter sees it.
+            loss: the tensor the backward pass starts from (or its ``grad_fn``), when the adapter sees it.
             cleared: an optimizer whose ``zero_grad()`` with ``set_to_none=True`` ran since the previous backward
                 pass (the Lightning adapter knows it from ``on_before_zero_grad``): its gradients are not read again.
             new_micro_batch: this backward pass starts a micro-batch whose forward pass already ran (adapters that

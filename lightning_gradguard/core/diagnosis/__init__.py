@@ -117,6 +117,7 @@ class Diagnosis:
         self.recording = Recording(self.model_map)
         self.instruments = Instruments(self.model_map, self.recording, fail=self._fail)
         self.analysis = Analysis(self.model_map, self.recording)
+        self._root: Any = None  # the grad_fn the running backward pass starts from, when the adapter knows it
 
     @property
     def active(self) -> bool:
@@ -168,6 +169,7 @@ class Diagnosis:
         """End the window now and remove every instrument (safe to call at any time, also twice)."""
         self.schedule.close()
         self.instruments.disarm()
+        self._root = None
         if not self.failed:
             self._give_up_awaited()
 
@@ -230,19 +232,25 @@ class Diagnosis:
         if schedule.count_micro_batch() and not in_backward():
             instruments.disarm()
 
-    def before_backward(self, loss: Optional[Tensor] = None) -> None:
-        """The forward pass is over: stop recording (backward recomputation is not the user's forward)."""
+    def before_backward(self, loss: Any = None) -> None:
+        """The forward pass is over: stop recording (backward recomputation is not the user's forward).
+
+        ``loss``: the tensor the backward pass starts from, or its ``grad_fn``, when the adapter knows it: a
+        parameter whose gradient came back None although the pass reached it is then told from one left out.
+        """
         self.recording.paused = True
+        self._root = loss.grad_fn if isinstance(loss, Tensor) else loss
 
     @_guarded()
     def after_backward(self, missed: Optional[Sequence[int]]) -> None:
         """Explain the trainable parameters this backward pass gave no gradient (``missed``: registry indices)."""
         recording = self.recording
         recording.paused = False
+        root, self._root = self._root, None  # never keep the graph alive past its backward pass
         if not self.instruments.armed:
             return
         if missed is not None:
-            self.analysis.analyze(missed, self.engine.registry)
+            self.analysis.analyze(missed, self.engine.registry, root)
         recording.new_segment()
 
     @_guarded(dict)

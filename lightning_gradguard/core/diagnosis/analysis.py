@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
-from lightning_gradguard.core.diagnosis.graph import reachable
+from lightning_gradguard.core.diagnosis.graph import consumers, reachable
 from lightning_gradguard.core.diagnosis.locations import grad_disabling_statement
 from lightning_gradguard.core.diagnosis.model_map import ModelMap
 from lightning_gradguard.core.diagnosis.recording import NO_GRAD, Event, Recording
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 EVENT = 0  # behind a recorded cut (payload: the Event)
 USED = 1  # used with autograd on, its result never reached the loss
 MODULE = 2  # judged from its modules' runs (payload: the runs of that backward pass)
+NONE_BACK = 3  # the backward pass reached it, but its gradient came back None (payload: see _consumer)
 
 Reason = tuple[int, Any]
 
@@ -54,8 +55,12 @@ class Analysis:
         """Nothing recorded that a later step could still use."""
         return self._mb_missed is None and not self.reasons and not self._mb_reasons
 
-    def analyze(self, missed: Sequence[int], registry: ParamRegistry) -> None:
-        """Find the reasons of the trainable, not-allowed parameters among ``missed`` (registry indices)."""
+    def analyze(self, missed: Sequence[int], registry: ParamRegistry, root: Any = None) -> None:
+        """Find the reasons of the trainable, not-allowed parameters among ``missed`` (registry indices).
+
+        ``root``: the ``grad_fn`` the backward pass started from, when known: a parameter used with autograd on
+        that the pass reached anyway got None from the node that consumes it (a custom ``autograd.Function``).
+        """
         params = registry.params
         allowed = registry.allowed
         model_map = self.model_map
@@ -67,6 +72,10 @@ class Analysis:
             return
         recording = self.recording
         labels = _first_cuts(recording.events.values(), model_map.param_index)
+        reached: dict[int, Any] = {}
+        if root is not None and model_map.trace_cuts:
+            used = [i for i in targets if i not in labels and id(params[i]) in recording.used]
+            reached = consumers(root, {id(params[i]) for i in used}) if used else {}
         for i in targets:
             event = labels.get(i)
             used = id(params[i]) in recording.used
@@ -77,6 +86,8 @@ class Analysis:
                     event = None
             if event is not None:
                 self._mb_reasons[i] = (EVENT, event)
+            elif id(params[i]) in reached:
+                self._mb_reasons[i] = (NONE_BACK, _consumer(reached[id(params[i])]))
             elif model_map.trace_cuts and id(params[i]) in recording.used:
                 self._mb_reasons[i] = (USED, None)
             else:
@@ -119,3 +130,10 @@ def _first_cuts(events: Iterable[Event], param_index: dict[int, int]) -> dict[in
                 labels.setdefault(i, event)
         event.roots, event.leaves = [], set()  # never keep the graph alive past the analysis
     return labels
+
+
+def _consumer(node: Any) -> tuple[str, Optional[str]]:
+    """``(node name, custom autograd.Function name or None)`` of the node that consumes a parameter: names only, so
+    that a reason never keeps the graph alive."""
+    function = getattr(node, "_forward_cls", None)  # the class of a custom torch.autograd.Function
+    return type(node).__name__, getattr(function, "__qualname__", None)

@@ -57,6 +57,35 @@ def reachable(roots: Iterable[Any], seen: set[Any], param_index: dict[int, int])
     return found
 
 
+def consumers(root: Any, wanted: set[int], limit: int = 1 << 20) -> dict[int, Any]:
+    """``id(parameter) -> the node that consumes it`` for the parameters in ``wanted`` that a backward pass from
+    ``root`` (a ``grad_fn`` node) reaches: the node whose ``next_functions`` hold the parameter's ``AccumulateGrad``.
+
+    ``limit``: the most graph nodes visited (a huge graph is cut short rather than walked whole).
+    """
+    found: dict[int, Any] = {}
+    if root is None or not wanted:
+        return found
+    seen = {root}
+    stack = [root]
+    accumulate_grad = ACCUMULATE_GRAD
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        for parent, _ in node.next_functions:
+            if parent is None or parent in seen:
+                continue
+            if type(parent) is accumulate_grad:
+                key = id(parent.variable)
+                if key in wanted:
+                    found.setdefault(key, node)
+                    if len(found) == len(wanted):
+                        return found
+                continue  # several consumers of one parameter: each still sees it
+            seen.add(parent)
+            stack.append(parent)
+    return found
+
+
 def leaf_tensors(tensor: Tensor, limit: Optional[int] = None) -> list[Tensor]:
     """The leaf tensors (parameters, inputs that require grad) a backward pass from ``tensor`` accumulates into.
 

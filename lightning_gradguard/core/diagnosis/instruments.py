@@ -118,6 +118,11 @@ class _CutRecorder(TorchFunctionMode):
                     kind, op = DATA, "data"
                 else:
                     op = getattr(func, "__name__", "")
+                    if op == "new_tensor":  # the tensor it is called on gives only dtype and device; `data` is copied
+                        data = [*args[1:2], *(v for k, v in kwargs.items() if k == "data")]
+                        if _any_graph(data, {}):
+                            recording.record(CUT, op, data, {}, sys._getframe(2))
+                        return
                     if op in _NOT_A_CUT:
                         return
                     if op == "detach":

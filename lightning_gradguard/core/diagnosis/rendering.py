@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from lightning_gradguard.core.causes import DETACHED, NO_GRAD, UNUSED
-from lightning_gradguard.core.diagnosis.analysis import EVENT, USED, Reason
+from lightning_gradguard.core.diagnosis.analysis import EVENT, NONE_BACK, USED, Reason
 from lightning_gradguard.core.diagnosis.locations import Frame, definition_site, grad_disabling_statement, location
 from lightning_gradguard.core.diagnosis.model_map import ModelMap
 from lightning_gradguard.core.diagnosis.recording import DATA, DETACH, INTEGER, NUMBER, Event
@@ -54,6 +54,20 @@ def render(
     tag, payload = reason
     if tag == EVENT:
         return _render_event(payload, checkpoint_fix)
+    if tag == NONE_BACK:
+        node, function = payload
+        if function is not None:
+            return DETACHED, (
+                f"it was used with autograd on and the backward pass reached it, but its gradient came back None "
+                f"from `{node}`: the backward of the custom torch.autograd.Function `{function}` returns None for "
+                "this input. Fix: return its gradient from that backward (or do not pass it to the Function if it "
+                "should not train)."
+            )
+        return DETACHED, (
+            f"it was used with autograd on and the backward pass reached it, but its gradient came back None from "
+            f"`{node}`, the operation that consumes it. Fix: check what that operation (or a hook on its output) "
+            "does with the gradient."
+        )
     owners = model_map.owners.get(index, [])
     where = " and ".join(str(o) for o in owners) if owners else "the model"
     if tag == USED:
