@@ -100,6 +100,7 @@ class GradGuard(Callback):
         self._context: Optional[TrainingContext] = None  # precision and strategy knowledge for the current fit
         self._context_state: dict[str, Any] = {}  # restored from a checkpoint until the fit builds its context
         self._step: Optional[tuple[int, bool]] = None  # this batch's (step number, logging step) once it stepped
+        self._checked: Optional[tuple[int, int]] = None  # (id of the optimizer, global step) of the last check
         self._json: Optional[JsonSink] = None
 
     @property
@@ -169,6 +170,7 @@ class GradGuard(Callback):
         # after the strategy has wrapped the model: the parameter objects are now the ones optimizers hold
         self.engine.bind(pl_module.named_parameters(), module=pl_module)
         self._batches_started = None
+        self._checked = None
         self._measure_every_step = self.config.measures_every_step(self.engine.registry.params)
         self._start_context(trainer)
         # a guard reused for a second fit: windows restart, counts carry on
@@ -309,13 +311,19 @@ class GradGuard(Callback):
         context, reporter = self._context, self.reporter
         if context is None or reporter is None or not context.checks_gradients:  # DeepSpeed: not in p.grad
             return
+        # Lightning calls this hook after every evaluation of the step's closure, and LBFGS evaluates it several
+        # times inside one optimizer.step(): only the first is the step's check (the step count moves only after it)
+        step = trainer.global_step
+        if self._checked == (id(optimizer), step):
+            return
+        self._checked = (id(optimizer), step)
         stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
         # decided alike on every rank, whatever failed on this one: the reduction of a logging step is a collective
         due = reporter.log_due(stepped) or (reporter.logs and trainer.should_stop)
         self._step = (stepped, due)
         check = self.engine.check_step(
             optimizer,
-            step=trainer.global_step,
+            step=step,
             accumulate=trainer.accumulate_grad_batches,
             measure=due or self._measure_every_step,
             grad_scale=context.grad_scale(optimizer),

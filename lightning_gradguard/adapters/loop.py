@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from lightning_gradguard.adapters.backward import BackwardBracket
 from lightning_gradguard.adapters.patching import MethodWrapper, close_at_exit, open_guards
-from lightning_gradguard.adapters.watcher import Watcher
+from lightning_gradguard.adapters.watcher import Watcher, check_in_step_pre_hook
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.training.strategies import class_names, describe_module
@@ -164,12 +164,13 @@ class LoopGuard(Watcher):
         if not self.backward.open:
             self.backward.start()
 
-    def _on_step_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
+    def _on_step_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> Any:
         # optimizers that unscale inside their kernel (fused=True): GradScaler.step leaves the gradients scaled and
         # sets `optimizer.grad_scale` (None when they were unscaled already) for the duration of the step
         self.backward.stepping(optimizer)
         scale = getattr(optimizer, "grad_scale", None)
-        self.before_step(optimizer, scale if isinstance(scale, Tensor) else None)
+        scale = scale if isinstance(scale, Tensor) else None
+        return check_in_step_pre_hook(args, kwargs, lambda: self.before_step(optimizer, scale))
 
     def _on_step_post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
         self.backward.stepped()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -356,3 +356,35 @@ class Watcher:
         """Warnings come from the process that writes (global rank zero), pointing at the user's line."""
         if self.writes:
             warn_at_user_code(message)
+
+
+def check_after_first_call(closure: Callable[..., Any], check: Callable[[], None]) -> Callable[..., Any]:
+    """``closure``, calling ``check()`` right after its first call.
+
+    ``optimizer.step(closure)`` computes the gradients by calling the closure inside the step (LBFGS: several times
+    per step): the step is checked once, as soon as they exist and before any weight moves.
+    """
+    checked: list[bool] = []
+
+    def closure_then_check(*args: Any, **kwargs: Any) -> Any:
+        loss = closure(*args, **kwargs)
+        if not checked:
+            checked.append(True)
+            check()
+        return loss
+
+    return closure_then_check
+
+
+def check_in_step_pre_hook(args: tuple, kwargs: dict[str, Any], check: Callable[[], None]) -> Any:
+    """What an optimizer step pre-hook does to check the step: ``check()`` now, or, for ``step(closure)``, right after
+    the closure's first call (see :func:`check_after_first_call`). Returns what the pre-hook returns (torch passes
+    ``args`` with the optimizer first, and takes back new ``(args, kwargs)``)."""
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+    if closure is None:
+        check()
+        return None
+    wrapped = check_after_first_call(closure, check)
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": wrapped}
+    return (args[0], wrapped, *args[2:]), kwargs

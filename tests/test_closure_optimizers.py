@@ -1,0 +1,160 @@
+"""Optimizers that compute the gradients themselves, through a closure called inside ``step()`` (LBFGS calls it
+several times per step): every adapter checks such a step once, right after the gradients exist, before any weight
+moves. Checked before the closure ran, every parameter would look as if no backward pass had given it a gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+
+from lightning_gradguard import GradGuard, GradGuardError, watch, watch_fabric
+
+
+class WithUnused(nn.Module):
+    def __init__(self, unused: bool = True) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.unused = nn.Linear(2, 2) if unused else None  # planted: never called
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator)
+
+
+def lbfgs_loop(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, keyword: bool) -> list[int]:
+    x, y = data()
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        if keyword:
+            optimizer.step(closure=closure)
+        else:
+            optimizer.step(closure)
+    return calls
+
+
+@pytest.mark.parametrize("keyword", [False, True], ids=["positional", "keyword"])
+def test_lbfgs_in_a_plain_loop_is_checked_once_per_step_after_the_closure(keyword):
+    torch.manual_seed(0)
+    model = WithUnused(unused=False)
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with watch(model, optimizer, summary=False) as guard:
+            calls = lbfgs_loop(model, optimizer, steps=3, keyword=keyword)
+    report = guard.report()
+    assert len(calls) > 3  # the closure ran several times per step
+    assert report.ok and report.steps == 3 and report.missing == []
+    assert all(p.steps == 3 and p.none_steps == 0 for p in report.params.values())
+    assert not [w for w in caught if "GradGuard" in type(w.message).__name__]
+
+
+def test_lbfgs_in_a_plain_loop_reports_what_the_closure_leaves_out():
+    torch.manual_seed(0)
+    model = WithUnused()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with watch(model, optimizer, summary=False) as guard:
+            lbfgs_loop(model, optimizer, steps=3, keyword=False)
+    report = guard.report()
+    assert report.missing == ["unused.weight", "unused.bias"]
+    assert report.params["unused.weight"].cause == "unused"
+    assert (report.params["unused.weight"].steps, report.params["unused.weight"].none_steps) == (3, 3)
+    assert report.params["body.0.weight"].none_steps == 0
+
+
+def test_strict_lbfgs_raises_from_the_first_closure_call_before_any_weight_moves():
+    torch.manual_seed(0)
+    model = WithUnused()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=4)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guard = watch(model, optimizer, strict=True, summary=False)
+        with pytest.raises(GradGuardError) as info:
+            lbfgs_loop(model, optimizer, steps=1, keyword=False)
+        guard.close()
+    assert info.value.params == ["unused.weight", "unused.bias"] and info.value.step == 0
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+
+
+def test_sgd_with_a_closure_is_checked_after_it():
+    torch.manual_seed(0)
+    model = WithUnused(unused=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, optimizer, summary=False) as guard:
+        lbfgs_loop(model, optimizer, steps=2, keyword=True)
+    report = guard.report()
+    assert report.ok and report.steps == 2
+
+
+class LBFGSModule(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = WithUnused()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=5)
+
+
+def test_lbfgs_under_the_trainer_counts_optimizer_steps_not_closure_calls(tmp_path):
+    torch.manual_seed(0)
+    guard = GradGuard(summary=False)
+    x, y = data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    trainer = Trainer(max_steps=3, callbacks=[guard], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(LBFGSModule(), loader)
+    report = guard.report()
+    assert trainer.global_step == 3 and report.steps == 3
+    assert report.missing == ["model.unused.weight", "model.unused.bias"]
+    unused = report.params["model.unused.weight"]
+    assert (unused.steps, unused.none_steps, unused.micro_batches) == (3, 3, 3)
+    assert report.params["model.body.0.weight"].none_steps == 0
+
+
+def test_lbfgs_under_fabric_is_checked_once_per_step():
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    model = WithUnused(unused=False)
+    model, optimizer = fabric.setup(model, torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=4))
+    x, y = data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guard = watch_fabric(fabric, model, optimizer, summary=False)
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            fabric.backward(loss)
+            return loss
+
+        for _ in range(3):
+            optimizer.step(closure)
+        report = guard.close()
+    assert report.ok and report.steps == 3 and report.missing == []
