@@ -122,6 +122,23 @@ def test_a_custom_function_that_returns_no_gradient_is_named_in_a_plain_loop():
     assert "custom torch.autograd.Function `" in weight.detail and "Scale` returns None for this input" in weight.detail
 
 
+def test_a_backward_pass_limited_to_other_inputs_says_so():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with watch(model, optimizer, summary=False) as guard:
+            for _ in range(2):
+                model(torch.randn(8, 4)).sum().backward(inputs=list(model[1].parameters()))  # planted
+                optimizer.step()
+                optimizer.zero_grad()
+    report = guard.report()
+    assert report.missing == ["0.weight", "0.bias"]
+    detail = report.params["0.bias"].detail
+    assert report.params["0.bias"].cause == "detached" and "backward(inputs=...)" in detail
+    assert "never reached the loss" not in detail
+
+
 def test_a_loss_detached_from_the_model_is_no_backward_in_the_words_of_a_plain_loop():
     model = HealthyNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

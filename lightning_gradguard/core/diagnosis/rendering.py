@@ -64,9 +64,10 @@ def render(
                 "should not train)."
             )
         return DETACHED, (
-            f"it was used with autograd on and the backward pass reached it, but its gradient came back None from "
-            f"`{node}`, the operation that consumes it. Fix: check what that operation (or a hook on its output) "
-            "does with the gradient."
+            f"it was used with autograd on and its path to the loss is intact, but no gradient came to it from "
+            f"`{node}`, the operation that consumes it: the backward pass was limited to other tensors "
+            "(backward(inputs=...)), or a backward hook replaced its gradient with None. Fix: include it in inputs=, "
+            "or return its gradient from the hook."
         )
     owners = model_map.owners.get(index, [])
     where = " and ".join(str(o) for o in owners) if owners else "the model"
