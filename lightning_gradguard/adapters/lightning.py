@@ -10,6 +10,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_gradguard.adapters.lightning_loop import (
+    batches_started,
+    nothing_between_backward_and_step,
+    zero_grad_sets_none,
+)
 from lightning_gradguard.config import OPTIONS, AllowNone, GuardConfig, LogGranularity, NonfiniteCheck, NormType
 from lightning_gradguard.core.engine import GradGuardEngine
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
@@ -221,28 +226,12 @@ class GradGuard(Callback):
         self.reporter.start(amp=getattr(trainer.precision_plugin, "scaler", None) is not None)
 
     def _nothing_between_backward_and_step(self, trainer: Trainer, pl_module: LightningModule) -> bool:
-        """Whether no code can change a ``.grad`` between this guard's ``on_after_backward`` and its step check.
-
-        Under automatic optimization Lightning runs, in between, only the ``on_after_backward`` of the callbacks
-        after this one and of the LightningModule, and the ``on_before_optimizer_step`` of the callbacks before
-        this one (gradient clipping comes after the check). When none of them is overridden, the gradients read
-        right after backward are still those at the step, and the check need not read every ``.grad`` again.
-        Strategies that re-point gradients after backward (FSDP's views, DeepSpeed) always read again.
-        """
+        """Whether the step check may reuse the gradients read right after backward (see
+        :func:`~lightning_gradguard.adapters.lightning_loop.nothing_between_backward_and_step`)."""
         context = self._context
-        if not pl_module.automatic_optimization or context is None or context.info.name not in (SINGLE, DDP):
+        if context is None or context.info.name not in (SINGLE, DDP):  # FSDP's views, DeepSpeed: read again
             return False
-        if _overrides(pl_module, "on_after_backward"):
-            return False
-        callbacks = list(trainer.callbacks)
-        position = next((i for i, callback in enumerate(callbacks) if callback is self), None)
-        if position is None:
-            return False
-        after = callbacks[position + 1 :]
-        before = callbacks[:position]
-        return not any(_overrides(c, "on_after_backward") for c in after) and not any(
-            _overrides(c, "on_before_optimizer_step") for c in before
-        )
+        return nothing_between_backward_and_step(self, trainer, pl_module)
 
     @feature("audit")
     def _audit(self, trainer: Trainer) -> None:
@@ -266,7 +255,7 @@ class GradGuard(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # Lightning counts a batch as started after every on_train_batch_start hook; when the LightningModule's
         # hook returned -1 (skip the rest of the epoch) the count did not move, and the batch never ran
-        started = _batches_started(trainer)
+        started = batches_started(trainer)
         if started is not None and started == self._batches_started:
             self.engine.cancel_micro_batch()
         self._batches_started = started
@@ -283,7 +272,7 @@ class GradGuard(Callback):
         # Lightning zeroes the gradients right before this micro-batch's backward pass; when that sets every one of
         # `optimizer`'s to None, the snapshot before backward does not need to read them (10k tensors: 0.5-2 ms)
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the user's
-        self._cleared = optimizer if _zero_grad_sets_none(pl_module, optimizer) else None
+        self._cleared = optimizer if zero_grad_sets_none(pl_module, optimizer) else None
 
     @feature("check")
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
@@ -385,36 +374,5 @@ class GradGuard(Callback):
 _NO_BACKWARD_HINT = "training_step returned None, or the optimizer stepped without manual_backward"
 
 
-def _batches_started(trainer: Trainer) -> Optional[int]:
-    """Training batches Lightning has started in this fit (None if this Lightning version does not say)."""
-    progress = getattr(getattr(trainer.fit_loop.epoch_loop, "batch_progress", None), "total", None)
-    return getattr(progress, "started", None)
-
-
-def _zero_grad_sets_none(pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the ``zero_grad`` Lightning is about to run leaves every gradient of ``optimizer`` None: neither the
-    LightningModule's ``optimizer_zero_grad`` nor the optimizer's ``zero_grad`` is overridden, and torch's
-    ``zero_grad`` sets gradients to None by default."""
-    return (
-        type(pl_module).optimizer_zero_grad is LightningModule.optimizer_zero_grad
-        and type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
-    )
-
-
 def _warn(message: str) -> None:
     rank_zero_warn(message, category=GradGuardWarning)
-
-
-def _overrides(obj: Any, method: str) -> bool:
-    """Whether `obj` or its class defines `method` anywhere below Lightning's own base classes (either namespace)."""
-    if method in getattr(obj, "__dict__", {}):  # a hook assigned to the instance
-        return True
-    for cls in type(obj).__mro__:
-        if method in vars(cls):
-            return not (cls.__module__ or "").startswith(_FRAMEWORK_BASES)
-    return False
-
-
-# where Lightning's Callback / LightningModule hook stubs live (lightning.pytorch and pytorch_lightning)
-_FRAMEWORK_BASES = ("lightning.pytorch.core.", "lightning.pytorch.callbacks.callback", "pytorch_lightning.core.",
-                    "pytorch_lightning.callbacks.callback")
