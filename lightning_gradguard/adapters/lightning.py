@@ -106,6 +106,7 @@ class GradGuard(Callback):
         self._context_state: dict[str, Any] = {}  # restored from a checkpoint until the fit builds its context
         self._step: Optional[tuple[int, bool]] = None  # this batch's (step number, logging step) once it stepped
         self._checked: Optional[tuple[int, int]] = None  # (id of the optimizer, global step) of the last check
+        self._sent_away = False  # pickled (to ddp_spawn's processes): a run may happen elsewhere
         self._json: Optional[JsonSink] = None
 
     @property
@@ -117,7 +118,19 @@ class GradGuard(Callback):
         _warn(message)
 
     def report(self) -> GradReport:
-        """The :class:`~lightning_gradguard.report.GradReport` for the run so far."""
+        """The :class:`~lightning_gradguard.report.GradReport` for the run so far.
+
+        Raises:
+            RuntimeError: the run happened in processes this guard was sent to (``strategy="ddp_spawn"``): this
+                object saw none of it, and an empty report would pass any check.
+
+        """
+        if self._sent_away and not len(self.engine.registry):
+            raise RuntimeError(
+                "GradGuard ran in the processes the strategy started (ddp_spawn), not in this one, so this object "
+                "holds no counts. The report was printed there and written to gradguard.json in the run's log "
+                "directory (trainer.log_dir): read it with GradReport.load(path)."
+            )
         return self.engine.report()
 
     @functools.cached_property
@@ -129,6 +142,17 @@ class GradGuard(Callback):
     def state_dict(self) -> dict[str, Any]:
         extra = self._context.state_dict() if self._context is not None else self._context_state
         return {**self.engine.state_dict(), **extra}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # what crosses a process boundary (strategy="ddp_spawn" pickles the Trainer's callbacks): the options and
+        # the counts; hooks, writers and norm kernels belong to the process that built them and are built again
+        self._sent_away = True
+        return {"config": self.config, "counts": self.state_dict()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        config = state["config"]
+        self.__init__(**{option: getattr(config, option) for option in OPTIONS})  # type: ignore[misc]
+        self.load_state_dict(state["counts"])
 
     def load_state_dict(self, state_dict: Any) -> None:
         """Continue the counts of a checkpoint; an unusable state is ignored with one warning (counting restarts
