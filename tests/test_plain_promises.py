@@ -65,6 +65,35 @@ def test_a_layer_replaced_after_the_optimizer_was_built_is_named_as_such():
     assert [(f.kind, f.name) for f in report.findings] == [("not_in_optimizer", "2")]  # the new head, not trained
 
 
+def test_a_layer_added_to_the_model_and_the_optimizer_mid_run_keeps_its_model_name():
+    class Growing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(4, 4)])
+            self.depth = 1
+
+        def forward(self, x):
+            for block in self.blocks[: self.depth]:
+                x = block(x)
+            return x
+
+    model = Growing()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, optimizer, summary=False, strict=True, allow_none="blocks.2.*") as guard:
+        for step in range(6):
+            if step == 3:  # progressive growing: a new block, and a param group for it
+                model.blocks.append(nn.Linear(4, 4))
+                model.blocks.append(nn.Linear(4, 4))  # planted: never called, and allowed to be
+                model.depth = 2
+                optimizer.add_param_group({"params": [*model.blocks[1].parameters(), *model.blocks[2].parameters()]})
+            model(torch.randn(8, 4)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    report = guard.report()
+    assert sorted(report.params) == ["blocks.0.bias", "blocks.0.weight", "blocks.1.bias", "blocks.1.weight"]
+    assert report.params["blocks.1.weight"].steps == 3 and report.ok
+
+
 def test_an_unused_parameter_of_the_root_module_is_not_called_an_optimizer_leftover():
     class WithRootParameter(nn.Module):
         def __init__(self) -> None:

@@ -112,7 +112,7 @@ class GradGuardEngine:
         ``module`` (the root model) lets diagnosis instrument forward passes and audit attributes.
         """
         if module is not None:
-            self.module = module
+            self.module = self.registry.module = module
         self.registry.bind(named_parameters)
         self.sync_size()
         if self._pending_state is not None:

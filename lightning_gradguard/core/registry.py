@@ -29,6 +29,7 @@ class ParamRegistry:
 
     def __init__(self, allow_none: Sequence[str] = ()) -> None:
         self._allow_none = tuple(allow_none)
+        self.module: Optional[torch.nn.Module] = None  # the bound model: names for parameters added to it later
         self.names: list[str] = []
         self.params: list[Tensor] = []
         self.allowed: list[bool] = []
@@ -61,6 +62,12 @@ class ParamRegistry:
                 self._checked_cache.clear()
                 continue
             self.add(param, name)
+
+    def _module_names(self) -> dict[int, str]:
+        """``id(parameter) -> name`` in the bound model as it is now."""
+        if self.module is None:
+            return {}
+        return {id(param): clean_name(name) for name, param in self.module.named_parameters()}
 
     def add(self, param: Tensor, name: str) -> int:
         key = id(param)
@@ -113,14 +120,20 @@ class ParamRegistry:
         indices: list[int] = []
         tensors: list[Tensor] = []
         seen: set[int] = set()
+        module_names: Optional[dict[int, str]] = None
         for group_index, group in enumerate(groups):
             for position, param in enumerate(group["params"]):
                 if id(param) in seen:
                     continue
                 seen.add(id(param))
                 index = self._index.get(id(param))
-                if index is None:
-                    index = self.add(param, f"<{type(optimizer).__name__}.param_groups[{group_index}][{position}]>")
+                if index is None:  # joined after bind: a layer added to the model since, or a tensor it does not have
+                    if module_names is None:
+                        module_names = self._module_names()
+                    name = module_names.get(id(param))
+                    if name is None:
+                        name = f"<{type(optimizer).__name__}.param_groups[{group_index}][{position}]>"
+                    index = self.add(param, name)
                 if not self.allowed[index]:
                     indices.append(index)
                     tensors.append(param)
