@@ -87,7 +87,7 @@ def test_ddp_spawn_runs_the_guard_in_the_spawned_processes(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "unused.weight" in done.stdout and "3 optimizer steps" in done.stdout  # rank zero's summary
-    assert "LAUNCHER: GradGuard ran in the processes the strategy started" in done.stdout
+    assert "LAUNCHER: this GradGuard was pickled or copied before it saw any training" in done.stdout
     assert "GradReport.load(path)" in done.stdout
     [path] = list(tmp_path.rglob("gradguard.json"))
     report = GradReport.load(path)

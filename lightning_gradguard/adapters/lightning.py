@@ -121,15 +121,17 @@ class GradGuard(Callback):
         """The :class:`~lightning_gradguard.report.GradReport` for the run so far.
 
         Raises:
-            RuntimeError: the run happened in processes this guard was sent to (``strategy="ddp_spawn"``): this
-                object saw none of it, and an empty report would pass any check.
+            RuntimeError: the guard was pickled or copied before any training in this process (a run with
+                ``strategy="ddp_spawn"`` happens in the processes it starts): this object saw none of it, and an
+                empty report would pass any check.
 
         """
         if self._sent_away and not len(self.engine.registry):
             raise RuntimeError(
-                "GradGuard ran in the processes the strategy started (ddp_spawn), not in this one, so this object "
-                "holds no counts. The report was printed there and written to gradguard.json in the run's log "
-                "directory (trainer.log_dir): read it with GradReport.load(path)."
+                "this GradGuard was pickled or copied before it saw any training in this process, so it holds no "
+                "counts: strategy='ddp_spawn' sends the callbacks to the processes it starts, and the guard ran "
+                "there. Its report was printed there and written to gradguard.json in the run's log directory "
+                "(trainer.log_dir): read it with GradReport.load(path)."
             )
         return self.engine.report()
 
