@@ -54,6 +54,19 @@ def test_a_pickled_guard_keeps_its_options_and_counts(tmp_path):
     assert guard.report().steps == 3  # the original ran in this process: its report stands
 
 
+class TaggedGuard(GradGuard):
+    """A user's subclass with its own constructor and state."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__(strict=True, summary=False)
+        self.tag = tag
+
+
+def test_a_subclass_with_its_own_constructor_pickles_with_its_state():
+    copy = pickle.loads(pickle.dumps(TaggedGuard("run-7")))
+    assert type(copy) is TaggedGuard and copy.tag == "run-7" and copy.config.strict
+
+
 SPAWN_SCRIPT = textwrap.dedent(
     """
     import sys, warnings, logging

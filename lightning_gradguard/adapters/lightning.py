@@ -146,14 +146,17 @@ class GradGuard(Callback):
         return {**self.engine.state_dict(), **extra}
 
     def __getstate__(self) -> dict[str, Any]:
-        # what crosses a process boundary (strategy="ddp_spawn" pickles the Trainer's callbacks): the options and
-        # the counts; hooks, writers and norm kernels belong to the process that built them and are built again
+        # what crosses a process boundary (strategy="ddp_spawn" pickles the Trainer's callbacks): the options, the
+        # counts, and what a subclass added; hooks, writers and norm kernels belong to the process that built them
         self._sent_away = True
-        return {"config": self.config, "counts": self.state_dict()}
+        own = _own_attributes()
+        extra = {key: value for key, value in self.__dict__.items() if key not in own}
+        return {"config": self.config, "counts": self.state_dict(), "extra": extra}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         config = state["config"]
-        self.__init__(**{option: getattr(config, option) for option in OPTIONS})  # type: ignore[misc]
+        GradGuard.__init__(self, **{option: getattr(config, option) for option in OPTIONS})
+        self.__dict__.update(state.get("extra", {}))
         self.load_state_dict(state["counts"])
 
     def load_state_dict(self, state_dict: Any) -> None:
@@ -398,6 +401,12 @@ class GradGuard(Callback):
 
 
 _NO_BACKWARD_HINT = "training_step returned None, or the optimizer stepped without manual_backward"
+
+
+@functools.lru_cache(maxsize=1)
+def _own_attributes() -> frozenset[str]:
+    """The instance attributes GradGuard itself keeps (rebuilt, not copied, when a guard is unpickled)."""
+    return frozenset(GradGuard(summary=False).__dict__) | {"state_key"}
 
 
 def _warn(message: str) -> None:
