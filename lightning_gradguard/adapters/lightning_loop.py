@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch import LightningModule
 
 # where Lightning's Callback / LightningModule hook stubs live (lightning.pytorch and pytorch_lightning)
 _FRAMEWORK_BASES = ("lightning.pytorch.core.", "lightning.pytorch.callbacks.callback", "pytorch_lightning.core.",
@@ -23,12 +24,10 @@ def batches_started(trainer: Any) -> Optional[int]:
     return getattr(progress, "started", None)
 
 
-def zero_grad_sets_none(pl_module: Any, optimizer: torch.optim.Optimizer) -> bool:
+def zero_grad_sets_none(pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> bool:
     """Whether the ``zero_grad`` Lightning is about to run leaves every gradient of ``optimizer`` None: neither the
     LightningModule's ``optimizer_zero_grad`` nor the optimizer's ``zero_grad`` is overridden, and torch's
     ``zero_grad`` sets gradients to None by default."""
-    from lightning.pytorch import LightningModule
-
     return (
         type(pl_module).optimizer_zero_grad is LightningModule.optimizer_zero_grad
         and type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
