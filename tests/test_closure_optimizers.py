@@ -1,6 +1,8 @@
-"""Optimizers that compute the gradients themselves, through a closure called inside ``step()`` (LBFGS calls it
-several times per step): every adapter checks such a step once, right after the gradients exist, before any weight
-moves. Checked before the closure ran, every parameter would look as if no backward pass had given it a gradient.
+"""Optimizers whose ``step()`` is not one plain call: a closure that computes the gradients inside ``step()`` (LBFGS
+calls it several times per step), a subclass whose ``step()`` calls ``super().step()`` (the step hooks then run
+twice), a custom optimizer's own argument to ``step()``. Every adapter checks such a step once, right after the
+gradients exist and before any weight moves; checked before the closure ran, or twice, every parameter would look as
+if no backward pass had given it a gradient.
 """
 
 from __future__ import annotations
@@ -158,3 +160,55 @@ def test_lbfgs_under_fabric_is_checked_once_per_step():
             optimizer.step(closure)
         report = guard.close()
     assert report.ok and report.steps == 3 and report.missing == []
+
+
+class StepWithLoss(torch.optim.SGD):
+    """A custom optimizer whose step takes the loss value, not a closure."""
+
+    def step(self, loss_value=None):  # noqa: D102
+        assert loss_value is None or isinstance(loss_value, torch.Tensor)
+        return super().step()
+
+
+def test_a_custom_optimizer_argument_that_is_not_a_closure_is_passed_on_untouched():
+    torch.manual_seed(0)
+    model = WithUnused(unused=False)
+    optimizer = StepWithLoss(model.parameters(), lr=0.1)
+    x, y = data()
+    with watch(model, optimizer, summary=False, strict=True) as guard:
+        for _ in range(2):
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            optimizer.step(loss.detach())
+            optimizer.zero_grad()
+    assert guard.report().ok and guard.report().steps == 2
+
+
+class SGDWithLogging(torch.optim.SGD):
+    """A subclass that adds to step() and calls super().step(): with a plain SGD also in the process, torch has
+    wrapped both classes' step, and the step hooks run twice per step."""
+
+    def step(self, closure=None):  # noqa: D102
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("with_closure", [False, True], ids=["plain", "closure"])
+def test_a_subclass_calling_super_step_is_checked_once_per_step(with_closure):
+    torch.manual_seed(0)
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # wraps SGD.step itself, as any plain SGD in a program
+    model = WithUnused()
+    optimizer = SGDWithLogging(model.parameters(), lr=0.1)
+    x, y = data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with watch(model, optimizer, summary=False) as guard:
+            if with_closure:
+                lbfgs_loop(model, optimizer, steps=3, keyword=False)
+            else:
+                for _ in range(3):
+                    F.mse_loss(model(x), y).backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+    report = guard.report()
+    assert report.steps == 3 and report.missing == ["unused.weight", "unused.bias"]
+    assert report.params["body.0.weight"].none_steps == 0 and report.params["unused.weight"].cause == "unused"

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from lightning_gradguard.adapters.patching import MethodWrapper, close_at_exit
-from lightning_gradguard.adapters.watcher import Watcher, check_after_first_call, check_in_step_pre_hook
+from lightning_gradguard.adapters.watcher import Watcher, check_after_first_call
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.training.precision import LossScaleTracker
 from lightning_gradguard.training.strategies import class_names, describe_strategy
@@ -166,7 +166,7 @@ class FabricGuard(Watcher):
                 # None when there is no scaler or fabric.clip_gradients() already unscaled the gradients
                 scale = self.scale.at_step(raw) if self.scale is not None else None
                 closure = kwargs.get("closure", args[0] if args else None)
-                if closure is None:
+                if not callable(closure):
                     self.before_step(raw, scale)
                 elif "closure" in kwargs:
                     kwargs["closure"] = check_after_first_call(closure, lambda: self.before_step(raw, scale))
@@ -180,11 +180,10 @@ class FabricGuard(Watcher):
 
     def _on_step_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> Any:
         scale = getattr(optimizer, "grad_scale", None)
-        scale = scale if isinstance(scale, torch.Tensor) else None
-        return check_in_step_pre_hook(args, kwargs, lambda: self.before_step(optimizer, scale))
+        return self.step_pre_hook(optimizer, args, kwargs, scale if isinstance(scale, torch.Tensor) else None)
 
     def _on_step_post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
-        self.after_step()
+        self.step_post_hook(optimizer)
 
 
 def watch_fabric(fabric: Any, model: Models, *optimizers: Any, **options: Any) -> FabricGuard:

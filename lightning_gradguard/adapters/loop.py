@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from lightning_gradguard.adapters.backward import BackwardBracket
 from lightning_gradguard.adapters.patching import MethodWrapper, close_at_exit, open_guards
-from lightning_gradguard.adapters.watcher import Watcher, check_in_step_pre_hook
+from lightning_gradguard.adapters.watcher import Watcher
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.training.strategies import class_names, describe_module
@@ -169,12 +169,11 @@ class LoopGuard(Watcher):
         # sets `optimizer.grad_scale` (None when they were unscaled already) for the duration of the step
         self.backward.stepping(optimizer)
         scale = getattr(optimizer, "grad_scale", None)
-        scale = scale if isinstance(scale, Tensor) else None
-        return check_in_step_pre_hook(args, kwargs, lambda: self.before_step(optimizer, scale))
+        return self.step_pre_hook(optimizer, args, kwargs, scale if isinstance(scale, Tensor) else None)
 
     def _on_step_post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
         self.backward.stepped()
-        self.after_step()
+        self.step_post_hook(optimizer)
         self._after_first_window()
 
     def _after_first_window(self) -> None:

@@ -96,6 +96,7 @@ class Watcher:
         self._disabled: set[str] = set()
         self._closed = False
         self._handles: list[Any] = []
+        self._stepping: set[int] = set()  # optimizers inside step(), between their step pre- and post-hooks
         self._step: Optional[tuple[int, bool]] = None  # the step being taken: (number, logging step)
         self._json: Optional[JsonSink] = None
         self.engine.bind(model.named_parameters(), module=model)  # opens the first diagnosis window
@@ -195,6 +196,23 @@ class Watcher:
     @feature("check")
     def backward_ended(self) -> None:
         self.engine.after_backward()
+
+    def step_pre_hook(
+        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any], grad_scale: Optional[Tensor]
+    ) -> Any:
+        """What the adapters' optimizer step pre-hook does: check the step (after the closure's first call for
+        ``step(closure)``). A ``step()`` called inside ``step()`` (a subclass calling ``super().step()``, once torch
+        has wrapped both classes) runs the hooks again: only the outer call is checked. Call :meth:`step_post_hook`
+        from the post-hook."""
+        if id(optimizer) in self._stepping:
+            return None
+        self._stepping.add(id(optimizer))
+        return check_in_step_pre_hook(args, kwargs, lambda: self.before_step(optimizer, grad_scale))
+
+    def step_post_hook(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()`` returned (after a step that raised, the next one alone goes unchecked)."""
+        self._stepping.discard(id(optimizer))
+        self.after_step()
 
     def before_step(self, optimizer: torch.optim.Optimizer, grad_scale: Optional[Tensor] = None) -> None:
         """``optimizer`` is about to step: check it (strict mode raises here, before any weight changes).
@@ -381,7 +399,7 @@ def check_in_step_pre_hook(args: tuple, kwargs: dict[str, Any], check: Callable[
     the closure's first call (see :func:`check_after_first_call`). Returns what the pre-hook returns (torch passes
     ``args`` with the optimizer first, and takes back new ``(args, kwargs)``)."""
     closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-    if closure is None:
+    if not callable(closure):  # no closure (or a custom optimizer's own argument, passed on untouched)
         check()
         return None
     wrapped = check_after_first_call(closure, check)
