@@ -212,3 +212,46 @@ def test_a_subclass_calling_super_step_is_checked_once_per_step(with_closure):
     report = guard.report()
     assert report.steps == 3 and report.missing == ["unused.weight", "unused.bias"]
     assert report.params["body.0.weight"].none_steps == 0 and report.params["unused.weight"].cause == "unused"
+
+
+class Lookahead:
+    """A Lookahead-style wrapper that is not a torch optimizer: it keeps one in ``.optimizer`` and steps it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, k: int = 2) -> None:
+        self.optimizer = optimizer
+        self.k, self.steps = k, 0
+        self.slow = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def step(self, closure=None):
+        loss = self.optimizer.step(closure)
+        self.steps += 1
+        if self.steps % self.k == 0:
+            params = [p for group in self.param_groups for p in group["params"]]
+            for p, slow in zip(params, self.slow):
+                slow.add_(p.detach() - slow, alpha=0.5)
+                p.data.copy_(slow)
+        return loss
+
+
+def test_an_optimizer_wrapper_is_watched_through_the_optimizer_it_keeps():
+    torch.manual_seed(0)
+    model = WithUnused()
+    optimizer = Lookahead(torch.optim.Adam(model.parameters(), lr=0.1))
+    x, y = data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with watch(model, optimizer, summary=False) as guard:
+            for _ in range(4):
+                optimizer.zero_grad()
+                F.mse_loss(model(x), y).backward()
+                optimizer.step()
+    report = guard.report()
+    assert report.steps == 4 and report.missing == ["unused.weight", "unused.bias"]
+    assert report.params["body.0.weight"].none_steps == 0

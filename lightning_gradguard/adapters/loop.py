@@ -205,7 +205,8 @@ def watch(
 
     Args:
         model: the model being trained.
-        optimizer: its optimizer, or a list of optimizers.
+        optimizer: its optimizer, or a list of optimizers (a wrapper that keeps a torch optimizer in ``.optimizer``,
+            such as Lookahead, is watched through that optimizer).
         log_dir: TensorBoard log directory for scalars, the dashboard and ``gradguard.json``.
         writer: an existing ``SummaryWriter`` instead of ``log_dir``.
         strict: raise :class:`~lightning_gradguard.GradGuardError` from ``optimizer.step()`` at the first missing
@@ -267,21 +268,38 @@ def _check_destination(log_dir: Any, writer: Any) -> None:
 
 
 def _optimizer_list(optimizers: Any) -> list[torch.optim.Optimizer]:
-    items = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
+    single = _unwrap_optimizer(optimizers)
+    items = [single] if single is not None else optimizers
     try:
         items = list(items)
     except TypeError:
         raise TypeError(
-            f"`optimizer` must be a torch.optim.Optimizer or a list of them, got {type(optimizers).__name__}"
+            f"`optimizer` must be a torch.optim.Optimizer or a list of them, got {type(optimizers).__name__} (a "
+            "wrapper that keeps the torch optimizer elsewhere than in `.optimizer`: pass that optimizer)"
         ) from None
     if not items:
         raise ValueError("`optimizer` must name at least one torch.optim.Optimizer")
+    unwrapped = []
     for item in items:
-        if not isinstance(item, torch.optim.Optimizer):
+        optimizer = _unwrap_optimizer(item)
+        if optimizer is None:
             raise TypeError(
                 f"`optimizer` must be a torch.optim.Optimizer or a list of them, got {type(item).__name__}"
             )
-    return items
+        unwrapped.append(optimizer)
+    return unwrapped
+
+
+def _unwrap_optimizer(obj: Any) -> Optional[torch.optim.Optimizer]:
+    """``obj`` if it is a torch optimizer, else the one a wrapper keeps in ``.optimizer`` or ``._optimizer``
+    (Lookahead-style wrappers, Lightning's and Fabric's optimizers): its step hooks fire when the wrapper steps."""
+    for _ in range(4):
+        if isinstance(obj, torch.optim.Optimizer):
+            return obj
+        obj = getattr(obj, "optimizer", None) or getattr(obj, "_optimizer", None)
+        if obj is None:
+            return None
+    return None
 
 
 def _rank_zero() -> bool:
