@@ -90,7 +90,8 @@ def test_strict_message_names_the_cause_and_fix_when_known(make_trainer):
         )
     message = str(info.value)
     assert "[no_backward]" in message
-    assert "fix: make training_step return the loss" in message
+    assert "fix: run a backward pass on a loss computed from the model" in message
+    assert "return the loss from training_step, or call manual_backward" in message
     assert len(info.value.params) == 6
 
 

@@ -24,7 +24,8 @@ HINTS: dict[str, str] = {
     "use_reentrant=False",
     DETACHED: "keep the tensor in the graph: drop the .detach()/.data/.item() round trip on the way to the loss",
     CLEARED: "call zero_grad() before backward or after optimizer.step(), never between backward and step",
-    NO_BACKWARD: "make training_step return the loss (or call manual_backward) before stepping the optimizer",
+    NO_BACKWARD: "run a backward pass on a loss computed from the model before the optimizer steps (Lightning: "
+    "return the loss from training_step, or call manual_backward)",
     ZERO: "find what zeroes its output's gradient: a mask or a zero factor downstream, or units that never activate "
     "(dead ReLUs: lower the learning rate, or use LeakyReLU/GELU)",
 }

@@ -51,7 +51,10 @@ def _explained(engine: GradGuardEngine, indices: Sequence[int], indent: str, lim
 def missing_message(engine: GradGuardEngine, result: StepCheck, only: Optional[Sequence[int]] = None) -> str:
     """Names every parameter without a gradient at ``result``'s step, grouped by module, with cause and fix."""
     indices = list(only) if only is not None else result.missing
-    window = f"{result.window} micro-batch{'es' if result.window != 1 else ''} in this window"
+    if result.window:
+        window = f"{result.window} micro-batch{'es' if result.window != 1 else ''} in this window"
+    else:  # a loop whose micro-batches start at their backward pass, and none reached the model
+        window = "no micro-batch since the previous step"
     if result.accumulate is not None:
         window += f", accumulate_grad_batches={result.accumulate}"
     n = len(indices)
