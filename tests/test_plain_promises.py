@@ -262,3 +262,76 @@ def test_a_failed_watch_leaves_no_hook_behind():
     assert not model._forward_hooks and not model._forward_pre_hooks
     assert not optimizer._optimizer_step_pre_hooks and "zero_grad" not in vars(optimizer)
     assert torch._C._len_torch_function_stack() == 0
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+        self.spare = nn.Linear(2, 2)  # planted: never called
+        self.skip_body = False
+
+    def forward(self, x):
+        return self.head(x if self.skip_body else torch.relu(self.body(x)))
+
+
+def test_an_optimizer_created_after_watch_is_checked_too_and_not_kept_alive():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = _Head()
+    other = nn.Linear(3, 3)  # another model, with its own optimizer: not this guard's business
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    optimizer = torch.optim.Adam(model.parameters())
+    created = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with watch(model, optimizer, summary=False) as guard:
+            for _epoch in range(3):
+                optimizer = torch.optim.Adam(model.parameters())  # a new optimizer every epoch
+                created.append(weakref.ref(optimizer))
+                for x, y in batches(4):
+                    optimizer.zero_grad()
+                    F.mse_loss(model(x), y).backward()
+                    optimizer.step()
+                    other_optimizer.zero_grad()
+                    other(torch.randn(2, 3)).sum().backward()
+                    other_optimizer.step()
+            del optimizer
+            gc.collect()
+            assert [ref() is None for ref in created] == [True, True, True]
+    report = guard.report()
+    assert report.steps == 12 and report.missing == ["spare.weight", "spare.bias"] and report.intermittent == []
+    body = report.params["body.weight"]
+    assert (body.steps, body.none_steps, body.micro_batches, body.none_micro_batches) == (12, 0, 12, 0)
+    assert "weight" not in "".join(n for n in report.params if n.startswith("<"))  # nothing of the other model
+
+
+def test_a_second_training_stage_with_its_own_optimizer_is_checked_strictly():
+    torch.manual_seed(0)
+    model = _Head()
+    model.body.requires_grad_(False)
+    head_only = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        guard = watch(model, head_only, summary=False, strict=True, allow_none="spare.*")
+        for x, y in batches(2):  # stage 1: the head alone
+            F.mse_loss(model(x), y).backward()
+            head_only.step()
+            head_only.zero_grad()
+        model.body.requires_grad_(True)
+        everything = torch.optim.SGD(model.parameters(), lr=0.01)  # stage 2: fine-tune all of it
+        for x, y in batches(2):
+            F.mse_loss(model(x), y).backward()
+            everything.step()
+            everything.zero_grad()
+        report = guard.report()
+        assert report.steps == 4 and report.params["body.weight"].steps == 2 and report.ok
+        model.skip_body = True
+        with pytest.raises(GradGuardError) as info:  # a stage-2 step where the body gets nothing
+            model(torch.randn(8, 4)).sum().backward()
+            everything.step()
+        guard.close()
+    assert info.value.params == ["body.weight", "body.bias"]

@@ -196,6 +196,11 @@ class GradGuardEngine:
             self.sync_size()
             self.arrivals.restart(indices, covers_all=self.windows.optimizers <= 1)
 
+    def optimizer_joined(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer`` was created after the run began (a second training stage, a new one each epoch) and is about
+        to take its first step: its accumulation window begins at the latest step of any optimizer."""
+        self.windows.join(optimizer)
+
     def mark_gradients(self, cleared: Optional[torch.optim.Optimizer] = None) -> None:
         """The gradients as they are now are what the next backward pass starts from.
 

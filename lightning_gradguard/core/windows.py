@@ -32,6 +32,7 @@ class Windows:
         self.micro_batch = 0  # micro-batches started in this run
         self.backwards = 0  # backward passes in this run
         self._start = (0, 0)  # (micro-batch, backward) where this run's windows begin
+        self._latest = (0, 0)  # where the latest step of any optimizer ended
         self._last: Any = weakref.WeakKeyDictionary()  # optimizer -> (micro-batch, backward) at its last step
         self.optimizers = 0  # distinct optimizers that stepped in this run
 
@@ -46,7 +47,7 @@ class Windows:
     def start_run(self) -> None:
         """A new run: windows restart (optimizers are new objects in a new run)."""
         self.micro_batch = 0
-        self._start = (0, self.backwards)
+        self._start = self._latest = (0, self.backwards)
         self._last = weakref.WeakKeyDictionary()
         self.optimizers = 0
 
@@ -64,8 +65,15 @@ class Windows:
         # a step in the same micro-batch as the previous one (a WGAN critic's several steps per batch) covers the
         # backward passes in between: a window of one micro-batch
         window = max(self.micro_batch - last_mb, 1 if self.backwards > last_bw else 0)
-        self._last[optimizer] = (self.micro_batch, self.backwards)
+        self._last[optimizer] = self._latest = (self.micro_batch, self.backwards)
         return window, self.backwards - last_bw
+
+    def join(self, optimizer: Any) -> None:
+        """``optimizer``, created after the run began, is about to take its first step: its window begins where
+        the latest step of any optimizer ended (it was created, and its gradients cleared, after that step)."""
+        if optimizer not in self._last:
+            self._last[optimizer] = self._latest
+            self.optimizers += 1
 
     def restart(self, optimizer: Any) -> bool:
         """``optimizer``'s window begins at the next micro-batch (its gradients were cleared without a step).
