@@ -193,3 +193,24 @@ def test_bad_arguments():
         FabricGuard(object(), net, [optimizer])
     with pytest.raises(ValueError, match="at least one optimizer"):
         watch_fabric(make_fabric(), net)
+
+
+def test_an_optimizer_set_up_after_watch_fabric_is_checked_too():
+    torch.manual_seed(0)
+    fabric = make_fabric()
+    model = PlantedNet()
+    model, first = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    guard = watch_fabric(fabric, model, first, summary=False)
+    for x, y in batches(2):
+        fabric.backward(F.mse_loss(model(x), y))
+        first.step()
+        first.zero_grad()
+    second = fabric.setup_optimizers(torch.optim.Adam(model.parameters(), lr=1e-3))  # a second training stage
+    for x, y in batches(3):
+        fabric.backward(F.mse_loss(model(x), y))
+        second.step()
+        second.zero_grad()
+    report = guard.close()
+    assert report.steps == 5
+    assert set(report.missing) == PLANTED and all(report.params[name].none_steps == 5 for name in PLANTED)
+    assert all(report.params[name].none_steps == 0 for name in USED)

@@ -44,8 +44,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from lightning_gradguard.adapters.optimizer_steps import check_after_first_call
 from lightning_gradguard.adapters.patching import MethodWrapper, close_at_exit
-from lightning_gradguard.adapters.watcher import Watcher, check_after_first_call
+from lightning_gradguard.adapters.watcher import Watcher
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.training.precision import LossScaleTracker
 from lightning_gradguard.training.strategies import class_names, describe_strategy
@@ -134,6 +135,8 @@ class FabricGuard(Watcher):
             if id(optimizer) not in stepped:  # a raw optimizer: checked from inside its own step
                 self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre_hook))
                 self._handles.append(optimizer.register_step_post_hook(self._on_step_post_hook))
+        # one set up later (fabric.setup_optimizers for a second stage) is checked from inside its own step too
+        self._handles.extend(self.steps.follow_new_optimizers(self._on_step_pre_hook, self._on_step_post_hook))
         self._hook_flat_params()
         close_at_exit(self)
 
@@ -180,10 +183,10 @@ class FabricGuard(Watcher):
 
     def _on_step_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> Any:
         scale = getattr(optimizer, "grad_scale", None)
-        return self.step_pre_hook(optimizer, args, kwargs, scale if isinstance(scale, torch.Tensor) else None)
+        return self.steps.pre_hook(optimizer, args, kwargs, scale if isinstance(scale, torch.Tensor) else None)
 
     def _on_step_post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
-        self.step_post_hook(optimizer)
+        self.steps.post_hook(optimizer)
 
 
 def watch_fabric(fabric: Any, model: Models, *optimizers: Any, **options: Any) -> FabricGuard:

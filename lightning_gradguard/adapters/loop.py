@@ -45,13 +45,11 @@ from __future__ import annotations
 
 import os
 import warnings
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from lightning_gradguard.adapters.backward import BackwardBracket
 from lightning_gradguard.adapters.patching import MethodWrapper, close_at_exit, open_guards
@@ -140,29 +138,7 @@ class LoopGuard(Watcher):
             flat = getattr(getattr(module, "_handle", None), "flat_param", None)
             if isinstance(flat, Tensor) and flat.requires_grad:
                 self._handles.append(flat.register_hook(self._on_param_grad))
-        # an optimizer created after watch() (a second training stage, a new one each epoch) steps the model too:
-        # torch's global step hooks find it, and its steps are checked like those of the optimizers passed in
-        self._given = {id(optimizer) for optimizer in self.optimizers}  # alive: the list holds them
-        self._adopted: weakref.WeakSet = weakref.WeakSet()
-        self._unrelated: weakref.WeakSet = weakref.WeakSet()  # another model's optimizers
-        self._handles.append(register_optimizer_step_pre_hook(self._on_any_step_pre_hook))
-        self._handles.append(register_optimizer_step_post_hook(self._on_any_step_post_hook))
-
-    def _on_any_step_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> Any:
-        if self.closed or id(optimizer) in self._given or optimizer in self._unrelated:
-            return None
-        if optimizer not in self._adopted:
-            registry = self.engine.registry
-            if not any(registry.find(p) is not None for group in optimizer.param_groups for p in group["params"]):
-                self._unrelated.add(optimizer)
-                return None
-            self._adopted.add(optimizer)
-            self.engine.optimizer_joined(optimizer)
-        return self._on_step_pre_hook(optimizer, args, kwargs)
-
-    def _on_any_step_post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
-        if not self.closed and optimizer in self._adopted:
-            self._on_step_post_hook(optimizer, args, kwargs)
+        self._handles.extend(self.steps.follow_new_optimizers(self._on_step_pre_hook, self._on_step_post_hook))
 
     def _after_zero_grad(self, owner: Any, set_to_none: bool) -> None:
         self.backward.zero_grad_ran(owner if isinstance(owner, torch.optim.Optimizer) else None, set_to_none)
@@ -194,11 +170,11 @@ class LoopGuard(Watcher):
         # sets `optimizer.grad_scale` (None when they were unscaled already) for the duration of the step
         self.backward.stepping(optimizer)
         scale = getattr(optimizer, "grad_scale", None)
-        return self.step_pre_hook(optimizer, args, kwargs, scale if isinstance(scale, Tensor) else None)
+        return self.steps.pre_hook(optimizer, args, kwargs, scale if isinstance(scale, Tensor) else None)
 
     def _on_step_post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
         self.backward.stepped()
-        self.step_post_hook(optimizer)
+        self.steps.post_hook(optimizer)
         self._after_first_window()
 
     def _after_first_window(self) -> None:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard.adapters.optimizer_steps import OptimizerSteps
 from lightning_gradguard.adapters.patching import warn_at_user_code
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.core.engine import NO_BACKWARD_HINT, GradGuardEngine
@@ -96,7 +97,7 @@ class Watcher:
         self._disabled: set[str] = set()
         self._closed = False
         self._handles: list[Any] = []
-        self._stepping: set[int] = set()  # optimizers inside step(), between their step pre- and post-hooks
+        self.steps = OptimizerSteps(self)  # what the adapters' optimizer step hooks do
         self._step: Optional[tuple[int, bool]] = None  # the step being taken: (number, logging step)
         self._json: Optional[JsonSink] = None
         self.engine.bind(model.named_parameters(), module=model)  # opens the first diagnosis window
@@ -196,23 +197,6 @@ class Watcher:
     @feature("check")
     def backward_ended(self) -> None:
         self.engine.after_backward()
-
-    def step_pre_hook(
-        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any], grad_scale: Optional[Tensor]
-    ) -> Any:
-        """What the adapters' optimizer step pre-hook does: check the step (after the closure's first call for
-        ``step(closure)``). A ``step()`` called inside ``step()`` (a subclass calling ``super().step()``, once torch
-        has wrapped both classes) runs the hooks again: only the outer call is checked. Call :meth:`step_post_hook`
-        from the post-hook."""
-        if id(optimizer) in self._stepping:
-            return None
-        self._stepping.add(id(optimizer))
-        return check_in_step_pre_hook(args, kwargs, lambda: self.before_step(optimizer, grad_scale))
-
-    def step_post_hook(self, optimizer: torch.optim.Optimizer) -> None:
-        """``optimizer.step()`` returned (after a step that raised, the next one alone goes unchecked)."""
-        self._stepping.discard(id(optimizer))
-        self.after_step()
 
     def before_step(self, optimizer: torch.optim.Optimizer, grad_scale: Optional[Tensor] = None) -> None:
         """``optimizer`` is about to step: check it (strict mode raises here, before any weight changes).
@@ -374,35 +358,3 @@ class Watcher:
         """Warnings come from the process that writes (global rank zero), pointing at the user's line."""
         if self.writes:
             warn_at_user_code(message)
-
-
-def check_after_first_call(closure: Callable[..., Any], check: Callable[[], None]) -> Callable[..., Any]:
-    """``closure``, calling ``check()`` right after its first call.
-
-    ``optimizer.step(closure)`` computes the gradients by calling the closure inside the step (LBFGS: several times
-    per step): the step is checked once, as soon as they exist and before any weight moves.
-    """
-    checked: list[bool] = []
-
-    def closure_then_check(*args: Any, **kwargs: Any) -> Any:
-        loss = closure(*args, **kwargs)
-        if not checked:
-            checked.append(True)
-            check()
-        return loss
-
-    return closure_then_check
-
-
-def check_in_step_pre_hook(args: tuple, kwargs: dict[str, Any], check: Callable[[], None]) -> Any:
-    """What an optimizer step pre-hook does to check the step: ``check()`` now, or, for ``step(closure)``, right after
-    the closure's first call (see :func:`check_after_first_call`). Returns what the pre-hook returns (torch passes
-    ``args`` with the optimizer first, and takes back new ``(args, kwargs)``)."""
-    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-    if not callable(closure):  # no closure (or a custom optimizer's own argument, passed on untouched)
-        check()
-        return None
-    wrapped = check_after_first_call(closure, check)
-    if "closure" in kwargs:
-        return args, {**kwargs, "closure": wrapped}
-    return (args[0], wrapped, *args[2:]), kwargs

@@ -1,0 +1,109 @@
+"""How the adapters of loops GradGuard does not own see optimizer steps: torch's step pre- and post-hooks.
+
+An optimizer step is checked right before any weight moves, once per ``step()`` call, whatever shape the call has:
+
+* ``step(closure)`` (LBFGS calls the closure several times per step): the gradients do not exist before the closure
+  ran, so the check waits for its first call;
+* a subclass whose ``step()`` calls ``super().step()`` runs the hooks twice once torch has wrapped both classes'
+  ``step``: only the outer call is checked;
+* an optimizer created after the guard (a second training stage, a new one each epoch) is found through torch's
+  global step hooks the first time it steps the model's parameters.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+if TYPE_CHECKING:
+    from lightning_gradguard.adapters.watcher import Watcher
+
+StepHook = Callable[[torch.optim.Optimizer, Any, dict[str, Any]], Any]  # an optimizer step pre- or post-hook
+
+
+class OptimizerSteps:
+    """The step hooks of one guard (a :class:`~lightning_gradguard.adapters.watcher.Watcher`)."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+        self._stepping: set[int] = set()  # optimizers inside step(), between their step pre- and post-hooks
+
+    def follow_new_optimizers(self, pre_hook: StepHook, post_hook: StepHook) -> list[Any]:
+        """Check optimizers created after the guard (a second training stage, a new one each epoch) too: torch's
+        global step hooks see every optimizer step; the first time one steps the model's parameters, ``pre_hook``
+        and ``post_hook`` (the adapter's own per-optimizer hooks) take its steps from then on. Optimizers of other
+        models are left alone, and none is kept alive. Returns the two hooks' handles."""
+        given = {id(optimizer) for optimizer in self.watcher.optimizers}  # alive: self.watcher.optimizers holds them
+        adopted: weakref.WeakSet = weakref.WeakSet()
+        unrelated: weakref.WeakSet = weakref.WeakSet()
+
+        def any_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> Any:
+            if self.watcher.closed or id(optimizer) in given or optimizer in unrelated:
+                return None
+            if optimizer not in adopted:
+                registry = self.watcher.engine.registry
+                if not any(registry.find(p) is not None for group in optimizer.param_groups for p in group["params"]):
+                    unrelated.add(optimizer)
+                    return None
+                adopted.add(optimizer)
+                self.watcher.engine.optimizer_joined(optimizer)
+            return pre_hook(optimizer, args, kwargs)
+
+        def any_post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
+            if not self.watcher.closed and optimizer in adopted:
+                post_hook(optimizer, args, kwargs)
+
+        return [register_optimizer_step_pre_hook(any_pre_hook), register_optimizer_step_post_hook(any_post_hook)]
+
+    def pre_hook(
+        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any], grad_scale: Optional[Tensor]
+    ) -> Any:
+        """What the adapters' optimizer step pre-hook does: check the step (after the closure's first call for
+        ``step(closure)``). A ``step()`` called inside ``step()`` (a subclass calling ``super().step()``, once torch
+        has wrapped both classes) runs the hooks again: only the outer call is checked. Call :meth:`post_hook`
+        from the post-hook."""
+        if id(optimizer) in self._stepping:
+            return None
+        self._stepping.add(id(optimizer))
+        return check_in_step_pre_hook(args, kwargs, lambda: self.watcher.before_step(optimizer, grad_scale))
+
+    def post_hook(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()`` returned (after a step that raised, the next one alone goes unchecked)."""
+        self._stepping.discard(id(optimizer))
+        self.watcher.after_step()
+
+
+def check_after_first_call(closure: Callable[..., Any], check: Callable[[], None]) -> Callable[..., Any]:
+    """``closure``, calling ``check()`` right after its first call.
+
+    ``optimizer.step(closure)`` computes the gradients by calling the closure inside the step (LBFGS: several times
+    per step): the step is checked once, as soon as they exist and before any weight moves.
+    """
+    checked: list[bool] = []
+
+    def closure_then_check(*args: Any, **kwargs: Any) -> Any:
+        loss = closure(*args, **kwargs)
+        if not checked:
+            checked.append(True)
+            check()
+        return loss
+
+    return closure_then_check
+
+
+def check_in_step_pre_hook(args: tuple, kwargs: dict[str, Any], check: Callable[[], None]) -> Any:
+    """What an optimizer step pre-hook does to check the step: ``check()`` now, or, for ``step(closure)``, right after
+    the closure's first call (see :func:`check_after_first_call`). Returns what the pre-hook returns (torch passes
+    ``args`` with the optimizer first, and takes back new ``(args, kwargs)``)."""
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+    if not callable(closure):  # no closure (or a custom optimizer's own argument, passed on untouched)
+        check()
+        return None
+    wrapped = check_after_first_call(closure, check)
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": wrapped}
+    return (args[0], wrapped, *args[2:]), kwargs
