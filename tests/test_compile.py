@@ -135,3 +135,37 @@ def test_the_guard_adds_no_graph_break_and_no_recompilation(make_trainer, compil
     assert with_guard == without  # the same number of graphs: the guard's instruments trace without a break
     assert breaks_with == breaks_without
     assert per_batch[1:] == [per_batch[0]] * (len(per_batch) - 1)  # steady state: nothing compiled after batch 0
+
+
+class _Scriptable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+        self.spare = nn.Linear(2, 2)  # planted: never called
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+@pytest.mark.parametrize("with_spare", [False, True])
+def test_a_torchscript_model_is_watched_and_nothing_is_guessed(with_spare):
+    from lightning_gradguard import watch
+
+    torch.manual_seed(0)
+    eager = _Scriptable() if with_spare else nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    model = torch.jit.script(eager)  # a ScriptModule takes no forward hook: the per-parameter detector stays
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, optimizer, summary=False, strict=not with_spare) as guard:
+        for _ in range(3):
+            F.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    report = guard.report()
+    assert report.steps == 3
+    if with_spare:
+        assert report.missing == ["spare.weight", "spare.bias"]
+        spare = report.params["spare.weight"]
+        assert spare.none_steps == 3 and spare.cause is None and "compiled code" in spare.detail
+    else:
+        assert report.ok and report.missing == []

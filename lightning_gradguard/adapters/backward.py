@@ -55,10 +55,13 @@ class BackwardBracket:
         self._marked = False  # the gradients the next backward pass starts from are recorded
         self._stepped = False  # an optimizer stepped since the last backward pass ended
         self._restarts: list[torch.optim.Optimizer] = []  # zero_grad since their last step
-        self.handles = [
-            model.register_forward_pre_hook(self._forward_start),
-            model.register_forward_hook(self._forward_end),
-        ]
+        try:
+            self.handles = [
+                model.register_forward_pre_hook(self._forward_start),
+                model.register_forward_hook(self._forward_end),
+            ]
+        except RuntimeError:  # a TorchScript module takes no hooks: the per-parameter detector stays on instead
+            self.handles = []
         self._mark(None)  # the first backward pass starts from the gradients as they are now
 
     # ------------------------------------------------------------------ what the adapter tells it

@@ -34,6 +34,9 @@ class Owner:
 
 
 def _is_compiled(module: torch.nn.Module) -> bool:
+    """torch.compile'd, or TorchScript (which takes no hooks at all)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return True
     return type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
 
 

@@ -87,9 +87,9 @@ def render(
                 "forward, or remove it."
             )
         return None, (
-            f"{ran[0]} ran with autograd on, but `{name}` never reached the loss; inside a torch.compile'd "
-            "model GradGuard cannot tell a result left out of the loss from a detached one. Run a few steps "
-            "without torch.compile to see the cause and the line."
+            f"{ran[0]} ran with autograd on, but `{name}` never reached the loss; inside compiled code "
+            "(torch.compile, TorchScript) GradGuard cannot tell a result left out of the loss from a detached one. "
+            "Run a few steps without compiling to see the cause and the line."
         )
     if ran_without_grad:
         owner = ran_without_grad[0]
@@ -98,8 +98,8 @@ def render(
         return NO_GRAD, _no_grad_text(f"{owner} ran with autograd off", frames, checkpoint, inference, checkpoint_fix)
     if owners and all(o.opaque for o in owners):
         return None, (
-            f"{where} is inside torch.compile'd code, where GradGuard cannot see whether it ran or what became "
-            "of its output. Run a few steps without torch.compile to see the cause."
+            f"{where} is inside compiled code (torch.compile, TorchScript), where GradGuard cannot see whether it "
+            "ran or what became of its output. Run a few steps without compiling to see the cause."
         )
     named = [o for o in owners if o.name]
     if not owners and root is not None:  # only an optimizer holds it: the model has no module that owns it
