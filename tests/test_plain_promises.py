@@ -14,6 +14,19 @@ from torch import nn
 from lightning_gradguard import GradGuardError, watch
 
 
+def train_watched(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, inputs=None):
+    """``steps`` plain steps on random data under ``watch(model, optimizer)``; returns the closed guard.
+    ``inputs``: what each backward pass is limited to (``backward(inputs=...)``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with watch(model, optimizer, summary=False) as guard:
+            for _ in range(steps):
+                model(torch.randn(8, 4)).sum().backward(inputs=inputs)
+                optimizer.step()
+                optimizer.zero_grad()
+    return guard
+
+
 def _optimizer_with_extra(model, extra):
     return torch.optim.SGD([*model.parameters(), extra], lr=0.1)
 
@@ -48,13 +61,7 @@ def test_a_layer_replaced_after_the_optimizer_was_built_is_named_as_such():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model[2] = nn.Linear(8, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        with watch(model, optimizer, summary=False) as guard:
-            for _ in range(3):
-                model(torch.randn(8, 4)).sum().backward()
-                optimizer.step()
-                optimizer.zero_grad()
+    guard = train_watched(model, optimizer, 3)
     report = guard.report()
     assert report.missing == ["<SGD.param_groups[0][2]>", "<SGD.param_groups[0][3]>"]
     old_weight = report.params["<SGD.param_groups[0][2]>"]
@@ -106,13 +113,7 @@ def test_an_unused_parameter_of_the_root_module_is_not_called_an_optimizer_lefto
 
     model = WithRootParameter()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        with watch(model, optimizer, summary=False) as guard:
-            for _ in range(2):
-                model(torch.randn(8, 4)).sum().backward()
-                optimizer.step()
-                optimizer.zero_grad()
+    guard = train_watched(model, optimizer, 2)
     scale = guard.report().params["scale"]
     assert scale.cause == "unused" and "never used `scale`" in scale.detail
     assert "replaced" not in scale.detail and "not a parameter of the model" not in scale.detail
@@ -139,13 +140,7 @@ def test_a_custom_function_that_returns_no_gradient_is_named_in_a_plain_loop():
 
     model = Scaled()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        with watch(model, optimizer, summary=False) as guard:
-            for _ in range(3):
-                model(torch.randn(8, 4)).sum().backward()
-                optimizer.step()
-                optimizer.zero_grad()
+    guard = train_watched(model, optimizer, 3)
     weight = guard.report().params["weight"]
     assert weight.none_steps == 3 and weight.cause == "detached"
     assert "custom torch.autograd.Function `" in weight.detail and "Scale` returns None for this input" in weight.detail
@@ -154,13 +149,7 @@ def test_a_custom_function_that_returns_no_gradient_is_named_in_a_plain_loop():
 def test_a_backward_pass_limited_to_other_inputs_says_so():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        with watch(model, optimizer, summary=False) as guard:
-            for _ in range(2):
-                model(torch.randn(8, 4)).sum().backward(inputs=list(model[1].parameters()))  # planted
-                optimizer.step()
-                optimizer.zero_grad()
+    guard = train_watched(model, optimizer, 2, inputs=list(model[1].parameters()))  # planted
     report = guard.report()
     assert report.missing == ["0.weight", "0.bias"]
     detail = report.params["0.bias"].detail
