@@ -44,7 +44,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_gradguard.adapters.optimizer_steps import check_after_first_call
+from lightning_gradguard.adapters.optimizer_steps import check_step_call
 from lightning_gradguard.adapters.patching import MethodWrapper, close_at_exit
 from lightning_gradguard.adapters.watcher import Watcher
 from lightning_gradguard.config import GuardConfig
@@ -168,13 +168,7 @@ class FabricGuard(Watcher):
             if not self._closed:
                 # None when there is no scaler or fabric.clip_gradients() already unscaled the gradients
                 scale = self.scale.at_step(raw) if self.scale is not None else None
-                closure = kwargs.get("closure", args[0] if args else None)
-                if not callable(closure):
-                    self.before_step(raw, scale)
-                elif "closure" in kwargs:
-                    kwargs["closure"] = check_after_first_call(closure, lambda: self.before_step(raw, scale))
-                else:
-                    args = (check_after_first_call(closure, lambda: self.before_step(raw, scale)), *args[1:])
+                args, kwargs = check_step_call(args, kwargs, lambda: self.before_step(raw, scale), position=0)
             output = original(*args, **kwargs)
             self.after_step()
             return output

@@ -69,7 +69,7 @@ class OptimizerSteps:
         if id(optimizer) in self._stepping:
             return None
         self._stepping.add(id(optimizer))
-        return check_in_step_pre_hook(args, kwargs, lambda: self.watcher.before_step(optimizer, grad_scale))
+        return check_step_call(args, kwargs, lambda: self.watcher.before_step(optimizer, grad_scale), position=1)
 
     def post_hook(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()`` returned (after a step that raised, the next one alone goes unchecked)."""
@@ -95,15 +95,18 @@ def check_after_first_call(closure: Callable[..., Any], check: Callable[[], None
     return closure_then_check
 
 
-def check_in_step_pre_hook(args: tuple, kwargs: dict[str, Any], check: Callable[[], None]) -> Any:
-    """What an optimizer step pre-hook does to check the step: ``check()`` now, or, for ``step(closure)``, right after
-    the closure's first call (see :func:`check_after_first_call`). Returns what the pre-hook returns (torch passes
-    ``args`` with the optimizer first, and takes back new ``(args, kwargs)``)."""
-    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-    if not callable(closure):  # no closure (or a custom optimizer's own argument, passed on untouched)
+def check_step_call(
+    args: tuple, kwargs: dict[str, Any], check: Callable[[], None], position: int
+) -> tuple[tuple, dict[str, Any]]:
+    """Check the step of an ``optimizer.step(...)`` call: ``check()`` now, or, for ``step(closure)``, right after the
+    closure's first call (see :func:`check_after_first_call`). Returns the call's arguments, the closure wrapped
+    (``position``: where a positional closure sits in ``args``; a step pre-hook's ``args`` start with the optimizer).
+    An argument that is not callable is a custom optimizer's own and passes untouched."""
+    closure = kwargs.get("closure", args[position] if len(args) > position else None)
+    if not callable(closure):
         check()
-        return None
+        return args, kwargs
     wrapped = check_after_first_call(closure, check)
     if "closure" in kwargs:
         return args, {**kwargs, "closure": wrapped}
-    return (args[0], wrapped, *args[2:]), kwargs
+    return (*args[:position], wrapped, *args[position + 1 :]), kwargs
