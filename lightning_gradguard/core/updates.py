@@ -136,7 +136,7 @@ class UpdateWatch:
             if watched is None:
                 return
         elif watched.step == check.step:
-            return  # a second check inside one step (LBFGS calls its closure several times): the first one counts
+            return  # a second check inside one step (an adapter that checks more than once): the first one counts
         self.last_step = watched.step = check.step
         watched.checked, watched.indices, watched.params, watched.versions = check.checked, None, None, None
         if watched.position is None:  # once a run: the count the checkpoint carried on (the check counted this step)

@@ -36,14 +36,6 @@ class Windows:
         self._last: Any = weakref.WeakKeyDictionary()  # optimizer -> (micro-batch, backward) at its last step
         self.optimizers = 0  # distinct optimizers that stepped in this run
 
-    def __getstate__(self) -> dict[str, Any]:
-        # a guard is pickled to reach the processes of ddp_spawn; the optimizers there are other objects
-        return {**self.__dict__, "_last": {}}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._last = weakref.WeakKeyDictionary()
-
     def start_run(self) -> None:
         """A new run: windows restart (optimizers are new objects in a new run)."""
         self.micro_batch = 0
