@@ -17,7 +17,9 @@ from torch import nn
 
 from lightning_gradguard import GradGuard, GradGuardEngine, GuardConfig
 from lightning_gradguard.core import norms as norms_module
+from lightning_gradguard.core.measure import Measurement
 from lightning_gradguard.core.norms import SMALL_NUMEL, STACK_MIN_TENSORS, per_param_norms
+from lightning_gradguard.core.state import GuardState
 from lightning_gradguard.output.metrics import step_metrics
 
 NORM_TYPES = [1.0, 2.0, 3.0, 0.5, math.inf]
@@ -219,6 +221,53 @@ def test_engine_measures_mixed_dtype_model_and_counts_nonfinite():
     assert report["fp32.weight"]["nonfinite_steps"] == 1
     assert sum(p["nonfinite_steps"] for p in report.values()) == 1
     assert report["unused.weight"]["none_steps"] == 2
+
+
+def test_measurement_counts_exactly_whether_norms_are_read_or_left_waiting():
+    """A small CPU model's norms wait as scalars and are stacked a block of steps at a time; a logging step reads
+    its row early, a reporter may read a step's norms a few steps later. Counts over 150 steps (a full block, one
+    with early reads, a partial one) are exact, every row read holds its own step's norms, and a loss-scaled step
+    (fused AMP) is divided by its scale."""
+    state = GuardState()
+    shapes = [(3, 4), (5,), (2, 2, 2), (7,), (1,), (6, 3), (4,), (9,), (2, 5), (3,), (8,)]
+    state.resize(len(shapes))
+    measurement = Measurement(state, 2.0)
+    indices = list(range(len(shapes)))
+    g = torch.Generator().manual_seed(0)
+    nan_steps = zero_steps = inf_steps = 0
+    kept: dict[int, tuple[list, list[float]]] = {}
+
+    def check_row(groups, expected):
+        (registry, group), = groups
+        assert group.norms.tolist() == pytest.approx([expected[registry[p]] for p in group.positions], rel=1e-5,
+                                                     nan_ok=True)
+
+    for step in range(150):
+        grads = [torch.randn(*shape, generator=g) for shape in shapes]
+        if step % 7 == 0:
+            grads[0][0, 1] = float("nan")
+            nan_steps += 1
+        if step % 5 == 1:
+            grads[3].zero_()
+            zero_steps += 1
+        if step % 11 == 2:
+            grads[10][4] = -float("inf")
+            inf_steps += 1
+        scale = torch.tensor(4.0) if step == 100 else None
+        groups = measurement.measure(indices, grads, scale)
+        expected = [reference(grad, 2.0) / (4.0 if scale is not None else 1.0) for grad in grads]
+        if step in (60, 70, 120):  # read later, after a whole block was stacked (60) or within one (70, 120)
+            kept[step + 5] = (groups, expected)
+        if step in kept:
+            check_row(*kept.pop(step))
+        if step >= 64 and step % 13 == 0 or scale is not None:  # a logging step reads its norms right away
+            check_row(groups, expected)
+    measurement.flush()
+    nonfinite, zero, measured = (state.values(name).tolist() for name in ("nonfinite_steps", "zero_steps",
+                                                                           "measured_steps"))
+    assert measured == [150] * len(shapes)
+    assert nonfinite == [nan_steps] + [0] * 9 + [inf_steps]
+    assert zero == [0, 0, 0, zero_steps] + [0] * 7
 
 
 # ------------------------------------------------------------ no host reads on steps that do not log
