@@ -224,10 +224,10 @@ def test_engine_measures_mixed_dtype_model_and_counts_nonfinite():
 
 
 def test_measurement_counts_exactly_whether_norms_are_read_or_left_waiting():
-    """A small CPU model's norms wait as scalars and are stacked a block of steps at a time; a logging step reads
-    its row early, a reporter may read a step's norms a few steps later. Counts over 150 steps (a full block, one
-    with early reads, a partial one) are exact, every row read holds its own step's norms, and a loss-scaled step
-    (fused AMP) is divided by its scale."""
+    """Each step's norms go into a row of a ring buffer whose counts are taken a block of rows at a time; a logging
+    step reads its row at once, a reporter may read a step's norms a few steps later. Counts over 150 steps (full
+    blocks and a partial one) are exact, every row read holds its own step's norms, and a loss-scaled step (fused
+    AMP) is divided by its scale."""
     state = GuardState()
     shapes = [(3, 4), (5,), (2, 2, 2), (7,), (1,), (6, 3), (4,), (9,), (2, 5), (3,), (8,)]
     state.resize(len(shapes))

@@ -5,9 +5,7 @@ declared with ``from_norms`` in :mod:`lightning_gradguard.core.state` (non-finit
 computed from those norms, but not at every step: each step's norms are written by the kernels straight into the
 next row of a small ring buffer on the gradients' device, and the counters read the buffer a whole block of rows at
 a time, when it is full or when the state is read. A step therefore costs its norm kernels and nothing more, and
-nothing waits for the device. A small model on the CPU goes one step further: its row stays the list of scalars the
-foreach kernel returned until the block is counted or the row is read (a logging step), and a whole block is then
-stacked in one call, because inside a training step stacking a dozen scalars costs as much as computing them.
+nothing waits for the device.
 
 Plans are keyed by the list of parameters measured (the same list object comes back step after step), and at most
 ``MAX_PLANS`` are kept: a model whose measured set keeps changing retires old plans, it does not pile them up. The
@@ -31,10 +29,6 @@ from lightning_gradguard.core.state import DEVICE_COUNTERS, GuardState
 MAX_PLANS = 8
 BUFFER_VALUES = 1 << 16  # norms a plan's ring buffer holds: at most 64 steps of a small model, 6 of a 10k-tensor one
 MAX_ROWS = 64
-# a small CPU plan keeps each step's norms as the kernel's list of scalars and stacks a whole block of rows at once:
-# inside a training step one more stack costs as much as the norms; at most this many scalars wait
-DEFERRED_VALUES = 1024
-DEFERRED_MIN_ROWS = 8
 
 
 class _Device:
@@ -62,7 +56,7 @@ class _Device:
 class _Measured:
     """A norm plan for one measured parameter list, its ring buffers, and how many rows are not yet counted."""
 
-    __slots__ = ("indices", "plan", "devices", "out", "groups", "rows", "next", "pending", "each", "lists")
+    __slots__ = ("indices", "plan", "devices", "out", "groups", "rows", "next", "pending")
 
     def __init__(self, indices: Sequence[int], plan: NormPlan) -> None:
         self.indices = indices  # held, so that its id stays unique while the plan lives
@@ -71,12 +65,6 @@ class _Measured:
         for k, part in enumerate(plan.parts):
             by_device.setdefault(part.device, []).append((k, part.positions))
         self.rows = max(1, min(MAX_ROWS, BUFFER_VALUES // max(len(indices), 1)))
-        self.each = plan.each if DEFERRED_VALUES // max(len(indices), 1) >= DEFERRED_MIN_ROWS else None
-        # per row: the scalars a deferred step left, not yet stacked into the buffer
-        self.lists: list[Optional[Sequence[Tensor]]] = []
-        if self.each is not None:
-            self.rows = min(self.rows, DEFERRED_VALUES // len(indices))
-            self.lists = [None] * self.rows
         self.devices = [
             _Device(parts, indices, device, self.rows, any(plan.parts[k].local for k, _ in parts))
             for device, parts in by_device.items()
@@ -90,49 +78,12 @@ class _Measured:
             self.out.append([by_part[k] for k in range(len(plan.parts))])
         # per row: what a step hands back, built once
         positions = [list(range(len(d.registry))) for d in self.devices]  # shared by every row
-        self.groups: list[list[tuple[list[int], NormGroup]]] = [
+        self.groups = [
             [(d.registry, NormGroup(positions[k], d.buffer[r], d.local)) for k, d in enumerate(self.devices)]
             for r in range(self.rows)
         ]
-        if self.each is not None:  # one CPU device: a row's norms are stacked when first read
-            (registry,) = [d.registry for d in self.devices]
-            self.groups = [[(registry, _DeferredGroup(positions[0], self, r))] for r in range(self.rows)]
         self.next = 0  # the row the next step writes
         self.pending = 0  # rows written since the last count
-
-    def row(self, r: int) -> Tensor:
-        """Row ``r`` of the (single, CPU) buffer, with a deferred step's norms stacked into it."""
-        buffer = self.devices[0].buffer
-        scalars = self.lists[r]
-        if scalars is not None:
-            torch.stack(scalars, out=buffer[r])  # type: ignore[arg-type]
-            self.lists[r] = None
-        return buffer[r]
-
-    def stack_deferred(self) -> None:
-        """Stack every deferred row into the buffer, all in one call when every row waits (a full block)."""
-        lists = self.lists
-        waiting = [r for r, scalars in enumerate(lists) if scalars is not None]
-        if len(waiting) == self.rows:
-            torch.stack([t for scalars in lists for t in scalars], out=self.devices[0].buffer.view(-1))  # type: ignore[union-attr]
-            self.lists = [None] * self.rows
-        else:
-            for r in waiting:
-                self.row(r)
-
-
-class _DeferredGroup(NormGroup):
-    """A :class:`NormGroup` whose norms are stacked into their buffer row the first time they are read."""
-
-    def __init__(self, positions: list[int], measured: _Measured, row: int) -> None:
-        self.positions = positions
-        self.local = False
-        self._measured = measured
-        self._row = row
-
-    @property  # type: ignore[override]
-    def norms(self) -> Tensor:
-        return self._measured.row(self._row)
 
 
 class Measurement:
@@ -169,12 +120,7 @@ class Measurement:
         if measured is None or measured.indices is not indices or measured.plan.size != len(grads):
             measured = self._last = self._plan_for(indices, grads)
         row = measured.next
-        if measured.each is not None:
-            measured.lists[row] = measured.each(grads) if grad_scale is None else None
-            if grad_scale is not None:
-                measured.plan.compute_into(grads, measured.out[row])
-        else:
-            measured.plan.compute_into(grads, measured.out[row])
+        measured.plan.compute_into(grads, measured.out[row])
         out = measured.groups[row]
         if grad_scale is not None:
             for _, group in out:
@@ -212,8 +158,6 @@ class Measurement:
         pending = measured.pending
         if not pending:
             return
-        if measured.each is not None:
-            measured.stack_deferred()
         for device in measured.devices:
             buffer = device.buffer
             if pending == measured.rows:

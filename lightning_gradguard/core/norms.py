@@ -45,8 +45,7 @@ def _dtensor_type() -> Optional[type]:
 
 
 SMALL_NUMEL = 4096  # CPU tensors up to this size are reduced from stacked copies instead of one dispatch each
-STACK_MIN_TENSORS = 16  # ... when at least this many share a shape and dtype (inside a training step, where the
-# gradients and torch's own code have just been evicted, 8 stacked 32x32 weights cost more than 8 dispatches)
+STACK_MIN_TENSORS = 8  # ... when at least this many share a shape and dtype (4 biases of an LSTM: slower stacked)
 LARGE_NUMEL = 1 << 22  # accelerator tensors from this size (16 MB in float32) get a reduction kernel of their own
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -107,14 +106,6 @@ class NormPlan:
     def __init__(self, parts: list[_Part], size: int) -> None:
         self.parts = parts
         self.size = size
-
-    @property
-    def each(self) -> Optional[Callable[[Sequence[Tensor]], Sequence[Tensor]]]:
-        """When one CPU foreach kernel computes every norm, in order: the kernel that returns them as a list of
-        float32 scalars, before the stack into one tensor (which costs as much as the norms inside a step)."""
-        if len(self.parts) != 1 or not self.parts[0].all or self.parts[0].device.type != "cpu":
-            return None
-        return getattr(self.parts[0].kernel, "each", None)
 
     @classmethod
     def build(cls, grads: Sequence[Tensor], norm_type: float) -> NormPlan:
@@ -278,8 +269,6 @@ def _fused_kernel(norm_type: float, sample: Tensor) -> Kernel:
                 return torch.stack(norms, out=out)
             return _into(torch.stack(norms), out)
 
-        if float32:
-            fused.each = lambda tensors: _foreach_norm(list(tensors), norm_type, upcast)  # type: ignore[attr-defined]
         return fused
     return _each_kernel(norm_type, sample.dtype)
 
