@@ -19,7 +19,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
-from operator import attrgetter
 from typing import Any, Callable, Optional
 
 import torch
@@ -42,8 +41,6 @@ from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import internal_error
 from lightning_gradguard.report import NOTE, Finding, GradReport, ParamReport
 
-_GRAD = attrgetter("grad")
-_MAX_LISTS = 16  # derived index lists kept by identity (checked and measured subsets)
 NO_BACKWARD_HINT = "backward() was not called before the optimizer step, or the loss does not depend on the model"
 _EAGER_VERSIONS_MAX = 2048  # parameter tensors up to which plain loops read versions after every backward pass
 class GradGuardEngine:
