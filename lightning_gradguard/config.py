@@ -25,7 +25,7 @@ NormType = Union[float, Literal["inf"]]
 
 # above this many parameter tensors on the CPU, "auto" computes norms on logging steps only (see GuardConfig)
 CPU_EVERY_STEP_MAX_TENSORS = 1000
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,100}")  # fullmatch: `$` would let a trailing newline through
 
 
 def _option(default: Any, validate: Callable[[str, Any], Any], doc: str) -> Any:
@@ -105,10 +105,10 @@ def _name(name: str, value: Any) -> Optional[str]:
         return None
     if not isinstance(value, str):
         raise TypeError(f"`{name}` must be a string or None, got {value!r}")
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value) or not value.strip("."):  # "." and ".." would read as directories in a tag
         raise ValueError(
-            f"`{name}` must be letters, digits, '_', '-' or '.' (it becomes part of metric tags and a file name), "
-            f"got {value!r}"
+            f"`{name}` must be 1 to 100 letters, digits, '_', '-' or '.', not only dots (it becomes part of metric "
+            f"tags and a file name), got {value!r}"
         )
     return value
 

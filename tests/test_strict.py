@@ -184,6 +184,11 @@ def test_non_strict_warns_once_per_parameter(make_trainer):
         ({"max_logged_series": 0}, ValueError, "max_logged_series"),
         ({"log_module_depth": 0}, ValueError, "log_module_depth"),
         ({"stirct": True}, TypeError, "stirct"),
+        ({"name": "gen\n"}, ValueError, "name"),  # a newline in a tag and a file name
+        ({"name": "../up"}, ValueError, "name"),
+        ({"name": ".."}, ValueError, "name"),
+        ({"name": "g" * 101}, ValueError, "name"),  # gradguard-<name>.json must fit a file name
+        ({"name": 3}, TypeError, "name"),
     ],
 )
 def test_every_bad_argument_fails_at_construction_naming_it(kwargs, error, argument):
@@ -210,6 +215,11 @@ def test_bad_argument_messages_say_what_is_accepted(kwargs, error, accepted):
 )
 def test_accepted_norm_types(norm_type, expected):
     assert GradGuard(norm_type=norm_type).config.norm_type == expected
+
+
+@pytest.mark.parametrize("name", ["gen", "critic-2", "stage_1.ema", "g" * 100])
+def test_accepted_names(name):
+    assert GradGuard(name=name).config.name == name
 
 
 def test_accepted_allow_none_forms():
