@@ -72,6 +72,59 @@ def test_a_layer_replaced_after_the_optimizer_was_built_is_named_as_such():
     assert [(f.kind, f.name) for f in report.findings] == [("not_in_optimizer", "2")]  # the new head, not trained
 
 
+class ScaleMadeInForward(nn.Module):
+    """A parameter re-created by every forward call: the model's `scale` is new each step, the optimizer's never
+    used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.scale = nn.Parameter(torch.ones(3))
+        return self.encoder(x) * self.scale
+
+
+def test_a_parameter_made_anew_in_forward_is_named_as_replaced_not_as_unused_by_forward():
+    torch.manual_seed(0)
+    model = ScaleMadeInForward()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = train_watched(model, optimizer, 3).report()
+    assert report.missing == ["scale"]
+    scale = report.params["scale"]
+    assert scale.cause == "unused" and scale.none_steps == 3
+    assert "`scale` was replaced after GradGuard and the optimizer took it" in scale.detail
+    assert "no optimizer updates" in scale.detail and "created in forward" in scale.detail
+    assert "never used" not in scale.detail  # forward does use `scale`: the new one
+
+
+@pytest.mark.parametrize("added_to_optimizer", [False, True])
+def test_a_layer_replaced_mid_run_is_named_as_replaced(added_to_optimizer):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with watch(model, optimizer, summary=False) as guard:
+            for step in range(5):
+                if step == 2:
+                    model[2] = nn.Linear(8, 3)
+                    if added_to_optimizer:
+                        optimizer.add_param_group({"params": model[2].parameters()})
+                model(torch.randn(8, 4)).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    report = guard.report()
+    assert report.missing == ["2.weight", "2.bias"]
+    for name in report.missing:
+        detail = report.params[name].detail
+        assert report.params[name].none_steps == 3 and report.params[name].cause == "unused"
+        assert f"`{name}` was replaced after GradGuard and the optimizer took it" in detail
+        assert ("which an optimizer also updates" in detail) is added_to_optimizer
+        assert ("no optimizer updates" in detail) is not added_to_optimizer
+
+
 def test_a_layer_added_to_the_model_and_the_optimizer_mid_run_keeps_its_model_name():
     class Growing(nn.Module):
         def __init__(self) -> None:

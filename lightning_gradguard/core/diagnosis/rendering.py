@@ -77,6 +77,9 @@ def render(
             "then left out). Fix: use that output in the loss, or remove the computation."
         )
     runs: dict[int, list[Any]] = payload
+    replaced = _replaced_text(model_map, index, name)
+    if replaced is not None:
+        return UNUSED, replaced
     ran = [o for o in owners if runs.get(o.module_id, (0, 0))[0]]
     ran_without_grad = [o for o in owners if runs.get(o.module_id, (0, 0))[1]]
     root = model_map.root
@@ -127,6 +130,32 @@ def _orphan_text(model_map: ModelMap, index: int) -> str:
         "holds the old tensor and not its replacement. Fix: create the optimizer after the last change to the "
         "model (or add the new parameters with add_param_group); if the tensor belongs to another model, that "
         "model's forward pass is not watched here."
+    )
+
+
+def _replaced_text(model_map: ModelMap, index: int, name: str) -> Optional[str]:
+    """The text for a parameter whose name in the model now holds another tensor, or None."""
+    root, params = model_map.root, model_map.engine.registry.params
+    if root is None or index >= len(params):
+        return None
+    try:
+        current = root.get_parameter(name)
+    except (AttributeError, TypeError, ValueError):  # a wrapper's naming, or no longer a parameter: no claim
+        return None
+    if current is params[index]:
+        return None
+    if model_map.engine.registry.find(current) is not None:  # an optimizer was given the new tensor too
+        return (
+            f"`{name}` was replaced after GradGuard and the optimizer took it: the model now holds a new tensor "
+            "under that name, which an optimizer also updates, while an optimizer still holds the old one, which "
+            "nothing uses. Fix: build the optimizer after the last change to the model, or leave the old tensor out."
+        )
+    return (
+        f"`{name}` was replaced after GradGuard and the optimizer took it: the model now holds a new tensor under "
+        "that name, which the forward pass uses and no optimizer updates, while the optimizer updates the old one, "
+        "which nothing uses. Most often a parameter created in forward (`self.w = nn.Parameter(...)` there) or a "
+        "layer re-created after the optimizer was built. Fix: create parameters once, in __init__ (change their "
+        "values in place under torch.no_grad()), and build the optimizer after the last change to the model."
     )
 
 
