@@ -3,13 +3,15 @@ hold for every adapter (a plain loop driving the engine, torch.compile, evaluati
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from diagnosis_helpers import HIDDEN, IN_DIM, Regression, fit, instruments_removed, planted_at, regression_data
 from torch import nn
 
-from lightning_gradguard import GradGuard, GradGuardEngine, GradGuardError, GuardConfig
+from lightning_gradguard import GradGuard, GradGuardEngine, GradGuardError, GuardConfig, watch
 
 
 class LateBranch(Regression):
@@ -233,6 +235,46 @@ def test_plain_loop_evaluation_between_steps_is_not_a_no_grad_cause():
         optimizer.zero_grad()
     engine.end_diagnosis()
     assert engine.report().params["val_head.weight"].cause == "unused"
+
+
+class CutInEvalMode(nn.Module):
+    """``first`` is cut from the loss, by ``.detach()`` or inside ``torch.no_grad()``."""
+
+    def __init__(self, cut: str) -> None:
+        super().__init__()
+        self.first = nn.Linear(IN_DIM, IN_DIM)
+        self.second = nn.Linear(IN_DIM, 1)
+        self.cut = cut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cut == "detach":
+            h = self.first(x).detach()
+        else:
+            with torch.no_grad():
+                h = self.first(x)
+        return self.second(h)
+
+
+@pytest.mark.parametrize(("cut", "cause", "line"), [("detach", "detached", ".detach()"),
+                                                     ("no_grad", "no_grad", "torch.no_grad()")])
+def test_a_model_trained_in_eval_mode_gets_the_true_cause(cut, cause, line):
+    """Frozen batch norm, or a ``model.train()`` forgotten after evaluation: the forward pass runs in eval mode with
+    autograd on, and is a training pass; an evaluation pass between the steps (eval mode, autograd off) is not."""
+    torch.manual_seed(0)
+    model = CutInEvalMode(cut).eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with watch(model, optimizer, summary=False) as guard:
+            for _ in range(3):
+                F.mse_loss(model(torch.randn(2, IN_DIM)), torch.randn(2, 1)).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                with torch.no_grad():  # evaluation between steps
+                    model(torch.randn(2, IN_DIM))
+    first = guard.report().params["first.weight"]
+    assert first.none_steps == 3 and first.cause == cause
+    assert line in first.detail and "never called" not in first.detail
 
 
 @pytest.mark.internal_error

@@ -219,6 +219,10 @@ class Instruments:
         model_map.refresh()
         for module in model_map.owner_modules:
             self._handles.append(module.register_forward_hook(self._on_forward))
+        root = model_map.root
+        if root is not None and model_map.trace_cuts and not isinstance(root, torch.jit.ScriptModule):
+            self._handles.append(root.register_forward_pre_hook(self._on_root_start))
+            self._handles.append(root.register_forward_hook(self._on_root_end))
         if model_map.trace_cuts:
             self._mode = _CutRecorder(self.recording, self.fail)
             torch._C._push_on_torch_function_stack(self._mode)
@@ -237,6 +241,7 @@ class Instruments:
             if not _remove_mode(mode):  # pushed on another thread's stack: retry from there later
                 self._stale_modes.append(mode)
         self.armed = False
+        self.model_map.grad_forward = False
         self.recording.new_segment()
 
     def retry_stale_modes(self) -> None:
@@ -246,9 +251,17 @@ class Instruments:
             except Exception:  # noqa: BLE001 - a mode marked off only passes calls through; try again later
                 pass
 
+    def _on_root_start(self, module: torch.nn.Module, args: Any) -> None:
+        # a forward call that begins with autograd on is a training pass, whatever the model's mode (a call whose
+        # end never comes, because it raised, is superseded by the next call's start)
+        self.model_map.grad_forward = torch.is_grad_enabled()
+
+    def _on_root_end(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.model_map.grad_forward = False
+
     def _on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         recording = self.recording
-        if torch.compiler.is_compiling() or recording.paused or not self.model_map.training():
+        if torch.compiler.is_compiling() or recording.paused or self.model_map.evaluating():
             return
         try:
             recording.count_run(module, sys._getframe(1))

@@ -65,6 +65,7 @@ class ModelMap:
         self.owners: dict[int, list[Owner]] = {}
         self.owner_modules: list[torch.nn.Module] = []
         self.trace_cuts = True
+        self.grad_forward = False  # inside a forward call of the root that began with autograd on
         self._size = -1
 
     def refresh(self) -> None:
@@ -98,7 +99,10 @@ class ModelMap:
             if owns and id(module) not in opaque:  # a hook inside compiled code sees nothing, and costs a recompile
                 self.owner_modules.append(module)
 
-    def training(self) -> bool:
-        """Whether the model is in training mode (an evaluation pass between steps is not recorded)."""
+    def evaluating(self) -> bool:
+        """Whether this is an evaluation pass between steps (not recorded): the model in eval mode with autograd
+        off. A model trained in eval mode (frozen batch norm, a forgotten ``model.train()``) runs with autograd on,
+        and what its forward pass does is recorded like any other, a ``torch.no_grad()`` block inside a forward call
+        of the model that began with autograd on included."""
         root = self.root
-        return root is None or root.training
+        return root is not None and not root.training and not torch.is_grad_enabled() and not self.grad_forward

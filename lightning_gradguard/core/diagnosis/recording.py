@@ -143,7 +143,7 @@ class Recording:
         extra: Optional[tuple] = None,
     ) -> None:
         """Record a cut at the user's frames around ``caller`` (the frame that called the torch function)."""
-        if not self.model_map.training():  # an evaluation loop between training steps
+        if self.model_map.evaluating():  # an evaluation loop between training steps
             return
         found = user_frames(caller, find_checkpoint=kind == NO_GRAD)
         if found is None:  # the framework's or an optimizer's own call

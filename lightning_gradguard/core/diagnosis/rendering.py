@@ -140,8 +140,8 @@ def _replaced_text(model_map: ModelMap, index: int, name: str) -> Optional[str]:
         return None
     try:
         current = root.get_parameter(name)
-    except (AttributeError, TypeError, ValueError):  # a wrapper's naming, or no longer a parameter: no claim
-        return None
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # a wrapper's naming, no longer a parameter,
+        return None  # or a ScriptModule (which has no get_parameter): no claim
     if current is params[index]:
         return None
     if model_map.engine.registry.find(current) is not None:  # an optimizer was given the new tensor too
