@@ -9,7 +9,7 @@ from torch import nn
 
 
 class TrainableHiddenInAttributes(Regression):
-    """Five ways to keep a trainable tensor where ``model.parameters()`` cannot see it."""
+    """Six ways to keep a trainable tensor where ``model.parameters()`` cannot see it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -19,6 +19,7 @@ class TrainableHiddenInAttributes(Regression):
         self.gains = {"a": nn.Parameter(torch.ones(1)), "b": nn.Parameter(torch.ones(1))}  # parameters in a dict
         self.pair = (nn.Parameter(torch.zeros(1)), nn.Linear(IN_DIM, 1))  # a tuple of both
         self.bias64 = nn.Parameter(torch.zeros(1)).to(torch.float64)  # wrapped, then cast: a plain tensor
+        self.scale = nn.Parameter(torch.ones(1)) * 0.5  # wrapped, then scaled: a plain tensor too
 
     def forward(self, x):
         out = self.layer(x) * self.temperature + self.bias64.float()
@@ -30,7 +31,7 @@ class TrainableHiddenInAttributes(Regression):
 def test_unregistered_trainable_tensors_are_named_with_their_fix(tmp_path, recwarn):
     report = fit(TrainableHiddenInAttributes(), regression_data(), tmp_path)
     findings = {f.name: f for f in report.findings}
-    assert set(findings) == {"temperature", "heads", "gains", "pair", "bias64"}
+    assert set(findings) == {"temperature", "heads", "gains", "pair", "bias64", "scale"}
     assert all(f.kind == "unregistered" for f in findings.values())
     assert "nn.Parameter(" in findings["temperature"].detail
     assert "2 modules with 4 trainable parameter tensors" in findings["heads"].detail
@@ -38,9 +39,12 @@ def test_unregistered_trainable_tensors_are_named_with_their_fix(tmp_path, recwa
     assert "nn.ParameterDict(...)" in findings["gains"].detail
     assert "nn.ModuleList(...) / nn.ParameterList(...)" in findings["pair"].detail
     assert "was an nn.Parameter" in findings["bias64"].detail and "wrap after moving" in findings["bias64"].detail
+    scale = findings["scale"].detail  # not a move or a cast: the operation is named, and the fix that applies
+    assert "was an nn.Parameter" in scale and "MulBackward0" in scale and "wrap the result" in scale
+    assert ".to()" not in scale
     # the registered parameters all received gradients: nothing else is reported
     assert report.missing == [] and set(report.params) == {"layer.weight", "layer.bias"}
-    assert any("GradGuard found 5 problems" in str(w.message) for w in recwarn)
+    assert any("GradGuard found 6 problems" in str(w.message) for w in recwarn)
 
 
 class PartlyOptimized(Regression):

@@ -246,11 +246,17 @@ def _tensor_finding(path: str, attr: str, value: Tensor, registered: set[int]) -
     if any(id(leaf) in registered for leaf in leaves):
         return None  # a value computed from registered parameters, not a parameter that went missing
     if any(isinstance(leaf, nn.Parameter) for leaf in leaves):
+        op = type(value.grad_fn).__name__
+        if op.lstrip("_").startswith(("ToCopyBackward", "CopyBackwards")):  # .to(), .cuda(), .double(), ...
+            return Finding(UNREGISTERED, path, (
+                f"`{path}` was an nn.Parameter, but .to()/.cuda()/a dtype cast after wrapping turned it into a plain "
+                f"tensor {shape} (grad_fn {op}), so {_NOT_TRAINED.format(them='it')}. Fix: wrap after moving, "
+                f"self.{attr} = nn.Parameter(tensor.to(device)), or move the whole model with model.to(device)."
+            ))
         return Finding(UNREGISTERED, path, (
-            f"`{path}` was an nn.Parameter, but .to()/.cuda()/a dtype cast after wrapping turned it into a plain "
-            f"tensor {shape} (grad_fn {type(value.grad_fn).__name__}), so {_NOT_TRAINED.format(them='it')}. Fix: "
-            f"wrap after moving, self.{attr} = nn.Parameter(tensor.to(device)), or move the whole model with "
-            "model.to(device)."
+            f"`{path}` was an nn.Parameter, but an operation on it after wrapping (grad_fn {op}) returned a plain "
+            f"tensor {shape}, so {_NOT_TRAINED.format(them='it')}. Fix: compute the value first and wrap the "
+            f"result, self.{attr} = nn.Parameter(value), or apply the operation in forward."
         ))
     return Finding(UNREGISTERED, path, (
         f"`{path}` is a tensor {shape} with requires_grad=True computed from tensors that are not parameters, so "
