@@ -71,7 +71,7 @@ class Finding:
     """Found by inspecting the model and optimizers rather than gradients. ``severity``: a ``"warning"`` makes
     :attr:`GradReport.ok` False; a ``"note"`` changes nothing in training (a target network no gradient reaches)."""
 
-    kind: str  # "unregistered" | "not_in_optimizer" | "zero_lr" | "skipped_by_optimizer"
+    kind: str  # "unregistered" | "not_in_optimizer" | "zero_lr" | "skipped_by_optimizer" | "skipped_batches"
     name: str
     detail: str
     severity: str = WARNING

@@ -264,21 +264,45 @@ def test_step_without_manual_backward_is_no_backward(make_trainer):
         assert report.params[name].cause == "no_backward"
 
 
-def test_training_step_returning_none_is_no_backward(make_trainer):
-    guard = GradGuard(summary=False)
+def test_a_batch_skipped_by_returning_none_is_a_skipped_step_not_a_missing_gradient(make_trainer):
+    # Lightning documents `return None` from training_step as "skip this batch": once the run has trained, such a
+    # step is counted as skipped (a note), not as missing gradients, and strict mode does not stop the run
+    guard = GradGuard(summary=False, strict=True)
     trainer = make_trainer(callbacks=[guard])
-    with pytest.warns(UserWarning, match=r"\[no_backward\]") as record:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         trainer.fit(SkipBatchesMLP(skip_batches={2, 5}), regression_loader(8))
 
     report = guard.report()
-    assert report.steps == 8
-    assert report.micro_batches == 6  # backward passes
-    assert len(report.missing) == 6
+    assert trainer.global_step == 8
+    assert report.ok and report.missing == []
+    assert report.steps == 6 and report.micro_batches == 6
+    for name in report.params:
+        assert counts(report, name) == (6, 0, 6, 0)
+    (note,) = report.findings
+    assert (note.kind, note.severity) == ("skipped_batches", "note")
+    assert note.detail.startswith("2 optimizer steps came after batches that ran no backward pass because "
+                                  "training_step returned None")
+    assert gradguard_warnings(record) == []
+    assert guard.state_dict()["skipped_steps"] == 2  # a resumed run continues the count
+
+
+def test_a_training_step_that_never_returns_its_loss_is_no_backward(make_trainer):
+    # the bug the skip rule must not hide: nothing ever trained, so nothing was skipped on purpose
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard])
+    with pytest.warns(UserWarning, match=r"\[no_backward\]") as record:
+        trainer.fit(SkipBatchesMLP(skip_batches=range(8)), regression_loader(8))
+
+    report = guard.report()
+    assert report.steps == 8 and report.micro_batches == 0
+    assert not report.ok and len(report.missing) == 6
     for name, p in report.params.items():
-        assert counts(report, name) == (8, 2, 8, 2)
+        assert counts(report, name) == (8, 8, 8, 8)
         assert p.cause == "no_backward"
         assert "training_step returned None" in p.detail
-    assert "global step 2" in gradguard_warnings(record)[0]
+    assert "skipped_batches" not in {f.kind for f in report.findings}
+    assert "global step 0" in gradguard_warnings(record)[0]
 
 
 def test_training_step_returning_none_inside_a_window_is_only_intermittent(make_trainer):

@@ -84,9 +84,9 @@ def test_strict_raises_at_a_later_step_and_that_step_changes_nothing(make_traine
 def test_strict_message_names_the_cause_and_fix_when_known(make_trainer):
     from models import SkipBatchesMLP
 
-    with pytest.raises(GradGuardError) as info:
+    with pytest.raises(GradGuardError) as info:  # the first batch returns no loss: the run has not trained at all
         make_trainer(callbacks=[GradGuard(strict=True, summary=False)]).fit(
-            SkipBatchesMLP(skip_batches={1}), regression_loader(3)
+            SkipBatchesMLP(skip_batches={0}), regression_loader(3)
         )
     message = str(info.value)
     assert "[no_backward]" in message

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_gradguard.adapters.lightning_loop import (
     batches_started,
     nothing_between_backward_and_step,
+    pl_module_skips_batches,
     zero_grad_sets_none,
 )
 from lightning_gradguard.config import OPTIONS, AllowNone, GuardConfig, LogGranularity, NonfiniteCheck, NormType
@@ -29,6 +30,7 @@ from lightning_gradguard.training.context import TrainingContext
 from lightning_gradguard.training.strategies import DDP, SINGLE
 
 _DEFAULT_EVERY = 50  # Lightning's default log_every_n_steps
+_SKIPPED_BY_NONE = "training_step returned None (Lightning skips such a batch)"
 
 
 class GradGuard(Callback):
@@ -335,6 +337,10 @@ class GradGuard(Callback):
         if self._checked == (id(optimizer), step):
             return
         self._checked = (id(optimizer), step)
+        # Lightning skips a batch whose training_step returned None (and still calls this hook): not a missing
+        # gradient, once the run has trained (a run that never did forgot to return its loss, and is reported)
+        if pl_module_skips_batches(trainer) and self.engine.skip_empty_window(optimizer, _SKIPPED_BY_NONE):
+            return
         stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
         # decided alike on every rank, whatever failed on this one: the reduction of a logging step is a collective
         due = reporter.log_due(stepped) or (reporter.logs and trainer.should_stop)

@@ -1,5 +1,5 @@
-"""What the Trainer callback reads of Lightning's training loop: which batches started, what ``zero_grad`` will do,
-and whether any user code can run between the backward pass and the optimizer step.
+"""What the Trainer callback reads of Lightning's training loop: which batches started, whether a batch may be skipped,
+what ``zero_grad`` will do, and whether any user code can run between the backward pass and the optimizer step.
 
 Lightning's hooks say when things happen; these say what the loop around them will do, from the loop's progress
 counters and from which hooks the user's classes override (both namespaces: ``lightning.pytorch`` and
@@ -22,6 +22,13 @@ def batches_started(trainer: Any) -> Optional[int]:
     """Training batches Lightning has started in this fit (None if this Lightning version does not say)."""
     progress = getattr(getattr(trainer.fit_loop.epoch_loop, "batch_progress", None), "total", None)
     return getattr(progress, "started", None)
+
+
+def pl_module_skips_batches(trainer: Any) -> bool:
+    """Whether Lightning skips a batch whose ``training_step`` returns None: automatic optimization, in one process
+    (the only setting where Lightning supports it; elsewhere the ranks would disagree on which steps to check)."""
+    module = trainer.lightning_module
+    return module is not None and module.automatic_optimization and trainer.world_size == 1
 
 
 def zero_grad_sets_none(pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> bool:

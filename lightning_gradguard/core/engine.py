@@ -31,7 +31,7 @@ from lightning_gradguard.core.causes import ZERO
 from lightning_gradguard.core.check import StepChecker
 from lightning_gradguard.core.diagnosis import Diagnosis
 from lightning_gradguard.core.measure import Measurement, StatsRequest
-from lightning_gradguard.core.messages import zero_detail
+from lightning_gradguard.core.messages import skipped_batches_note, zero_detail
 from lightning_gradguard.core.observer import EngineObserver, StepCheck
 from lightning_gradguard.core.registry import ParamRegistry
 from lightning_gradguard.core.state import GuardState
@@ -101,6 +101,7 @@ class GradGuardEngine:
         self.optimizer_audit = OptimizerAudit(self.registry)  # not_in_optimizer, kept true while the run changes
         self._warned_findings: set[tuple[str, str]] = set()
         self._checked_patterns = False
+        self._skip_reason = "the training loop skipped them"
 
     # ------------------------------------------------------------------ lifecycle
     def bind(self, named_parameters: Iterable[tuple[str, Tensor]], module: Optional[torch.nn.Module] = None) -> None:
@@ -293,6 +294,22 @@ class GradGuardEngine:
         """
         return self._checker.check(optimizer, step, accumulate, measure, grad_scale, extras)
 
+    def skip_empty_window(self, optimizer: torch.optim.Optimizer, reason: str) -> bool:
+        """End ``optimizer``'s window without a check when no backward pass ran in it although earlier ones of the run
+        did: the training loop skipped those batches on purpose (``reason``: how, in the adapter's words, such as
+        "training_step returned None"). Nothing is counted against the parameters; the report carries a note with
+        the number of such steps. Returns whether the window was skipped (if not, check the step as usual: a run that
+        never ran a backward pass is a bug, not a skip).
+        """
+        windows = self.windows
+        if windows.backwards_since_step(optimizer) or not windows.run_backwards:
+            return False
+        windows.close(optimizer)
+        self.tracker.take_kept()
+        self.state.skipped_steps += 1
+        self._skip_reason = reason
+        return True
+
     # ------------------------------------------------------------------ diagnosis and static findings
     def audit(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> list[Finding]:
         """Check the bound model and ``optimizers`` for trainable tensors nothing will train (call at fit start).
@@ -391,7 +408,10 @@ class GradGuardEngine:
             elif p.always_zero:
                 p.cause, p.detail = ZERO, zero_detail(p.zero_steps)
             params[name] = p
-        report = GradReport(self.state.steps, self.state.backwards, params, list(self.findings))
+        findings = list(self.findings)
+        if self.state.skipped_steps:
+            findings.append(skipped_batches_note(self.state.skipped_steps, self._skip_reason))
+        report = GradReport(self.state.steps, self.state.backwards, params, findings)
         for observer in self.observers:
             observer.add_to_report(report)
         return report

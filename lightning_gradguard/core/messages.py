@@ -10,6 +10,7 @@ from lightning_gradguard.core.causes import DESCRIPTIONS, hint_for
 
 if TYPE_CHECKING:
     from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
+    from lightning_gradguard.report import Finding
 
 
 def module_of(name: str) -> str:
@@ -115,3 +116,19 @@ def fsdp_zero_detail(steps: int) -> str:
         "is unused: call its module in forward, remove it, or add its name to allow_none if it is optional (a zero "
         "factor downstream, or units that never activate, look the same)"
     )
+
+
+SKIPPED_BATCHES = "skipped_batches"  # the kind of the note about steps after batches skipped on purpose
+
+
+def skipped_batches_note(steps: int, reason: str) -> Finding:
+    """The note for ``steps`` optimizer steps whose batches the training loop skipped on purpose (``reason``)."""
+    from lightning_gradguard.report import NOTE, Finding
+
+    plural = "s" if steps != 1 else ""
+    return Finding(SKIPPED_BATCHES, "training loop", (
+        f"{steps} optimizer step{plural} came after batches that ran no backward pass because {reason}, after "
+        f"earlier batches of the run had trained: no gradient was computed for {'them' if plural else 'it'} and no "
+        "weight changed, so they are not counted as missing gradients. If that is not meant to happen, make the "
+        "training step return its loss on every batch."
+    ), severity=NOTE)

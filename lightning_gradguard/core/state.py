@@ -110,6 +110,7 @@ class GuardState:
         """Forget every count and cause (the size stays)."""
         self.steps = 0
         self.backwards = 0
+        self.skipped_steps = 0  # optimizer steps after batches the training loop skipped on purpose (not checked)
         self._host = {c.name: torch.zeros(self.size, dtype=torch.int64) for c in HOST_COUNTERS}
         self._device: dict[str, dict[torch.device, Tensor]] = {c.name: {} for c in DEVICE_COUNTERS}
         self._pending: dict[int, tuple[Sequence[int], dict[str, int]]] = {}
@@ -225,6 +226,7 @@ class GuardState:
             "version": STATE_VERSION,
             "steps": self.steps,
             "backwards": self.backwards,
+            "skipped_steps": self.skipped_steps,
             "params": params,
             "warned": [names[i] for i in sorted(self.warned) if i < len(names)],
         }
@@ -239,6 +241,7 @@ class GuardState:
         parsed = parse_state(state)
         self.reset()
         self.steps, self.backwards = parsed["steps"], parsed["backwards"]
+        self.skipped_steps = parsed["skipped_steps"]
         restored_device = {c.name: torch.zeros(self.size, dtype=torch.int64) for c in DEVICE_COUNTERS}
         for name, entry in parsed["params"].items():
             i = index_of.get(name)
@@ -274,6 +277,7 @@ def parse_state(state: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
         "steps": _count(state.get("steps", 0), "steps"),
         "backwards": _count(state.get("backwards", 0), "backwards"),
+        "skipped_steps": _count(state.get("skipped_steps", 0), "skipped_steps"),
         "params": {},
         "warned": [],
     }

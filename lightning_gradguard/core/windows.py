@@ -60,6 +60,16 @@ class Windows:
         self._last[optimizer] = self._latest = (self.micro_batch, self.backwards)
         return window, self.backwards - last_bw
 
+    def backwards_since_step(self, optimizer: Any) -> int:
+        """Backward passes since ``optimizer``'s last step (or the start of the run), without ending its window."""
+        last = self._last.get(optimizer)
+        return self.backwards - (last if last is not None else self._start)[1]
+
+    @property
+    def run_backwards(self) -> int:
+        """Backward passes in this run."""
+        return self.backwards - self._start[1]
+
     def join(self, optimizer: Any) -> None:
         """``optimizer``, created after the run began, is about to take its first step: its window begins where
         the latest step of any optimizer ended (it was created, and its gradients cleared, after that step)."""
