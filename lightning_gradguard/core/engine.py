@@ -26,10 +26,11 @@ from torch import Tensor
 
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.core.arrivals import ArrivalTracker
-from lightning_gradguard.core.audit import AUDIT_KINDS, NOT_IN_OPTIMIZER, OptimizerAudit, find_unregistered
+from lightning_gradguard.core.audit import OptimizerAudit
 from lightning_gradguard.core.causes import ZERO
 from lightning_gradguard.core.check import StepChecker
 from lightning_gradguard.core.diagnosis import Diagnosis
+from lightning_gradguard.core.findings import Findings
 from lightning_gradguard.core.measure import Measurement, StatsRequest
 from lightning_gradguard.core.messages import skipped_batches_note, zero_detail
 from lightning_gradguard.core.observer import EngineObserver, StepCheck
@@ -38,8 +39,7 @@ from lightning_gradguard.core.state import GuardState
 from lightning_gradguard.core.updates import UpdateWatch
 from lightning_gradguard.core.windows import ArrivalCounts, Windows
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
-from lightning_gradguard.isolation import internal_error
-from lightning_gradguard.report import NOTE, Finding, GradReport, ParamReport
+from lightning_gradguard.report import Finding, GradReport, ParamReport
 
 NO_BACKWARD_HINT = "backward() was not called before the optimizer step, or the loss does not depend on the model"
 _EAGER_VERSIONS_MAX = 2048  # parameter tensors up to which plain loops read versions after every backward pass
@@ -83,7 +83,6 @@ class GradGuardEngine:
         self.state = GuardState()
         self.windows = Windows()
         self.measurement = Measurement(self.state, config.norm_type)
-        self.findings: list[Finding] = []
         self.module: Optional[torch.nn.Module] = None
         self.diagnosis: Optional[Diagnosis] = None  # created by bind(module=...): explains unused/no_grad/detached
         # what the backward passes gave (owned here; the step check reads them)
@@ -99,8 +98,7 @@ class GradGuardEngine:
         self.updates = UpdateWatch(self)  # weights that never move: lr=0 groups, steps that skip a parameter
         self._pending_state: Optional[Any] = None
         self.optimizer_audit = OptimizerAudit(self.registry)  # not_in_optimizer, kept true while the run changes
-        self._warned_findings: set[tuple[str, str]] = set()
-        self._checked_patterns = False
+        self.found = Findings(self.registry, self.optimizer_audit, lambda message: self.warn(message))
         self._skip_reason = "the training loop skipped them"
 
     # ------------------------------------------------------------------ lifecycle
@@ -320,46 +318,17 @@ class GradGuardEngine:
         param groups or the set of parameters that receive gradients change. An ``allow_none`` pattern that matches
         no parameter is warned about once, with the closest names. Returns the new findings.
         """
-        optimizers = list(optimizers)
-        found = find_unregistered(self.module) if self.module is not None else []
-        found += self.optimizer_audit.start(optimizers) if optimizers else []
-        self.optimizer_audit.following = bool(optimizers)
-        self.findings[:] = [f for f in self.findings if f.kind not in AUDIT_KINDS] + found
-        self._warn_findings(found)
-        if not self._checked_patterns:
-            self._checked_patterns = True
-            self._warn_unmatched_patterns()
-        return found
+        return self.found.audit(self.module, list(optimizers))
 
     def follow_audit(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Take the ``not_in_optimizer`` check again now (the step check calls this when the optimizers' layout or
         the parameters that receive gradients changed; ``optimizer``: the one about to step)."""
-        try:
-            found = self.optimizer_audit.follow(optimizer)
-        except Exception as err:  # noqa: BLE001 - the audit must never stop the step check
-            self.optimizer_audit.following = False
-            self.warn(internal_error(
-                f"GradGuard: internal error in the optimizer audit ({type(err).__name__}: {err}); it is turned off "
-                "for the rest of this run, training continues. Please report this at the project's issue tracker."
-            ))
-            return
-        self.findings[:] = [f for f in self.findings if f.kind != NOT_IN_OPTIMIZER] + found
-        self._warn_findings(found)
+        self.found.follow(optimizer)
 
-    def _warn_findings(self, found: list[Finding]) -> None:
-        new = [f for f in found if f.severity != NOTE and (f.kind, f.name) not in self._warned_findings]
-        if not new:
-            return
-        self._warned_findings.update((f.kind, f.name) for f in new)
-        lines = [f"GradGuard found {len(new)} problem{'s' if len(new) != 1 else ''} in the training set-up:"]
-        lines += [f"  [{f.kind}] {f.name}: {f.detail}" for f in new]
-        self.warn("\n".join(lines))
-
-    def _warn_unmatched_patterns(self) -> None:
-        from lightning_gradguard.core.messages import unmatched_pattern_message
-
-        for pattern in self.registry.unmatched_patterns():
-            self.warn(unmatched_pattern_message(pattern, self.registry.names))
+    @property
+    def findings(self) -> list[Finding]:
+        """The findings of the run so far (owned by :attr:`found`)."""
+        return self.found.items
 
     def end_diagnosis(self) -> None:
         """Remove every diagnosis instrument now (a run ends or raised); safe to call at any time."""

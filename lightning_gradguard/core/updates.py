@@ -109,7 +109,7 @@ class UpdateWatch:
         self.close()
         self._watched.clear()
         self.stopped = False
-        self.engine.findings[:] = [f for f in self.engine.findings if f.kind not in UPDATE_KINDS]
+        self.engine.found.replace(UPDATE_KINDS, [], warn=False)
 
     def close(self) -> None:
         """Remove every post-hook and drop what a step left pending (the optimizers stay known for :meth:`finish`)."""
@@ -260,7 +260,7 @@ class UpdateWatch:
         except Exception as err:  # noqa: BLE001 - a verdict that failed must not lose the report
             self._fail(err)
             return None
-        engine.findings[:] = [f for f in engine.findings if f.kind not in UPDATE_KINDS] + found
+        engine.found.replace(UPDATE_KINDS, found, warn=False)  # warned below, in words of its own
         warnings = [f for f in found if f.severity != NOTE]
         if not warnings:
             return None
