@@ -108,6 +108,7 @@ class GradGuard(Callback):
         self._context_state: dict[str, Any] = {}  # restored from a checkpoint until the fit builds its context
         self._step: Optional[tuple[int, bool]] = None  # this batch's (step number, logging step) once it stepped
         self._checked: Optional[tuple[int, int]] = None  # (id of the optimizer, global step) of the last check
+        self._skips_batches = False  # Lightning skips a batch whose training_step returns None (decided at fit start)
         self._sent_away = False  # pickled (to ddp_spawn's processes): a run may happen elsewhere
         self._json: Optional[JsonSink] = None
 
@@ -208,6 +209,7 @@ class GradGuard(Callback):
         self._batches_started = None
         self._checked = None
         self._measure_every_step = self.config.measures_every_step(self.engine.registry.params)
+        self._skips_batches = pl_module_skips_batches(trainer)
         self._start_context(trainer)
         # a guard reused for a second fit: windows restart, counts carry on
         self.engine.start_run(reuse_backward_read=self._nothing_between_backward_and_step(trainer, pl_module))
@@ -339,7 +341,7 @@ class GradGuard(Callback):
         self._checked = (id(optimizer), step)
         # Lightning skips a batch whose training_step returned None (and still calls this hook): not a missing
         # gradient, once the run has trained (a run that never did forgot to return its loss, and is reported)
-        if pl_module_skips_batches(trainer) and self.engine.skip_empty_window(optimizer, _SKIPPED_BY_NONE):
+        if self._skips_batches and self.engine.skip_empty_window(optimizer, _SKIPPED_BY_NONE):
             return
         stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
         # decided alike on every rank, whatever failed on this one: the reduction of a logging step is a collective
