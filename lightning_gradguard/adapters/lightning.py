@@ -16,20 +16,17 @@ from lightning_gradguard.adapters.lightning_loop import (
     pl_module_skips_batches,
     zero_grad_sets_none,
 )
+from lightning_gradguard.adapters.lightning_output import trainer_reporter
 from lightning_gradguard.config import OPTIONS, AllowNone, GuardConfig, LogGranularity, NonfiniteCheck, NormType
 from lightning_gradguard.core.engine import GradGuardEngine
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
 from lightning_gradguard.output.reporter import Reporter, claim, release
-from lightning_gradguard.output.sinks.console import ConsoleSink
 from lightning_gradguard.output.sinks.json_file import JsonSink
-from lightning_gradguard.output.sinks.loggers import LoggerSink
-from lightning_gradguard.output.sinks.tensorboard import TensorBoardDashboard, tensorboard_writers
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.training.context import TrainingContext
 from lightning_gradguard.training.strategies import DDP, SINGLE
 
-_DEFAULT_EVERY = 50  # Lightning's default log_every_n_steps
 _SKIPPED_BY_NONE = "training_step returned None (Lightning skips such a batch)"
 
 
@@ -197,7 +194,7 @@ class GradGuard(Callback):
 
     # ------------------------------------------------------------------ Trainer hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        reporter = self._reporter(trainer)
+        reporter, self._json = trainer_reporter(trainer, self.engine, self.config)
         claim(reporter, [(("logger", id(logger)), f"the logger {type(logger).__name__}") for logger in trainer.loggers])
         self.reporter = reporter
         self._start(trainer, pl_module)
@@ -215,33 +212,6 @@ class GradGuard(Callback):
         self.engine.start_run(reuse_backward_read=self._nothing_between_backward_and_step(trainer, pl_module))
         self._start_reporter(trainer)
         self._audit(trainer)
-
-    def _reporter(self, trainer: Trainer) -> Reporter:
-        every = self.config.log_every_n_steps or trainer.log_every_n_steps or _DEFAULT_EVERY
-        optimizers = list(trainer.optimizers)
-        reporter = Reporter(
-            self.engine,
-            every=every,
-            logs=bool(trainer.loggers),
-            name=self.config.name,
-            writes=trainer.is_global_zero,
-            label=lambda opt: f"optimizer_{optimizers.index(opt)}" if opt in optimizers else type(opt).__name__,
-        )
-        # Trainer.log_dir broadcasts from rank zero (a collective): every rank asks, at the same point
-        log_dir = trainer.log_dir if trainer.loggers else None
-        if trainer.loggers:
-            reporter.add(LoggerSink(trainer.loggers))
-        writers = tensorboard_writers(trainer.loggers) if trainer.is_global_zero else []
-        if writers:
-            reporter.add(TensorBoardDashboard(writers, self.config.histogram_every_n_steps,
-                                              self.config.gradient_flow_every_n_steps, self.config.max_logged_series))
-        self._json = JsonSink(log_dir) if log_dir is not None else None
-        if self._json is not None:  # written before the console summary, which names it
-            reporter.add(self._json)
-        if self.config.summary:
-            json_sink = self._json
-            reporter.add(ConsoleSink(lambda: json_sink.target if json_sink is not None else None))
-        return reporter
 
     def _start_context(self, trainer: Trainer) -> None:
         # precision (AMP loss scale) and strategy (DDP, FSDP, DeepSpeed): what a gradient means in this fit
