@@ -6,7 +6,8 @@ where GradGuard (or the optimizer) looks:
 * ``unregistered``: a module attribute holds a trainable tensor that ``model.parameters()`` does not list. A
   tensor with ``requires_grad=True`` assigned as a plain attribute, modules or parameters kept in a plain Python
   ``list``/``tuple``/``dict``, or an ``nn.Parameter`` turned into a plain tensor by ``.to()``/``.cuda()``/a dtype
-  cast after wrapping. No optimizer built from ``model.parameters()`` updates them. Always a warning.
+  cast (or any other operation) after wrapping. No optimizer built from ``model.parameters()`` updates them. Always
+  a warning.
 * ``not_in_optimizer``: a registered parameter with ``requires_grad=True`` that no optimizer's param groups
   contain. What that means depends on whether gradients reach it, which :class:`OptimizerAudit` watches during
   the run:
@@ -50,34 +51,6 @@ _NOT_TRAINED = (
     "model.parameters() does not list {them}, so no optimizer built from it updates {them} and GradGuard cannot "
     "check {them}"
 )
-
-
-def audit_model(
-    module: Optional[nn.Module],
-    optimizers: Sequence[torch.optim.Optimizer],
-    registry: ParamRegistry,
-    reached: Collection[int] = (),
-) -> list[Finding]:
-    """Every static finding for ``module`` and ``optimizers`` (see the module docstring).
-
-    Args:
-        module: the root model (``None``: only the optimizer check runs, over ``registry``).
-        optimizers: the optimizers that will train it; an empty sequence skips the optimizer check.
-        registry: the engine's registry, bound to ``module``'s parameters (names and ``allow_none``).
-        reached: registry indices of the parameters a gradient is known to have reached.
-
-    Example::
-
-        for finding in audit_model(model, [optimizer], engine.registry):
-            print(finding.kind, finding.name, finding.severity, finding.detail)
-
-    """
-    findings: list[Finding] = []
-    if module is not None:
-        findings.extend(find_unregistered(module))
-    if optimizers:
-        findings.extend(find_not_in_optimizer(registry, optimizers, reached))
-    return findings
 
 
 class OptimizerAudit:
