@@ -237,6 +237,27 @@ def test_plain_loop_evaluation_between_steps_is_not_a_no_grad_cause():
     assert engine.report().params["val_head.weight"].cause == "unused"
 
 
+def test_an_evaluation_pass_that_leaves_autograd_on_is_named_for_what_it_is():
+    """An evaluation pass between steps without ``torch.no_grad()``: the head it alone uses was used with autograd
+    on, but only in eval mode; the detail says both readings and how to silence an evaluation-only head."""
+    model = ValidationOnlyHead()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with watch(model, optimizer, summary=False) as guard:
+            for _ in range(3):
+                model.eval()
+                model.val_head(torch.randn(2, IN_DIM))  # autograd left on
+                model.train()
+                F.mse_loss(model(torch.randn(2, IN_DIM)), torch.randn(2, 1)).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    head = guard.report().params["val_head.weight"]
+    assert head.cause == "unused" and head.none_steps == 3
+    assert "only while the model was in eval mode" in head.detail
+    assert "add 'val_head.*' to allow_none if it is for evaluation only" in head.detail
+
+
 class CutInEvalMode(nn.Module):
     """``first`` is cut from the loss, by ``.detach()`` or inside ``torch.no_grad()``."""
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 # reasons a backward pass gave a parameter nothing: (tag, payload)
 EVENT = 0  # behind a recorded cut (payload: the Event)
-USED = 1  # used with autograd on, its result never reached the loss
+USED = 1  # used with autograd on, its result never reached the loss (payload: only while in eval mode)
 MODULE = 2  # judged from its modules' runs (payload: the runs of that backward pass)
 NONE_BACK = 3  # the backward pass reached it, but its gradient came back None (payload: see _consumer)
 
@@ -89,7 +89,7 @@ class Analysis:
             elif id(params[i]) in reached:
                 self._mb_reasons[i] = (NONE_BACK, _consumer(reached[id(params[i])]))
             elif model_map.trace_cuts and id(params[i]) in recording.used:
-                self._mb_reasons[i] = (USED, None)
+                self._mb_reasons[i] = (USED, id(params[i]) not in recording.used_training)  # used in eval mode only
             else:
                 self._mb_reasons[i] = (MODULE, recording.runs)
 

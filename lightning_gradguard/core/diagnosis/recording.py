@@ -78,6 +78,8 @@ class Recording:
         runs: ``id(module) -> [runs with autograd on, runs with autograd off, (frames, inference) of the first
             run with autograd off]``.
         used: ids of the parameters used with autograd on.
+        used_training: those of them used while the model was in training mode (the rest were used only in eval
+            mode: an evaluation pass that left autograd on, or a model trained in eval mode).
         paused: set between the end of a forward pass and the end of its backward pass; the instruments record
             nothing then (backward recomputation, such as activation checkpointing, is not the user's forward).
 
@@ -95,12 +97,14 @@ class Recording:
         self.events: dict[tuple, Event] = {}
         self.runs: dict[int, list[Any]] = {}
         self.used: set[int] = set()
+        self.used_training: set[int] = set()
         self.paused = False
 
     def new_segment(self) -> None:
         self.events = {}
         self.runs = {}
         self.used = set()
+        self.used_training = set()
 
     def count_run(self, module: torch.nn.Module, caller: FrameType) -> None:
         """``module`` ran (``caller``: the frame that called its forward hook)."""
@@ -121,17 +125,16 @@ class Recording:
     def note_use(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """The registered parameters among a torch call's arguments were used with autograd on."""
         index = self.model_map.param_index
-        used = self.used
+        found = [id(a) for a in args if id(a) in index]
         for a in args:
-            if id(a) in index:
-                used.add(id(a))
-            elif type(a) is list or type(a) is tuple:  # an RNN's flat weights
-                for b in a:
-                    if id(b) in index:
-                        used.add(id(b))
-        for a in kwargs.values():
-            if id(a) in index:
-                used.add(id(a))
+            if type(a) is list or type(a) is tuple:  # an RNN's flat weights
+                found.extend(id(b) for b in a if id(b) in index)
+        found.extend(id(a) for a in kwargs.values() if id(a) in index)
+        if found:
+            self.used.update(found)
+            root = self.model_map.root
+            if root is None or root.training:
+                self.used_training.update(found)
 
     def record(
         self,

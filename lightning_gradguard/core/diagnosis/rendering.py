@@ -71,6 +71,15 @@ def render(
         )
     owners = model_map.owners.get(index, [])
     where = " and ".join(str(o) for o in owners) if owners else "the model"
+    if tag == USED and payload:
+        first = owners[0].name if owners and owners[0].name else None
+        silence = f"add '{first}.*' to allow_none" if first else f"add {name!r} to allow_none"
+        return UNUSED, (
+            f"{where} used it with autograd on, but only while the model was in eval mode, and that result never "
+            "reached the loss: if that was an evaluation pass that left autograd on, the parameter takes no part in "
+            f"training ({silence} if it is for evaluation only, and run evaluation under torch.no_grad()); if the "
+            "model trains in eval mode, use that output in the loss, or remove the computation."
+        )
     if tag == USED:
         return UNUSED, (
             f"{where} used it with autograd on, but that result never reached the loss (it was computed, "
