@@ -72,6 +72,31 @@ def test_a_layer_replaced_after_the_optimizer_was_built_is_named_as_such():
     assert [(f.kind, f.name) for f in report.findings] == [("not_in_optimizer", "2")]  # the new head, not trained
 
 
+def test_gradients_assigned_from_autograd_grad_are_checked_and_a_forgotten_one_is_named_as_such():
+    """Meta-learning and federated code set .grad by hand from torch.autograd.grad: no backward pass runs. The
+    parameters whose .grad was set are healthy; the one the loop forgot is named, and the detail says how the
+    others got theirs instead of asking for loss.backward() alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = list(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with watch(model, optimizer, summary=False) as guard:
+            for _ in range(3):
+                grads = torch.autograd.grad(model(torch.randn(8, 4)).sum(), params)
+                for param, grad in list(zip(params, grads))[:-1]:  # the last one is forgotten
+                    param.grad = grad
+                optimizer.step()
+                optimizer.zero_grad()
+    report = guard.report()
+    assert report.steps == 3 and report.missing == ["2.bias"]
+    bias = report.params["2.bias"]
+    assert bias.cause == "no_backward" and bias.none_steps == 3
+    assert "other parameters it updates had one: their .grad was set another way" in bias.detail
+    assert all(report.params[name].none_steps == 0 for name in ("0.weight", "0.bias", "2.weight"))
+
+
 class ScaleMadeInForward(nn.Module):
     """A parameter re-created by every forward call: the model's `scale` is new each step, the optimizer's never
     used."""

@@ -40,6 +40,12 @@ _CLEARED_DETAIL = (
     "(or set .grad = None) in between"
 )
 _STALE_GRAD = "; .grad still holds a gradient from an earlier step, which the optimizer is about to apply again"
+_SET_OTHERWISE_DETAIL = (
+    "no backward pass wrote gradients before this optimizer step, yet other parameters it updates had one: their "
+    ".grad was set another way (assigned, for example from torch.autograd.grad, or left from an earlier step), and "
+    "nothing set this one's. Fix: set its .grad as well (torch.autograd.grad over every parameter the optimizer "
+    "holds, with allow_unused=True, shows which get None), or call loss.backward()"
+)
 _LEFTOVER_DETAIL = (
     "no backward pass gave it a gradient, but .grad is not None: it holds a tensor left by "
     "zero_grad(set_to_none=False) (or an earlier step), so the optimizer still applies it (momentum, weight decay)"
@@ -141,13 +147,16 @@ class StepChecker:
         missing: list[int] = []
         leftover: list[int] = []
         excluded = {indices[j] for j in frozen}
+        # no backward pass, yet some gradients are there: they were set some other way (torch.autograd.grad)
+        set_otherwise = backwards == 0 and len(view.none) < len(indices)
         for j in none:
             index = indices[j]
             missing.append(index)
             if index not in zero_set:
                 engine.state.explain(index, CLEARED, _CLEARED_DETAIL)
             elif backwards == 0:
-                engine.state.explain(index, NO_BACKWARD, _no_backward_detail(window, engine))
+                detail = _SET_OTHERWISE_DETAIL if set_otherwise else _no_backward_detail(window, engine)
+                engine.state.explain(index, NO_BACKWARD, detail)
         if engine.tracking and zero:
             position = self._positions(indices)
             for index in zero:
