@@ -129,6 +129,6 @@ def skipped_batches_note(steps: int, reason: str) -> Finding:
     return Finding(SKIPPED_BATCHES, "training loop", (
         f"{steps} optimizer step{plural} came after batches that ran no backward pass because {reason}, after "
         f"earlier batches of the run had trained: no gradient was computed for {'them' if plural else 'it'} and no "
-        "weight changed, so they are not counted as missing gradients. If that is not meant to happen, make the "
-        "training step return its loss on every batch."
+        f"weight changed, so {'they are' if plural else 'it is'} not counted as missing gradients. If that is not "
+        "meant to happen, make the training step return its loss on every batch."
     ), severity=NOTE)
