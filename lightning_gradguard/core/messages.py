@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
 from lightning_gradguard.core.causes import DESCRIPTIONS, hint_for
+from lightning_gradguard.report import NOTE, Finding
 
 if TYPE_CHECKING:
     from lightning_gradguard.core.engine import GradGuardEngine, StepCheck
-    from lightning_gradguard.report import Finding
 
 
 def module_of(name: str) -> str:
@@ -123,8 +123,6 @@ SKIPPED_BATCHES = "skipped_batches"  # the kind of the note about steps after ba
 
 def skipped_batches_note(steps: int, reason: str) -> Finding:
     """The note for ``steps`` optimizer steps whose batches the training loop skipped on purpose (``reason``)."""
-    from lightning_gradguard.report import NOTE, Finding
-
     plural = "s" if steps != 1 else ""
     return Finding(SKIPPED_BATCHES, "training loop", (
         f"{steps} optimizer step{plural} came after batches that ran no backward pass because {reason}, after "

@@ -220,7 +220,7 @@ class Instruments:
         for module in model_map.owner_modules:
             self._handles.append(module.register_forward_hook(self._on_forward))
         root = model_map.root
-        if root is not None and model_map.trace_cuts and not isinstance(root, torch.jit.ScriptModule):
+        if root is not None and model_map.trace_cuts:  # (no trace with any compiled or scripted part)
             self._handles.append(root.register_forward_pre_hook(self._on_root_start))
             self._handles.append(root.register_forward_hook(self._on_root_end))
         if model_map.trace_cuts:

@@ -125,9 +125,11 @@ class Recording:
     def note_use(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         """The registered parameters among a torch call's arguments were used with autograd on."""
         index = self.model_map.param_index
-        found = [id(a) for a in args if id(a) in index]
+        found = []
         for a in args:
-            if type(a) is list or type(a) is tuple:  # an RNN's flat weights
+            if id(a) in index:
+                found.append(id(a))
+            elif type(a) is list or type(a) is tuple:  # an RNN's flat weights
                 found.extend(id(b) for b in a if id(b) in index)
         found.extend(id(a) for a in kwargs.values() if id(a) in index)
         if found:
