@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.core.diagnosis.graph import leaf_tensors
@@ -141,7 +142,10 @@ class _Preflight:
         modes = [(m, m.training) for m in model.modules()]
         flags = [(p, p.requires_grad) for p in model.parameters()]
         buffers = [(m, name, b, b.detach().clone())
-                   for m in model.modules() for name, b in m.named_buffers(recurse=False)]
+                   for m in model.modules() for name, b in m.named_buffers(recurse=False) if not is_lazy(b)]
+        # a lazy batch norm's statistics take their shape in the check's forward: reset to their initial values then
+        lazy_stats = [m for m in model.modules()
+                      if hasattr(m, "reset_running_stats") and any(is_lazy(b) for b in m.buffers(recurse=False))]
         devices = sorted({p.device.index or 0 for p in self.trainable if p.device.type == "cuda"})
         self._stash(model.parameters())
         standin = _LightningStandIn(self) if self.lightning is not None else None
@@ -165,7 +169,8 @@ class _Preflight:
             for module, training in modes:
                 module.training = training
             for param, requires_grad in flags:
-                param.requires_grad_(requires_grad)
+                if param.requires_grad != requires_grad:  # a lazy parameter never called refuses any call
+                    param.requires_grad_(requires_grad)
             for tensor, grad in self._grads.values():
                 tensor.grad = grad
             with torch.no_grad():
@@ -173,6 +178,9 @@ class _Preflight:
                     if getattr(module, name, None) is not buffer:
                         setattr(module, name, buffer)
                     buffer.copy_(saved)
+                for module in lazy_stats:
+                    if not any(is_lazy(b) for b in module.buffers(recurse=False)):
+                        module.reset_running_stats()
         self._muted = True  # the report says what the findings are; no warning besides
         try:
             return self.engine.report(), self.failures

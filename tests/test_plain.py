@@ -316,6 +316,34 @@ def test_frozen_parameters_are_not_reported(quiet):
     assert set(as_dict(guard)) == {"head.weight", "head.bias"}
 
 
+
+def test_lazy_modules_watched_before_their_first_forward(quiet):
+    """``nn.LazyLinear`` parameters have no shape until the first forward call; watching them before it works."""
+
+    class LazyNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.LazyLinear(1))
+            self.spare = nn.LazyLinear(2)  # never called: never materialized, never given a gradient
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = LazyNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = watch(model, optimizer, summary=False)
+    train(model, optimizer, n_steps=4)
+    guard.close()
+    report = guard.report()
+    assert report.steps == 4
+    assert set(report.missing) == {"spare.weight", "spare.bias"}
+    params = as_dict(guard)
+    assert all(params[f"body.{i}.{kind}"]["none_steps"] == 0 for i in (0, 2) for kind in ("weight", "bias"))
+    assert params["spare.weight"]["none_steps"] == 4
+    if DIAGNOSIS:
+        assert params["spare.weight"]["cause"] == "unused"
+
 # ---------------------------------------------------------------------------------------------- AMP
 @pytest.mark.parametrize("fused", [False, True])
 def test_grad_scaler_norms_are_unscaled(tmp_path, quiet, fused):

@@ -482,6 +482,31 @@ def test_the_model_is_left_exactly_as_it_was():
     assert instruments_removed(model)
 
 
+
+def test_lazy_modules_are_materialized_like_a_dry_run_and_their_statistics_reset():
+    """The check's forward gives lazy modules their shapes (the dry run PyTorch asks for before training); a lazy
+    batch norm's statistics come back to their initial values, and a lazy module never called stays lazy."""
+
+    class LazyNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.LazyLinear(8), nn.LazyBatchNorm1d(), nn.ReLU(), nn.LazyLinear(1))
+            self.spare = nn.LazyLinear(2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.body(x)
+
+    model = LazyNet()
+    report = check_gradients(model, torch.randn(16, 4) + 3.0)
+    assert set(report.missing) == {"spare.weight", "spare.bias"}
+    assert report.params["spare.weight"].cause == "unused"
+    norm = model.body[1]
+    assert torch.equal(norm.running_mean, torch.zeros(8)) and torch.equal(norm.running_var, torch.ones(8))
+    assert int(norm.num_batches_tracked) == 0
+    assert model.body[0].weight.shape == (8, 4)
+    assert isinstance(model.spare.weight, nn.parameter.UninitializedParameter)
+    assert instruments_removed(model)
+
 class Boom(Exception):
     pass
 

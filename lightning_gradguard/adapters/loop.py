@@ -50,6 +50,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from lightning_gradguard.adapters.backward import BackwardBracket
 from lightning_gradguard.adapters.patching import MethodWrapper, close_at_exit, open_guards
@@ -145,7 +146,8 @@ class LoopGuard(Watcher):
 
     def _hook_new_params(self) -> None:
         """Put the per-parameter detector on every trainable parameter that does not have it yet (first window,
-        or for good when the loop does not go through ``model``); frozen ones are looked at again each step."""
+        or for good when the loop does not go through ``model``); frozen and not yet materialized ones are looked at
+        again each step."""
         if not self._param_mode:
             return
         params = self.engine.registry.params
@@ -154,7 +156,8 @@ class LoopGuard(Watcher):
             self._seen_params = len(params)
         still_frozen = []
         for param in self._unhooked:
-            if param.requires_grad:
+            # a lazy module's parameter takes no hook before its first forward call gives it a shape
+            if param.requires_grad and not is_lazy(param):
                 self._param_hooks.append(param.register_hook(self._on_param_grad))
             else:
                 still_frozen.append(param)
