@@ -138,4 +138,6 @@ def assert_clean(report: GradReport) -> None:
 
 def instruments_removed(model: torch.nn.Module) -> bool:
     """No torch-function mode is active on this thread and no module of ``model`` has a forward hook left."""
-    return torch._C._len_torch_function_stack() == 0 and not any(m._forward_hooks for m in model.modules())
+    return torch._C._len_torch_function_stack() == 0 and not any(
+        m._forward_hooks or m._forward_pre_hooks for m in model.modules()
+    )

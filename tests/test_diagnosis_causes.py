@@ -194,6 +194,42 @@ def test_parameter_a_running_cnn_block_never_touches(tmp_path):
     assert "`block` (ScaledConv) ran, but its forward never used `block.scale`" in report.params["block.scale"].detail
 
 
+class PromptBank(nn.Module):
+    """Learned prompts in a ``ParameterList``: the forward indexes the list, it never calls it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts = nn.ParameterList([nn.Parameter(torch.randn(IN_DIM)) for _ in range(3)])
+
+    def forward(self, x):
+        return x + self.prompts[0] + self.prompts[1]  # planted: prompts[2] is never indexed
+
+
+class MLPWithParameterContainers(Regression):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bank = PromptBank()
+        self.scales = nn.ParameterDict({"used": nn.Parameter(torch.ones(1)), "spare": nn.Parameter(torch.ones(1))})
+        self.head = nn.Linear(IN_DIM, 1)
+
+    def forward(self, x):
+        return self.head(self.bank(x)) * self.scales["used"]
+
+
+def test_parameters_a_container_holds_are_charged_to_the_module_that_indexes_it(tmp_path):
+    """``ParameterList``/``ParameterDict`` are never called: a parameter of theirs left unused is one the module
+    holding them did not use, not a module that "was never called"."""
+    report = fit(MLPWithParameterContainers(), regression_data(), tmp_path)
+    assert_flagged(report, {"bank.prompts.2", "scales.spare"}, "unused")
+    assert "module `bank` (PromptBank) ran, but its forward never used `bank.prompts.2`" in (
+        report.params["bank.prompts.2"].detail
+    )
+    assert "the model (MLPWithParameterContainers) ran, but its forward never used `scales.spare`" in (
+        report.params["scales.spare"].detail
+    )
+    assert all("never called" not in report.params[n].detail for n in ("bank.prompts.2", "scales.spare"))
+
+
 def test_lstm_result_left_out_of_the_loss(tmp_path):
     report = fit(LSTMDiscardedResult(), regression_data(), tmp_path)
     assert_flagged(report, names("aux", "weight", "bias"), "unused")

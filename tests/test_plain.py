@@ -222,6 +222,35 @@ def test_gan_loop_with_two_optimizers_reports_nothing(quiet):
     assert as_dict(guard)["G.0.weight"]["micro_batches"] == 4
 
 
+def test_optimizer_steps_inside_the_backward_pass_are_healthy():
+    """The optimizer-in-backward pattern: one optimizer per parameter, stepped (and zeroed) from a post-accumulate
+    gradient hook while the backward pass runs. Each step's gradient comes from the pass that is running."""
+    torch.manual_seed(0)
+    model = HealthyNet()
+    optimizers = {p: torch.optim.Adam([p], lr=1e-3) for p in model.parameters()}
+
+    def step_now(param: torch.Tensor) -> None:
+        optimizers[param].step()
+        optimizers[param].zero_grad()
+
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(step_now)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradGuardWarning)
+        guard = watch(model, list(optimizers.values()), summary=False)
+        for x, y in batches(5):
+            F.mse_loss(model(x), y).backward()
+        guard.close()
+    report = guard.report()
+    assert report.ok and report.steps == 4 * 5 and report.micro_batches == 5
+    params = as_dict(guard)
+    assert all(p["steps"] == 5 and p["micro_batches"] == 5 and p["none_steps"] == 0 for p in params.values())
+    assert len(params) == 4
+    # the diagnosis window ended inside a backward pass: its instruments came out all the same
+    assert torch._C._len_torch_function_stack() == 0
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def test_autograd_grad_calls_are_not_backward_passes(quiet):
     """A gradient penalty through torch.autograd.grad writes no .grad; it must not count as a micro-batch."""
     model = HealthyNet()

@@ -86,11 +86,12 @@ class StepChecker:
         audit = engine.optimizer_audit
         if audit.following and (audit.due or audit.version != engine.registry.layout_version):
             engine.follow_audit(optimizer)  # param groups or trainable parameters changed: three reads otherwise
-        window, backwards = engine.windows.close(optimizer)
+        inside = engine.in_backward  # stepping from a gradient hook: the running pass belongs to this window
+        window, backwards = engine.windows.close(optimizer, running=inside)
         if window > 1 and engine.late_backward:
             engine.tracker.eager_versions = True
         engine.state.steps += 1
-        check = self._classify(view, step, window, backwards, accumulate)
+        check = self._classify(view, step, window, backwards, accumulate, inside)
         check.optimizer = optimizer
         check.measured = measure
         if check.checked:
@@ -122,10 +123,14 @@ class StepChecker:
             grads = list(map(_GRAD, params))
         return _View(indices, params, grads, none_positions(grads) if none is None else none)
 
-    def _classify(self, view: _View, step: int, window: int, backwards: int, accumulate: Optional[int]) -> StepCheck:
+    def _classify(
+        self, view: _View, step: int, window: int, backwards: int, accumulate: Optional[int], inside: bool
+    ) -> StepCheck:
         engine = self.engine
         indices, params, grads = view.indices, view.params, view.grads
-        if not view.none and engine.tracking and engine.arrivals.all_arrived(window, engine.windows.optimizers <= 1):
+        # inside a backward pass, its arrivals are not recorded yet: a gradient present now is what it gave
+        tracking = engine.tracking and not inside
+        if not view.none and tracking and engine.arrivals.all_arrived(window, engine.windows.optimizers <= 1):
             # the healthy step: every gradient there, every micro-batch gave every parameter one
             engine.state.add_uniform(indices, steps=1, micro_batches=window)
             return StepCheck(step, window, backwards, accumulate, indices, [], [])
@@ -137,10 +142,12 @@ class StepChecker:
             none = [j for j in view.none if j not in frozen_set]
         else:
             none = view.none
-        if engine.tracking:
+        if tracking:
             covers_all = engine.windows.optimizers <= 1
             zero, short = engine.arrivals.take(indices, window, covers_all)
         else:  # no backward brackets: a gradient present at the step is all that can be known
+            if engine.tracking:  # the window restarts all the same
+                engine.arrivals.take(indices, window, engine.windows.optimizers <= 1)
             zero = [indices[j] for j in none]
             short = dict.fromkeys(zero, window) if window else {}
         zero_set = set(zero)
@@ -157,7 +164,7 @@ class StepChecker:
             elif backwards == 0:
                 detail = _SET_OTHERWISE_DETAIL if set_otherwise else _no_backward_detail(window, engine)
                 engine.state.explain(index, NO_BACKWARD, detail)
-        if engine.tracking and zero:
+        if tracking and zero:
             position = self._positions(indices)
             for index in zero:
                 j = position.get(index)

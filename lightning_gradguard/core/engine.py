@@ -243,6 +243,12 @@ class GradGuardEngine:
         self._marked = False
         self._in_backward = True
 
+    @property
+    def in_backward(self) -> bool:
+        """A backward pass the adapter saw start has not ended: an optimizer stepping now steps from inside it (from a
+        gradient hook, the optimizer-in-backward pattern)."""
+        return self._in_backward
+
     def after_backward(self) -> None:
         """Count the backward pass and which parameters it gave a gradient (once per micro-batch)."""
         self.windows.backwards += 1

@@ -47,18 +47,23 @@ class Windows:
         """Counts restored from a checkpoint belong to no window of this run."""
         self._start = (self.micro_batch, self.backwards)
 
-    def close(self, optimizer: Any) -> tuple[int, int]:
-        """``optimizer`` steps now: its window's micro-batches and backward passes (a new window begins)."""
+    def close(self, optimizer: Any, running: bool = False) -> tuple[int, int]:
+        """``optimizer`` steps now: its window's micro-batches and backward passes (a new window begins).
+
+        ``running``: it steps from inside a backward pass that has not ended (a gradient hook): that pass belongs to
+        this window, not the next.
+        """
         last = self._last.get(optimizer)
         if last is None:
             last = self._start
             self.optimizers += 1
         last_mb, last_bw = last
+        backwards = self.backwards + running
         # a step in the same micro-batch as the previous one (a WGAN critic's several steps per batch) covers the
         # backward passes in between: a window of one micro-batch
-        window = max(self.micro_batch - last_mb, 1 if self.backwards > last_bw else 0)
-        self._last[optimizer] = self._latest = (self.micro_batch, self.backwards)
-        return window, self.backwards - last_bw
+        window = max(self.micro_batch - last_mb, 1 if backwards > last_bw else 0)
+        self._last[optimizer] = self._latest = (self.micro_batch, backwards)
+        return window, backwards - last_bw
 
     def backwards_since_step(self, optimizer: Any) -> int:
         """Backward passes since ``optimizer``'s last step (or the start of the run), without ending its window."""

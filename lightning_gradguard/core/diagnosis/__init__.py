@@ -169,6 +169,8 @@ class Diagnosis:
         """End the window now and remove every instrument (safe to call at any time, also twice)."""
         self.schedule.close()
         self.instruments.disarm()
+        if not in_backward():
+            self.instruments.retry_stale_modes()
         self._root = None
         if not self.failed:
             self._give_up_awaited()

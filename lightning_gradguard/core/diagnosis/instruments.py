@@ -158,9 +158,10 @@ class _CutRecorder(TorchFunctionMode):
 def _remove_mode(mode: _CutRecorder) -> bool:
     """Pop ``mode`` from its thread's torch-function mode stack, wherever it sits; False if not possible from here.
 
-    Only the thread that pushed it may pop it: autograd's worker threads run with a copy of the mode stack.
+    Only the thread that pushed it may pop it, and not during a backward pass: autograd's worker threads run with a
+    copy of the mode stack, and so do the training thread's hooks while autograd runs them.
     """
-    if threading.get_ident() != mode.thread:
+    if threading.get_ident() != mode.thread or in_backward():
         return False
     depth = torch._C._len_torch_function_stack()
     if not any(torch._C._get_function_stack_at(i) is mode for i in range(depth)):
@@ -202,6 +203,7 @@ class Instruments:
         self._handles: list[Any] = []
         self._mode: Optional[_CutRecorder] = None
         self._stale_modes: list[_CutRecorder] = []
+        self._retry_handle: Any = None  # a forward pre-hook on the root that retries them on the training thread
 
     @property
     def idle(self) -> bool:
@@ -238,8 +240,13 @@ class Instruments:
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.off = True
-            if not _remove_mode(mode):  # pushed on another thread's stack: retry from there later
+            if not _remove_mode(mode):  # pushed on another thread's stack, or out of it during backward: retry
                 self._stale_modes.append(mode)
+                root = self.model_map.root
+                if self._retry_handle is None and root is not None:
+                    # a loop that steps from inside backward (gradient hooks) starts no micro-batch outside it:
+                    # the next forward call is on the training thread
+                    self._retry_handle = root.register_forward_pre_hook(self._retry_on_forward)
         self.armed = False
         self.model_map.grad_forward = False
         self.recording.new_segment()
@@ -250,6 +257,12 @@ class Instruments:
                 self._stale_modes = [mode for mode in self._stale_modes if not _remove_mode(mode)]
             except Exception:  # noqa: BLE001 - a mode marked off only passes calls through; try again later
                 pass
+        if not self._stale_modes and self._retry_handle is not None:
+            self._retry_handle.remove()
+            self._retry_handle = None
+
+    def _retry_on_forward(self, module: torch.nn.Module, args: Any) -> None:
+        self.retry_stale_modes()
 
     def _on_root_start(self, module: torch.nn.Module, args: Any) -> None:
         # a forward call that begins with autograd on is a training pass, whatever the model's mode (a call whose

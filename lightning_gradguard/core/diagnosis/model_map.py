@@ -40,6 +40,21 @@ def _is_compiled(module: torch.nn.Module) -> bool:
     return type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
 
 
+_CONTAINERS = (torch.nn.ParameterList, torch.nn.ParameterDict)
+
+
+def _caller(name: str, module: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> tuple[str, torch.nn.Module]:
+    """The module whose forward call uses ``module``'s parameters: itself, or for a ``ParameterList`` or
+    ``ParameterDict`` (never called, only indexed) the module that holds it."""
+    while isinstance(module, _CONTAINERS) and name:
+        parent_name = name.rpartition(".")[0]
+        parent = modules.get(parent_name)
+        if parent is None:  # held under another name too (a shared container): keep the container itself
+            break
+        name, module = parent_name, parent
+    return name, module
+
+
 class ModelMap:
     """Parameter and module lookups for the engine's bound model.
 
@@ -88,16 +103,21 @@ class ModelMap:
             if _is_compiled(module):
                 opaque.update(id(m) for m in module.modules())
         self.trace_cuts = not opaque
-        for name, module in root.named_modules():
+        modules = dict(root.named_modules())
+        hooked: set[int] = set()
+        for name, module in modules.items():
+            owner_name, owner = _caller(name, module, modules)
             owns = False
             for _, param in module.named_parameters(recurse=False):
                 index = self.param_index.get(id(param))
                 if index is None:
                     continue
                 owns = True
-                self.owners.setdefault(index, []).append(Owner(clean_name(name), module, id(module) in opaque))
-            if owns and id(module) not in opaque:  # a hook inside compiled code sees nothing, and costs a recompile
-                self.owner_modules.append(module)
+                self.owners.setdefault(index, []).append(Owner(clean_name(owner_name), owner, id(owner) in opaque))
+            # a hook inside compiled code sees nothing, and costs a recompile
+            if owns and id(owner) not in opaque and id(owner) not in hooked:
+                hooked.add(id(owner))
+                self.owner_modules.append(owner)
 
     def evaluating(self) -> bool:
         """Whether this is an evaluation pass between steps (not recorded): the model in eval mode with autograd
