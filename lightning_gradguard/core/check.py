@@ -147,7 +147,7 @@ class StepChecker:
             zero, short = engine.arrivals.take(indices, window, covers_all)
         else:  # no backward brackets: a gradient present at the step is all that can be known
             if engine.tracking:  # the window restarts all the same
-                engine.arrivals.take(indices, window, engine.windows.optimizers <= 1)
+                engine.arrivals.restart(indices, engine.windows.optimizers <= 1)
             zero = [indices[j] for j in none]
             short = dict.fromkeys(zero, window) if window else {}
         zero_set = set(zero)

@@ -7,9 +7,10 @@ next row of a small ring buffer on the gradients' device, and the counters read 
 a time, when it is full or when the state is read. A step therefore costs its norm kernels and nothing more, and
 nothing waits for the device.
 
-Plans are keyed by the list of parameters measured (the same list object comes back step after step), and at most
-``MAX_PLANS`` are kept: a model whose measured set keeps changing retires old plans, it does not pile them up. The
-ring buffers hold at most ``BUFFER_VALUES`` norms each, so memory does not grow with the run.
+Plans are keyed by the list of parameters measured (the same list object comes back step after step), and their
+number is bounded (``MAX_PLANS``, and more small ones within ``ROW_BUDGET`` rows): a model whose measured set keeps
+changing retires old plans, it does not pile them up. The ring buffers hold at most ``BUFFER_VALUES`` norms each, so
+memory does not grow with the run.
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ from torch import Tensor
 from lightning_gradguard.core.norms import NormGroup, NormPlan, local_tensor, per_param_norms
 from lightning_gradguard.core.state import DEVICE_COUNTERS, GuardState
 
-MAX_PLANS = 8
+MAX_PLANS = 8  # plans kept whatever their size
 BUFFER_VALUES = 1 << 16  # norms a plan's ring buffer holds: at most 64 steps of a small model, 6 of a 10k-tensor one
 MAX_ROWS = 64
+# beyond MAX_PLANS, plans of FEW_ROWS rows each are kept while all plans' rows stay within ROW_BUDGET: a loop with one
+# optimizer per parameter (stepped from gradient hooks) measures hundreds of lists in turn, and must not rebuild a
+# plan at every step
+FEW_ROWS = 8
+ROW_BUDGET = 4096
 
 
 class _Device:
@@ -58,13 +64,13 @@ class _Measured:
 
     __slots__ = ("indices", "plan", "devices", "out", "groups", "rows", "next", "pending")
 
-    def __init__(self, indices: Sequence[int], plan: NormPlan) -> None:
+    def __init__(self, indices: Sequence[int], plan: NormPlan, few_rows: bool = False) -> None:
         self.indices = indices  # held, so that its id stays unique while the plan lives
         self.plan = plan
         by_device: dict[torch.device, list[tuple[int, list[int]]]] = {}
         for k, part in enumerate(plan.parts):
             by_device.setdefault(part.device, []).append((k, part.positions))
-        self.rows = max(1, min(MAX_ROWS, BUFFER_VALUES // max(len(indices), 1)))
+        self.rows = max(1, min(FEW_ROWS if few_rows else MAX_ROWS, BUFFER_VALUES // max(len(indices), 1)))
         self.devices = [
             _Device(parts, indices, device, self.rows, any(plan.parts[k].local for k, _ in parts))
             for device, parts in by_device.items()
@@ -105,6 +111,7 @@ class Measurement:
         self.state = state
         self.norm_type = norm_type
         self._plans: OrderedDict[int, _Measured] = OrderedDict()
+        self._rows = 0  # rows of all plans kept
         self._last: Optional[_Measured] = None  # the plan of the previous step: most steps measure the same list
 
     def measure(
@@ -138,11 +145,17 @@ class Measurement:
             self._plans.move_to_end(key)
             return measured
         if measured is not None:
-            self._count(self._plans.pop(key))
-        measured = self._plans[key] = _Measured(indices, NormPlan.build(grads, self.norm_type))
-        if len(self._plans) > MAX_PLANS:
-            self._count(self._plans.popitem(last=False)[1])
+            self._retire(self._plans.pop(key))
+        few_rows = len(self._plans) >= MAX_PLANS
+        measured = self._plans[key] = _Measured(indices, NormPlan.build(grads, self.norm_type), few_rows)
+        self._rows += measured.rows
+        while len(self._plans) > MAX_PLANS and self._rows > ROW_BUDGET:
+            self._retire(self._plans.popitem(last=False)[1])
         return measured
+
+    def _retire(self, measured: _Measured) -> None:
+        self._rows -= measured.rows
+        self._count(measured)
 
     def flush(self) -> None:
         """Count every plan's rows that are not counted yet (before the state's counters are read)."""
@@ -152,6 +165,7 @@ class Measurement:
     def reset(self) -> None:
         """Drop every plan and its uncounted rows (a reset of the state)."""
         self._plans.clear()
+        self._rows = 0
         self._last = None
 
     def _count(self, measured: _Measured) -> None:

@@ -7,6 +7,7 @@ is a handful of tensor operations rather than a Python loop over dictionaries.
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
@@ -35,9 +36,11 @@ class ParamRegistry:
         self.allowed: list[bool] = []
         self._index: dict[int, int] = {}
         self._by_name: dict[str, int] = {}
-        self._checked_cache: dict[tuple, tuple[list[int], list[Tensor]]] = {}
+        # per optimizer, held weakly (optimizers re-created run after run drop out; a loop may keep one optimizer per
+        # parameter, so no count limit): (layout, indices, tensors) and its param-group layout when last seen
+        self._checked_cache: Any = weakref.WeakKeyDictionary()
         self._all: tuple[Any, int, bool] = (None, 0, False)
-        self._layouts: dict[int, tuple] = {}  # optimizer id -> its param-group layout when last seen
+        self._layouts: Any = weakref.WeakKeyDictionary()
         # bumped whenever an optimizer shows a param-group layout not seen before (a new optimizer, a group added,
         # a group's list grown or replaced): the optimizer audit compares it instead of walking the groups
         self.layout_version = 0
@@ -108,14 +111,12 @@ class ParamRegistry:
         Parameters the optimizer holds but no module registered get a synthetic name, so they are still checked.
         """
         groups = optimizer.param_groups
-        key = (id(optimizer), tuple((id(g["params"]), len(g["params"])) for g in groups))
-        cached = self._checked_cache.get(key)
-        if cached is not None:
-            return cached
-        if self._layouts.get(id(optimizer)) != key:
-            if len(self._layouts) >= 64:  # optimizers re-created run after run; a spurious bump only re-audits
-                self._layouts.clear()
-            self._layouts[id(optimizer)] = key
+        key = tuple((id(g["params"]), len(g["params"])) for g in groups)
+        cached = self._checked_cache.get(optimizer)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        if self._layouts.get(optimizer) != key:
+            self._layouts[optimizer] = key
             self.layout_version += 1
         indices: list[int] = []
         tensors: list[Tensor] = []
@@ -137,7 +138,5 @@ class ParamRegistry:
                 if not self.allowed[index]:
                     indices.append(index)
                     tensors.append(param)
-        if len(self._checked_cache) >= 16:  # optimizers re-created run after run must not pile up
-            self._checked_cache.clear()
-        self._checked_cache[key] = (indices, tensors)
+        self._checked_cache[optimizer] = (key, indices, tensors)
         return indices, tensors

@@ -28,7 +28,9 @@ ANY_RANK = "any"  # a measured step counts when it counts on any rank (a non-fin
 ALL_RANKS = "all"  # a measured step counts when it counts on every rank that holds a shard (an all-zero gradient)
 
 STATE_VERSION = 2
-_MAX_PENDING = 8  # distinct checked lists with pending uniform counts before they are added up
+# distinct checked lists with pending uniform counts before they are added up (one per optimizer; a loop may keep
+# one optimizer per parameter)
+_MAX_PENDING = 1024
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# index lists converted to tensors and kept: one per optimizer (a loop may keep one optimizer per parameter)
+_MAX_INDEX_LISTS = 1024
+
 
 class Windows:
     """Counts micro-batches and backward passes, and where each optimizer's current window began."""
@@ -244,7 +247,7 @@ class ArrivalCounts:
         cached = self._index.get(id(indices))
         if cached is not None and cached[0] is indices:
             return cached[1]
-        if len(self._index) >= 8:
+        if len(self._index) >= _MAX_INDEX_LISTS:
             self._index.clear()
         index = torch.tensor(list(indices), dtype=torch.int64)
         self._index[id(indices)] = (indices, index)
