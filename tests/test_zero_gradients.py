@@ -150,6 +150,34 @@ def test_watch_finds_zero_gradients_in_a_plain_loop():
     assert report.params["branch.weight"].zero_steps == report.params["branch.weight"].measured_steps == 3
 
 
+def test_a_parameter_with_no_elements_is_not_zero_everywhere():
+    """A zero-size parameter (no extra tokens configured: ``nn.Parameter(torch.zeros(0, d))``) has nothing to
+    measure: it is checked for a gradient, but never counted as all-zero."""
+
+    class WithoutExtraTokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra_tokens = nn.Parameter(torch.zeros(0, IN_DIM))
+            self.head = nn.Linear(IN_DIM, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(torch.cat([self.extra_tokens, x]))
+
+    torch.manual_seed(0)
+    model = WithoutExtraTokens()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False, log_every_n_steps=1)
+    for x, y in regression_loader(3):
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    report = guard.close()
+    assert report.ok and report.zero == []
+    tokens = report.params["extra_tokens"]
+    assert (tokens.steps, tokens.none_steps, tokens.measured_steps, tokens.zero_steps) == (3, 0, 0, 0)
+    assert report.params["head.weight"].measured_steps == 3
+
+
 def test_zero_params_is_logged_and_charted(make_trainer, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -41,12 +41,18 @@ class _Device:
     """One device's share of a plan: its ring buffer of norms (a row per measured step) and the views each step's
     kernels write into."""
 
-    __slots__ = ("registry", "index", "local", "buffer", "views")
+    __slots__ = ("registry", "counted", "columns", "index", "local", "buffer", "views")
 
     def __init__(self, parts: list[tuple[int, list[int]]], indices: Sequence[int], device: torch.device, rows: int,
-                 local: bool) -> None:
-        self.registry = [indices[p] for _, positions in parts for p in positions]
-        self.index: Optional[Tensor] = None  # registry indices on the device, built at the first count
+                 local: bool, empty: set[int]) -> None:
+        order = [p for _, positions in parts for p in positions]
+        self.registry = [indices[p] for p in order]
+        # a parameter with no elements has nothing to measure: its columns are left out of the counts (its norm, 0,
+        # would make it "zero everywhere" at every step)
+        kept = [c for c, p in enumerate(order) if p not in empty]
+        self.counted = self.registry if len(kept) == len(order) else [self.registry[c] for c in kept]
+        self.columns = None if len(kept) == len(order) else torch.tensor(kept, dtype=torch.int64, device=device)
+        self.index: Optional[Tensor] = None  # registry indices of the counted columns on the device, at the first count
         self.local = local
         self.buffer = torch.zeros(rows, len(self.registry), dtype=torch.float32, device=device)
         # per row: the slice of each part, so that a step creates no view
@@ -64,7 +70,7 @@ class _Measured:
 
     __slots__ = ("indices", "plan", "devices", "out", "groups", "rows", "next", "pending")
 
-    def __init__(self, indices: Sequence[int], plan: NormPlan, few_rows: bool = False) -> None:
+    def __init__(self, indices: Sequence[int], plan: NormPlan, empty: set[int], few_rows: bool = False) -> None:
         self.indices = indices  # held, so that its id stays unique while the plan lives
         self.plan = plan
         by_device: dict[torch.device, list[tuple[int, list[int]]]] = {}
@@ -72,7 +78,7 @@ class _Measured:
             by_device.setdefault(part.device, []).append((k, part.positions))
         self.rows = max(1, min(FEW_ROWS if few_rows else MAX_ROWS, BUFFER_VALUES // max(len(indices), 1)))
         self.devices = [
-            _Device(parts, indices, device, self.rows, any(plan.parts[k].local for k, _ in parts))
+            _Device(parts, indices, device, self.rows, any(plan.parts[k].local for k, _ in parts), empty)
             for device, parts in by_device.items()
         ]
         # per row: where each part's norms go, in the plan's part order
@@ -147,7 +153,8 @@ class Measurement:
         if measured is not None:
             self._retire(self._plans.pop(key))
         few_rows = len(self._plans) >= MAX_PLANS
-        measured = self._plans[key] = _Measured(indices, NormPlan.build(grads, self.norm_type), few_rows)
+        empty = {j for j, grad in enumerate(grads) if grad.numel() == 0}
+        measured = self._plans[key] = _Measured(indices, NormPlan.build(grads, self.norm_type), empty, few_rows)
         self._rows += measured.rows
         while len(self._plans) > MAX_PLANS and self._rows > ROW_BUDGET:
             self._retire(self._plans.popitem(last=False)[1])
@@ -179,9 +186,11 @@ class Measurement:
             else:  # the last `pending` rows of the ring
                 rows = [(measured.next - pending + j) % measured.rows for j in range(pending)]
                 block = buffer[torch.tensor(rows, device=buffer.device)]
+            if device.columns is not None:
+                block = block.index_select(1, device.columns)
             if device.index is None:
-                device.index = torch.tensor(device.registry, dtype=torch.int64).to(buffer.device)
-            self.state.add("measured_steps", device.registry, pending)
+                device.index = torch.tensor(device.counted, dtype=torch.int64).to(buffer.device)
+            self.state.add("measured_steps", device.counted, pending)
             for counter in DEVICE_COUNTERS:
                 flags = counter.from_norms(block)  # type: ignore[misc]
                 self.state.add_device(counter.name, device.index, flags.sum(0))
