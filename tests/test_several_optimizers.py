@@ -191,3 +191,50 @@ def test_two_unnamed_plain_guards_on_one_directory_are_refused(tmp_path):
     with pytest.raises(ValueError, match="without a name already writes to the directory"):
         watch(discriminator, torch.optim.SGD(discriminator.parameters(), lr=0.1), log_dir=tmp_path, summary=False)
     first.close()
+
+
+class SharedEmbedding(nn.Module):
+    """Two networks over one embedding, each with its own optimizer that also updates the embedding (as in
+    ELECTRA-style training); ``aux`` runs only when asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.first = nn.Linear(4, 1)
+        self.second = nn.Linear(4, 1)
+        self.aux = nn.Linear(4, 1)
+
+    def forward(self, tokens: torch.Tensor, with_aux: bool) -> torch.Tensor:
+        h = self.embed(tokens).mean(1)
+        out = self.first(h) + self.second(h)
+        return out + self.aux(h) if with_aux else out
+
+
+def test_a_parameter_two_optimizers_share_has_a_window_for_each():
+    """Each optimizer's step reads the embedding's arrivals over its own window: the first step does not use them
+    up for the second (which then reported the embedding as missing some micro-batches). An intermittent branch is
+    still told from a shared parameter."""
+    torch.manual_seed(0)
+    model = SharedEmbedding()
+    opt_first = torch.optim.SGD([*model.embed.parameters(), *model.first.parameters(), *model.aux.parameters()],
+                                lr=0.1)
+    opt_second = torch.optim.SGD([*model.embed.parameters(), *model.second.parameters()], lr=0.1)
+    tokens = torch.randint(0, 10, (8, 3, 5), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guard = watch(model, [opt_first, opt_second], summary=False)
+        for step in range(4):
+            for micro in range(2):  # accumulate 2 micro-batches; aux runs in the first micro-batch of each window
+                model(tokens[2 * step + micro], with_aux=micro == 0).pow(2).mean().backward()
+            opt_first.step()
+            opt_second.step()
+            opt_first.zero_grad()
+            opt_second.zero_grad()
+        guard.close()
+    report = guard.report()
+    embed = report.params["embed.weight"]
+    assert (embed.steps, embed.micro_batches, embed.none_steps, embed.none_micro_batches) == (8, 16, 0, 0)
+    assert report.params["second.weight"].none_micro_batches == 0
+    aux = report.params["aux.weight"]
+    assert (aux.steps, aux.micro_batches, aux.none_steps, aux.none_micro_batches) == (4, 8, 0, 4)
+    assert report.missing == [] and report.intermittent == ["aux.weight", "aux.bias"]

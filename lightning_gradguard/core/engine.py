@@ -324,7 +324,9 @@ class GradGuardEngine:
         param groups or the set of parameters that receive gradients change. An ``allow_none`` pattern that matches
         no parameter is warned about once, with the closest names. Returns the new findings.
         """
-        return self.found.audit(self.module, list(optimizers))
+        optimizers = list(optimizers)
+        self.windows.expect(optimizers)
+        return self.found.audit(self.module, optimizers)
 
     def follow_audit(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Take the ``not_in_optimizer`` check again now (the step check calls this when the optimizers' layout or

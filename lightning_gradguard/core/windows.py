@@ -78,6 +78,14 @@ class Windows:
         """Backward passes in this run."""
         return self.backwards - self._start[1]
 
+    def expect(self, optimizers: Sequence[Any]) -> None:
+        """The run's optimizers, known before any steps: their windows begin at the start of the run, and a step
+        of one of several does not end the others' windows (a parameter two of them share) from the first step."""
+        for optimizer in optimizers:
+            if optimizer not in self._last:
+                self._last[optimizer] = self._start
+                self.optimizers += 1
+
     def join(self, optimizer: Any) -> None:
         """``optimizer``, created after the run began, is about to take its first step: its window begins where
         the latest step of any optimizer ended (it was created, and its gradients cleared, after that step)."""
@@ -101,6 +109,10 @@ class Windows:
 
 class ArrivalCounts:
     """Per parameter: the micro-batches of its current window in which a backward pass gave it a gradient.
+
+    With one optimizer, a step reads the counts and zeroes them. With several, a parameter two optimizers share
+    (an embedding both networks update) has a window per optimizer: the counts then only grow, and each checked
+    list (one per optimizer) keeps the counts where its own window began.
 
     Example::
 
@@ -126,6 +138,7 @@ class ArrivalCounts:
         self._extra_in = -1
         self._absent: list[int] = []
         self._index: dict[int, tuple[Sequence[int], Tensor]] = {}
+        self._base: dict[int, tuple[Sequence[int], Tensor]] = {}  # per checked list: counts where its window began
 
     def resize(self, size: int) -> None:
         if size <= self.size:
@@ -168,14 +181,15 @@ class ArrivalCounts:
             return
         self._materialize()
         index = self._index_of(indices)
-        self._count[index] = 0
-        self._last[index] = -1
+        self._set_base(indices, self._count[index])
+        self._last[index] = -1  # a backward pass later in the same micro-batch counts for the new window
 
     def reset_counts(self) -> None:
         self._count.zero_()
         self._last.fill_(-1)
         self._clean = True
         self._extra, self._extra_in, self._absent = 0, -1, []
+        self._base.clear()
 
     # ------------------------------------------------------------------ a step
     def all_arrived(self, window: int, covers_all: bool) -> bool:
@@ -213,7 +227,9 @@ class ArrivalCounts:
             return zero, short
         self._materialize()
         index = self._index_of(indices)
-        rows = self._count[index]
+        counts = self._count[index]
+        base = self._base.get(id(indices))
+        rows = counts - base[1] if base is not None and base[0] is indices else counts
         zero_rows = (rows == 0).nonzero().flatten().tolist()
         missing = (window - rows).clamp_(min=0)
         short_rows = missing.nonzero().flatten().tolist()
@@ -221,7 +237,7 @@ class ArrivalCounts:
         if covers_all:
             self.reset_counts()
         else:
-            self._count[index] = 0
+            self._set_base(indices, counts)
             self._last[index] = -1
         return [indices[r] for r in zero_rows], short
 
@@ -241,6 +257,11 @@ class ArrivalCounts:
         self._last[present] = self._extra_in
         self._extra, self._extra_in, self._absent = 0, -1, []
         self._clean = False
+
+    def _set_base(self, indices: Sequence[int], counts: Tensor) -> None:
+        if len(self._base) >= _MAX_INDEX_LISTS and id(indices) not in self._base:
+            self._base.clear()  # (windows of forgotten lists then count from the last reset: never fewer arrivals)
+        self._base[id(indices)] = (indices, counts)
 
     def _index_of(self, indices: Sequence[int]) -> Tensor:
         # the same index lists come back every step (one per optimizer): convert each once, keep a few
