@@ -71,7 +71,8 @@ class Finding:
     """Found by inspecting the model and optimizers rather than gradients. ``severity``: a ``"warning"`` makes
     :attr:`GradReport.ok` False; a ``"note"`` changes nothing in training (a target network no gradient reaches)."""
 
-    kind: str  # "unregistered" | "not_in_optimizer" | "zero_lr" | "skipped_by_optimizer" | "skipped_batches"
+    # "unregistered" | "not_in_optimizer" | "zero_lr" | "skipped_by_optimizer" | "skipped_batches" | "never_stepped"
+    kind: str
     name: str
     detail: str
     severity: str = WARNING

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diagnosis_helpers import HIDDEN, IN_DIM, Finetuned, Regression, UnfreezeAt, fit, regression_data
+from lightning.pytorch import LightningModule
 from models import gradguard_warnings
 from plain_models import HealthyNet, batches
 from torch import nn
@@ -257,3 +258,69 @@ def test_an_allow_none_typo_in_a_plain_loop_is_warned_at_watch():
     with pytest.warns(UserWarning, match=r"'encodr\.\*' matches no parameter.*encoder\.weight"):
         guard = watch(model, torch.optim.SGD(model.parameters(), lr=0.1), allow_none=["encodr.*"], summary=False)
     guard.close()
+
+
+# ---------------------------------------------------------------------------------------------- never stepped
+class ForgottenDiscriminatorStep(LightningModule):
+    """Manual optimization of a GAN whose discriminator update computes its loss and gradients but never calls
+    ``opt_d.step()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = nn.Linear(2, IN_DIM)
+        self.discriminator = nn.Linear(IN_DIM, 1)
+
+    def training_step(self, batch, batch_idx):
+        real, _ = batch
+        opt_g, opt_d = self.optimizers()
+        fake = self.generator(torch.randn(real.shape[0], 2))
+        opt_d.zero_grad()
+        self.manual_backward(F.softplus(self.discriminator(fake.detach())).mean() - self.discriminator(real).mean())
+        # planted: opt_d.step() forgotten
+        opt_g.zero_grad()
+        self.manual_backward(F.softplus(-self.discriminator(fake)).mean())
+        opt_g.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.generator.parameters(), lr=0.1), torch.optim.SGD(
+            self.discriminator.parameters(), lr=0.1
+        )
+
+
+def test_an_optimizer_that_never_steps_is_a_note_naming_what_it_leaves_unchanged(tmp_path):
+    report = fit(ForgottenDiscriminatorStep(), regression_data(n_batches=3), tmp_path)
+    assert report.ok and report.steps == 3
+    (note,) = [f for f in report.findings if f.kind == "never_stepped"]
+    assert note.severity == "note"
+    assert "2 trainable parameters (discriminator.weight, discriminator.bias)" in note.detail
+    assert "SGD (optimizer 1), which never stepped in this run while 3 optimizer steps" in note.detail
+    assert "2 of them hold a gradient never applied" in note.detail
+    assert "discriminator.weight" not in report.params  # never checked: no step of its optimizer came
+
+
+def test_a_plain_loop_optimizer_that_never_steps_is_a_note_and_one_that_steps_later_is_not():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"g": nn.Linear(4, 4), "d": nn.Linear(4, 1)})
+    opt_g = torch.optim.SGD(model["g"].parameters(), lr=0.1)
+    opt_d = torch.optim.SGD(model["d"].parameters(), lr=0.1)
+    guard = watch(model, [opt_g, opt_d], summary=False)
+    for _ in range(3):
+        opt_g.zero_grad()
+        model["d"](model["g"](torch.randn(8, 4))).mean().backward()
+        opt_g.step()
+    (note,) = [f for f in guard.report().findings if f.kind == "never_stepped"]
+    assert "(d.weight, d.bias) are updated only by SGD (optimizer 1)" in note.detail
+    opt_d.step()  # a later stage of training begins: the note is made anew with each report
+    guard.close()
+    assert not [f for f in guard.report().findings if f.kind == "never_stepped"]
+
+
+def test_check_gradients_with_optimizers_makes_no_never_stepped_note():
+    from lightning_gradguard import check_gradients
+
+    model = HealthyNet()
+    optimizers = [torch.optim.SGD(model.encoder.parameters(), lr=0.1), torch.optim.SGD(model.head.parameters(), lr=0.1)]
+    x, y = batches(1)[0]
+    report = check_gradients(model, x, optimizer=optimizers)
+    assert report.ok and report.findings == []

@@ -251,6 +251,30 @@ def test_optimizer_steps_inside_the_backward_pass_are_healthy():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def test_a_parameter_whose_gradient_never_comes_never_steps_its_optimizer_and_is_named_in_a_note(quiet):
+    """Stepping from gradient hooks, an unused parameter's optimizer never steps: it is never checked, and the
+    report's ``never_stepped`` note names it."""
+    torch.manual_seed(0)
+    model = PlantedNet()
+    optimizers = {p: torch.optim.SGD([p], lr=0.1) for p in model.parameters()}
+
+    def step_now(param: torch.Tensor) -> None:
+        optimizers[param].step()
+        optimizers[param].zero_grad()
+
+    for param in model.parameters():
+        param.register_post_accumulate_grad_hook(step_now)
+    guard = watch(model, list(optimizers.values()), summary=False)
+    for x, y in batches(3):
+        F.mse_loss(model(x), y).backward()
+    guard.close()
+    (note,) = [f for f in guard.report().findings if f.kind == "never_stepped"]
+    # the detached side path and the layer never called
+    assert "4 trainable parameters (side.weight, side.bias, unused.weight, unused.bias) are updated only by 4 " \
+        "optimizers, which never stepped" in note.detail
+    assert "a step in a gradient hook, which never runs for a parameter whose gradient never comes" in note.detail
+
+
 def test_autograd_grad_calls_are_not_backward_passes(quiet):
     """A gradient penalty through torch.autograd.grad writes no .grad; it must not count as a micro-batch."""
     model = HealthyNet()

@@ -388,6 +388,10 @@ class GradGuardEngine:
         findings = list(self.findings)
         if self.state.skipped_steps:
             findings.append(skipped_batches_note(self.state.skipped_steps, self._skip_reason))
+        idle = self.windows.never_stepped()
+        note = self.found.never_stepped(idle, table["steps"], self.state.steps) if idle and self.state.steps else None
+        if note is not None:
+            findings.append(note)
         report = GradReport(self.state.steps, self.state.backwards, params, findings)
         for observer in self.observers:
             observer.add_to_report(report)

@@ -11,6 +11,9 @@ nothing else writes the list:
   groups or the parameters that receive gradients change;
 * the check for weights that never move, at the end of the run (``zero_lr``, ``skipped_by_optimizer``, see
   :mod:`~lightning_gradguard.core.updates`), which warns in its own words.
+
+The report adds a note of its own, made each time it is (:meth:`Findings.never_stepped`): parameters that only
+optimizers which never stepped in the run update.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from lightning_gradguard.core.audit import AUDIT_KINDS, NOT_IN_OPTIMIZER, OptimizerAudit, find_unregistered
-from lightning_gradguard.core.messages import unmatched_pattern_message
+from lightning_gradguard.core.messages import never_stepped_note, unmatched_pattern_message
 from lightning_gradguard.core.registry import ParamRegistry
 from lightning_gradguard.isolation import internal_error
 from lightning_gradguard.report import NOTE, Finding
@@ -77,6 +80,29 @@ class Findings:
             for pattern in self.registry.unmatched_patterns():
                 self.warn(unmatched_pattern_message(pattern, self.registry.names))
         return found
+
+    def never_stepped(
+        self, idle: Sequence[tuple[int, torch.optim.Optimizer]], steps: Sequence[int], total: int
+    ) -> Optional[Finding]:
+        """The note for the trainable parameters that only optimizers which never stepped in this run update
+        (``idle``: their positions among the run's optimizers, and themselves), in a run of ``total`` checked steps
+        (``steps``: checked steps per registry index). Made when the report is, never kept."""
+        labels: list[str] = []
+        names: list[str] = []
+        seen: set[int] = set()
+        with_grad = 0
+        for k, optimizer in idle:
+            indices, params = self.registry.optimizer_params(optimizer)
+            mine = [(i, p) for i, p in zip(indices, params)
+                    if p.requires_grad and i not in seen and not (i < len(steps) and steps[i])]
+            if not mine:  # (every parameter also in an optimizer that stepped)
+                continue
+            labels.append(f"{type(optimizer).__name__} (optimizer {k})")
+            for i, param in mine:
+                seen.add(i)
+                names.append(self.registry.names[i])
+                with_grad += param.grad is not None
+        return never_stepped_note(labels, names, with_grad, total) if names else None
 
     def follow(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Take the ``not_in_optimizer`` check again (``optimizer``: the one about to step)."""

@@ -119,6 +119,7 @@ def fsdp_zero_detail(steps: int) -> str:
 
 
 SKIPPED_BATCHES = "skipped_batches"  # the kind of the note about steps after batches skipped on purpose
+NEVER_STEPPED = "never_stepped"  # the kind of the note about parameters only optimizers that never stepped hold
 
 
 def skipped_batches_note(steps: int, reason: str) -> Finding:
@@ -129,4 +130,22 @@ def skipped_batches_note(steps: int, reason: str) -> Finding:
         f"earlier batches of the run had trained: no gradient was computed for {'them' if plural else 'it'} and no "
         f"weight changed, so {'they are' if plural else 'it is'} not counted as missing gradients. If that is not "
         "meant to happen, make the training step return its loss on every batch."
+    ), severity=NOTE)
+
+
+def never_stepped_note(optimizers: Sequence[str], names: Sequence[str], with_grad: int, steps: int) -> Finding:
+    """The note for the parameters ``names`` that only ``optimizers`` (which never stepped in a run of ``steps``
+    checked steps) update; ``with_grad`` of them hold a gradient at the end of the run."""
+    n = len(names)
+    shown = ", ".join(names[:8]) + (f" and {n - 8} more" if n > 8 else "")
+    them, are = ("it", "is") if n == 1 else ("they", "are")
+    one = len(optimizers) == 1
+    which = " and ".join(optimizers) if len(optimizers) <= 2 else f"{len(optimizers)} optimizers"
+    held = f"; {with_grad} of them hold{'s' if with_grad == 1 else ''} a gradient never applied" if with_grad else ""
+    were = "was" if steps == 1 else "were"
+    return Finding(NEVER_STEPPED, "optimizers", (
+        f"{n} trainable parameter{'s' if n != 1 else ''} ({shown}) {are} updated only by {which}, which never "
+        f"stepped in this run while {steps} optimizer step{'s' if steps != 1 else ''} of the others {were} checked: "
+        f"{them} never changed{held}. If that is not meant, make {'it' if one else 'them'} step (a forgotten "
+        "step() call; or a step in a gradient hook, which never runs for a parameter whose gradient never comes)."
     ), severity=NOTE)

@@ -38,6 +38,9 @@ class Windows:
         self._latest = (0, 0)  # where the latest step of any optimizer ended
         self._last: Any = weakref.WeakKeyDictionary()  # optimizer -> (micro-batch, backward) at its last step
         self.optimizers = 0  # distinct optimizers that stepped in this run
+        self.running = False  # a training run started (not a one-off check)
+        self._expected: list[weakref.ref] = []  # the run's optimizers, as the adapter named them
+        self._stepped: Any = weakref.WeakSet()
 
     def start_run(self) -> None:
         """A new run: windows restart (optimizers are new objects in a new run)."""
@@ -45,6 +48,16 @@ class Windows:
         self._start = self._latest = (0, self.backwards)
         self._last = weakref.WeakKeyDictionary()
         self.optimizers = 0
+        self.running = True
+        self._expected = []
+        self._stepped = weakref.WeakSet()
+
+    def never_stepped(self) -> list[tuple[int, Any]]:
+        """``(position among the run's optimizers, optimizer)`` of each that has not stepped in this run."""
+        if not self.running:
+            return []
+        optimizers = enumerate(ref() for ref in self._expected)
+        return [(k, o) for k, o in optimizers if o is not None and o not in self._stepped]
 
     def restart_counts(self) -> None:
         """Counts restored from a checkpoint belong to no window of this run."""
@@ -66,6 +79,7 @@ class Windows:
         # backward passes in between: a window of one micro-batch
         window = max(self.micro_batch - last_mb, 1 if backwards > last_bw else 0)
         self._last[optimizer] = self._latest = (self.micro_batch, backwards)
+        self._stepped.add(optimizer)
         return window, backwards - last_bw
 
     def backwards_since_step(self, optimizer: Any) -> int:
@@ -82,6 +96,8 @@ class Windows:
         """The run's optimizers, known before any steps: their windows begin at the start of the run, and a step
         of one of several does not end the others' windows (a parameter two of them share) from the first step."""
         for optimizer in optimizers:
+            if not any(ref() is optimizer for ref in self._expected):
+                self._expected.append(weakref.ref(optimizer))
             if optimizer not in self._last:
                 self._last[optimizer] = self._start
                 self.optimizers += 1
