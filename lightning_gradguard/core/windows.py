@@ -40,7 +40,7 @@ class Windows:
         self.optimizers = 0  # distinct optimizers that stepped in this run
         self.running = False  # a training run started (not a one-off check)
         self._expected: list[weakref.ref] = []  # the run's optimizers, as the adapter named them
-        self._stepped: Any = weakref.WeakSet()
+        self._unstepped: set[int] = set()  # ids of the expected optimizers that have not stepped in this run
 
     def start_run(self) -> None:
         """A new run: windows restart (optimizers are new objects in a new run)."""
@@ -50,14 +50,14 @@ class Windows:
         self.optimizers = 0
         self.running = True
         self._expected = []
-        self._stepped = weakref.WeakSet()
+        self._unstepped = set()
 
     def never_stepped(self) -> list[tuple[int, Any]]:
         """``(position among the run's optimizers, optimizer)`` of each that has not stepped in this run."""
         if not self.running:
             return []
         optimizers = enumerate(ref() for ref in self._expected)
-        return [(k, o) for k, o in optimizers if o is not None and o not in self._stepped]
+        return [(k, o) for k, o in optimizers if o is not None and id(o) in self._unstepped]
 
     def restart_counts(self) -> None:
         """Counts restored from a checkpoint belong to no window of this run."""
@@ -79,7 +79,8 @@ class Windows:
         # backward passes in between: a window of one micro-batch
         window = max(self.micro_batch - last_mb, 1 if backwards > last_bw else 0)
         self._last[optimizer] = self._latest = (self.micro_batch, backwards)
-        self._stepped.add(optimizer)
+        if id(optimizer) in self._unstepped:
+            self._unstepped.discard(id(optimizer))
         return window, backwards - last_bw
 
     def backwards_since_step(self, optimizer: Any) -> int:
@@ -96,11 +97,12 @@ class Windows:
         """The run's optimizers, known before any steps: their windows begin at the start of the run, and a step
         of one of several does not end the others' windows (a parameter two of them share) from the first step."""
         for optimizer in optimizers:
-            if not any(ref() is optimizer for ref in self._expected):
-                self._expected.append(weakref.ref(optimizer))
-            if optimizer not in self._last:
-                self._last[optimizer] = self._start
-                self.optimizers += 1
+            if optimizer in self._last:  # seen in this run already
+                continue
+            self._last[optimizer] = self._start
+            self.optimizers += 1
+            self._expected.append(weakref.ref(optimizer))
+            self._unstepped.add(id(optimizer))
 
     def join(self, optimizer: Any) -> None:
         """``optimizer``, created after the run began, is about to take its first step: its window begins where
