@@ -305,20 +305,24 @@ def test_a_training_step_that_never_returns_its_loss_is_no_backward(make_trainer
     assert "global step 0" in gradguard_warnings(record)[0]
 
 
-def test_training_step_returning_none_inside_a_window_is_only_intermittent(make_trainer):
-    # k=2: batch 3 returns None, but batch 2 already gave every parameter its gradient for that step
+@pytest.mark.parametrize("skipped", [{3}, {2}, {2, 3, 5}])
+def test_a_batch_skipped_by_returning_none_inside_a_window_is_not_part_of_it(make_trainer, skipped):
+    # k=2: a batch whose training_step returns None (first or second of its window, or a whole window) ran no
+    # backward pass on purpose: the step applies the other batch's gradients, and nothing is intermittent
     guard = GradGuard(summary=False)
     trainer = make_trainer(callbacks=[guard], accumulate_grad_batches=2)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        trainer.fit(SkipBatchesMLP(skip_batches={3}), regression_loader(8))
+        trainer.fit(SkipBatchesMLP(skip_batches=skipped), regression_loader(8))
 
     report = guard.report()
     assert gradguard_warnings(record) == []
-    assert report.missing == []
-    assert len(report.intermittent) == 6
+    assert report.missing == [] and report.intermittent == [] and report.ok
+    whole_windows = 1 if skipped == {2, 3, 5} else 0  # batches 2 and 3 are the second window
     for name in report.params:
-        assert counts(report, name) == (4, 0, 8, 1)
+        assert counts(report, name) == (4 - whole_windows, 0, 8 - len(skipped), 0)
+    notes = [f for f in report.findings if f.kind == "skipped_batches"]
+    assert len(notes) == whole_windows
 
 
 @pytest.mark.parametrize("nonfinite_check", ["every_step", "auto"])

@@ -261,6 +261,8 @@ class GradGuard(Callback):
         started = batches_started(trainer)
         if started is not None and started == self._batches_started:
             self.engine.cancel_micro_batch()
+        elif self._skips_batches:  # the last batch's training_step returned None: it ran no backward pass
+            self.engine.drop_skipped_micro_batch()
         self._batches_started = started
         self._cleared = None
         self._step = None
@@ -311,8 +313,10 @@ class GradGuard(Callback):
         self._checked = (id(optimizer), step)
         # Lightning skips a batch whose training_step returned None (and still calls this hook): not a missing
         # gradient, once the run has trained (a run that never did forgot to return its loss, and is reported)
-        if self._skips_batches and self.engine.skip_empty_window(optimizer, _SKIPPED_BY_NONE):
-            return
+        if self._skips_batches:  # this batch's training_step may have returned None, or all of the window's
+            self.engine.drop_skipped_micro_batch()
+            if self.engine.skip_empty_window(optimizer, _SKIPPED_BY_NONE):
+                return
         stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
         # decided alike on every rank, whatever failed on this one: the reduction of a logging step is a collective
         due = reporter.log_due(stepped) or (reporter.logs and trainer.should_stop)

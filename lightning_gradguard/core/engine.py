@@ -180,6 +180,12 @@ class GradGuardEngine:
         """Take back the last :meth:`start_micro_batch`: that batch never ran (no forward, no backward)."""
         self.windows.micro_batch -= 1
 
+    def drop_skipped_micro_batch(self) -> bool:
+        """Take back the micro-batch in progress if it ran no backward pass because the training loop skipped it on
+        purpose (Lightning's ``training_step`` returning None), once the run has trained: it belongs to no window.
+        Returns whether it did."""
+        return self.windows.drop_empty()
+
     def restart_window(self, optimizer: torch.optim.Optimizer) -> None:
         """Start ``optimizer``'s accumulation window at the next micro-batch (call before that micro-batch starts).
 
@@ -252,6 +258,7 @@ class GradGuardEngine:
     def after_backward(self) -> None:
         """Count the backward pass and which parameters it gave a gradient (once per micro-batch)."""
         self.windows.backwards += 1
+        self.windows.backward_micro_batch = self.windows.micro_batch
         self.state.backwards += 1
         if not self._in_backward:  # the adapter saw no start of this backward: arrivals are not known
             if self.diagnosis is not None:

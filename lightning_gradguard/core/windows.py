@@ -39,12 +39,13 @@ class Windows:
         self._last: Any = weakref.WeakKeyDictionary()  # optimizer -> (micro-batch, backward) at its last step
         self.optimizers = 0  # distinct optimizers that stepped in this run
         self.running = False  # a training run started (not a one-off check)
+        self.backward_micro_batch = 0  # the micro-batch of the latest backward pass
         self._expected: list[weakref.ref] = []  # the run's optimizers, as the adapter named them
         self._unstepped: set[int] = set()  # ids of the expected optimizers that have not stepped in this run
 
     def start_run(self) -> None:
         """A new run: windows restart (optimizers are new objects in a new run)."""
-        self.micro_batch = 0
+        self.micro_batch = self.backward_micro_batch = 0
         self._start = self._latest = (0, self.backwards)
         self._last = weakref.WeakKeyDictionary()
         self.optimizers = 0
@@ -92,6 +93,14 @@ class Windows:
     def run_backwards(self) -> int:
         """Backward passes in this run."""
         return self.backwards - self._start[1]
+
+    def drop_empty(self) -> bool:
+        """Take back the micro-batch in progress if no backward pass ran in it, in a run that has run one (before
+        that, a batch without backward is a bug to report); returns whether it did."""
+        if self.micro_batch <= self.backward_micro_batch or not self.run_backwards:
+            return False
+        self.micro_batch -= 1
+        return True
 
     def expect(self, optimizers: Sequence[Any]) -> None:
         """The run's optimizers, known before any steps: their windows begin at the start of the run, and a step
