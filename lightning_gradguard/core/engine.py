@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import fields
 from typing import Any, Callable, Optional
 
 import torch
@@ -27,19 +26,18 @@ from torch import Tensor
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.core.arrivals import ArrivalTracker
 from lightning_gradguard.core.audit import OptimizerAudit
-from lightning_gradguard.core.causes import ZERO
 from lightning_gradguard.core.check import StepChecker
 from lightning_gradguard.core.diagnosis import Diagnosis
 from lightning_gradguard.core.findings import Findings
 from lightning_gradguard.core.measure import Measurement, StatsRequest
-from lightning_gradguard.core.messages import skipped_batches_note, zero_detail
+from lightning_gradguard.core.messages import skipped_batches_note
 from lightning_gradguard.core.observer import EngineObserver, StepCheck
 from lightning_gradguard.core.registry import ParamRegistry
 from lightning_gradguard.core.state import GuardState
 from lightning_gradguard.core.updates import UpdateWatch
 from lightning_gradguard.core.windows import ArrivalCounts, Windows
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
-from lightning_gradguard.report import Finding, GradReport, ParamReport
+from lightning_gradguard.report import Finding, GradReport
 
 NO_BACKWARD_HINT = "backward() was not called before the optimizer step, or the loss does not depend on the model"
 _EAGER_VERSIONS_MAX = 2048  # parameter tensors up to which plain loops read versions after every backward pass
@@ -379,24 +377,11 @@ class GradGuardEngine:
         self.flush()
         if self.optimizer_audit.following:  # the findings as of now (reports are rare: a full look is cheap enough)
             self.follow_audit()
-        table = self.state.table()
-        known = {f.name for f in fields(ParamReport)}
-        counters = [name for name in table if name in known]
-        params: dict[str, ParamReport] = {}
-        for i, name in enumerate(self.registry.names):
-            if table["steps"][i] == 0 or self.registry.allowed[i]:
-                continue
-            p = ParamReport(**{counter: table[counter][i] for counter in counters})
-            if p.missing or p.intermittent:
-                p.cause, p.detail = self.state.causes.get(i, (None, None))
-            elif p.always_zero:
-                p.cause, p.detail = ZERO, zero_detail(p.zero_steps)
-            params[name] = p
+        params = self.state.param_reports(self.registry.names, self.registry.allowed)
         findings = list(self.findings)
         if self.state.skipped_steps:
             findings.append(skipped_batches_note(self.state.skipped_steps, self._skip_reason))
-        idle = self.windows.never_stepped()
-        note = self.found.never_stepped(idle, table["steps"], self.state.steps) if idle and self.state.steps else None
+        note = self.found.never_stepped(self.windows.never_stepped(), params, self.state.steps)
         if note is not None:
             findings.append(note)
         report = GradReport(self.state.steps, self.state.backwards, params, findings)

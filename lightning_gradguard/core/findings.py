@@ -82,19 +82,22 @@ class Findings:
         return found
 
     def never_stepped(
-        self, idle: Sequence[tuple[int, torch.optim.Optimizer]], steps: Sequence[int], total: int
+        self, idle: Sequence[tuple[int, torch.optim.Optimizer]], checked: Collection[str], total: int
     ) -> Optional[Finding]:
         """The note for the trainable parameters that only optimizers which never stepped in this run update
         (``idle``: their positions among the run's optimizers, and themselves), in a run of ``total`` checked steps
-        (``steps``: checked steps per registry index). Made when the report is, never kept."""
+        (``checked``: the names of the parameters a step checked). Made when the report is, never kept."""
+        if not idle or not total:
+            return None
         labels: list[str] = []
         names: list[str] = []
         seen: set[int] = set()
         with_grad = 0
         for k, optimizer in idle:
             indices, params = self.registry.optimizer_params(optimizer)
+            names_of = self.registry.names
             mine = [(i, p) for i, p in zip(indices, params)
-                    if p.requires_grad and i not in seen and not (i < len(steps) and steps[i])]
+                    if p.requires_grad and i not in seen and names_of[i] not in checked]
             if not mine:  # (every parameter also in an optimizer that stepped)
                 continue
             labels.append(f"{type(optimizer).__name__} (optimizer {k})")

@@ -23,6 +23,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from lightning_gradguard.core.causes import ZERO
+from lightning_gradguard.core.messages import zero_detail
+from lightning_gradguard.report import ParamReport
+
 SAME = "same"  # every rank that checks the parameter counts the same (its gradient at the step is the same)
 ANY_RANK = "any"  # a measured step counts when it counts on any rank (a non-finite value in any shard)
 ALL_RANKS = "all"  # a measured step counts when it counts on every rank that holds a shard (an all-zero gradient)
@@ -210,6 +214,23 @@ class GuardState:
     def table(self) -> dict[str, list[int]]:
         """Every counter as a list per parameter (one host copy per device counter)."""
         return {c.name: self.values(c.name).tolist() for c in COUNTERS}
+
+    def param_reports(self, names: Sequence[str], allowed: Sequence[bool]) -> dict[str, ParamReport]:
+        """The report's entry of every parameter checked at least once and not allowed to go without a gradient
+        (``names[i]``, ``allowed[i]``: parameter ``i``), with its cause when it has a problem."""
+        table = self.table()
+        counters = [c.name for c in COUNTERS]
+        params: dict[str, ParamReport] = {}
+        for i, name in enumerate(names):
+            if table["steps"][i] == 0 or allowed[i]:
+                continue
+            p = ParamReport(**{counter: table[counter][i] for counter in counters})
+            if p.missing or p.intermittent:
+                p.cause, p.detail = self.causes.get(i, (None, None))
+            elif p.always_zero:
+                p.cause, p.detail = ZERO, zero_detail(p.zero_steps)
+            params[name] = p
+        return params
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self, names: Sequence[str], keep: Callable[[int], bool]) -> dict[str, Any]:
