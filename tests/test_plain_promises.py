@@ -297,6 +297,63 @@ def test_the_users_exception_comes_out_of_with_watch_unchanged(when):
     assert info.value.__context__ is None  # nothing of GradGuard's was raised (and swallowed) on the way out
 
 
+class FailsInBackward(nn.Module):
+    """An encoder, a head and an unused layer; ``fail`` makes the next backward pass raise inside the model (as an
+    out-of-memory error would), after it reached the model's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 1)
+        self.unused = nn.Linear(2, 2)
+        self.fail = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.encoder(x))
+        if self.fail:
+            h.register_hook(_raise_boom)
+        return self.head(h)
+
+
+def _raise_boom(grad: torch.Tensor) -> None:
+    raise Boom("out of memory (simulated)")
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_backward_pass_that_raises_and_is_skipped_leaves_the_counts_exact(accumulate):
+    """A loop that catches an error in backward and skips the batch (``except OOM: zero_grad(); continue``): the
+    failed pass never reaches autograd's end-of-backward callback, and the passes after it still count."""
+    torch.manual_seed(0)
+    model = FailsInBackward()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        guard = watch(model, optimizer, summary=False)
+        done = 0
+        for i, (x, y) in enumerate(batches(12)):
+            model.fail = i in (1, 6)
+            try:
+                F.mse_loss(model(x), y).backward()
+            except Boom:
+                optimizer.zero_grad()
+                continue
+            done += 1
+            if done % accumulate == 0:
+                optimizer.step()
+                optimizer.zero_grad()
+        guard.close()
+    report = guard.report()
+    steps = 10 // accumulate
+    # with k=2 the zero_grad after a failure also discards the window's earlier micro-batch (batches 0 and 5): the
+    # steps apply 8 micro-batches' gradients
+    applied = 10 if accumulate == 1 else 8
+    assert report.steps == steps
+    assert report.missing == ["unused.weight", "unused.bias"] and report.intermittent == []
+    for name, p in report.params.items():
+        unused = name.startswith("unused")
+        assert (p.steps, p.micro_batches, p.none_micro_batches) == (steps, applied, applied if unused else 0), name
+
+
 def test_strict_modes_error_comes_out_of_with_watch_unchanged():
     model = HealthyNet()
     unused = torch.zeros(1, requires_grad=True)

@@ -55,6 +55,7 @@ class BackwardBracket:
         self._marked = False  # the gradients the next backward pass starts from are recorded
         self._stepped = False  # an optimizer stepped since the last backward pass ended
         self._restarts: list[torch.optim.Optimizer] = []  # zero_grad since their last step
+        self._task = -1  # autograd's id of the backward pass bracketed now
         try:
             self.handles = [
                 model.register_forward_pre_hook(self._forward_start),
@@ -67,6 +68,7 @@ class BackwardBracket:
     # ------------------------------------------------------------------ what the adapter tells it
     def zero_grad_ran(self, optimizer: Optional[torch.optim.Optimizer], set_to_none: bool) -> None:
         """``optimizer.zero_grad()`` (or the model's, ``optimizer`` None) just ran."""
+        self._end_failed()
         if optimizer is not None:
             # cleared without a step: if a backward pass comes before its next step (a GAN's other network, a step
             # the AMP scaler skipped), the window starts there; if its step comes first, it stepped on nothing
@@ -76,6 +78,7 @@ class BackwardBracket:
 
     def stepping(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer`` is about to step (a zero_grad before it cleared what it steps on: no window restart)."""
+        self._end_failed()
         if optimizer in self._restarts:
             self._restarts.remove(optimizer)
 
@@ -84,6 +87,7 @@ class BackwardBracket:
 
     # ------------------------------------------------------------------ hooks
     def _forward_start(self, module: nn.Module, args: Any) -> None:
+        self._end_failed()
         if torch.is_grad_enabled() and not self.watcher.closed:  # evaluation under no_grad is not a micro-batch
             self._forward_since_backward = True
             self.forward_seen = True
@@ -106,9 +110,12 @@ class BackwardBracket:
     def start(self, output_node: Any = None) -> None:
         """A backward pass reached a hooked point (``output_node``: the model output's ``grad_fn``; None from a
         parameter's own gradient hook)."""
+        if self.open and self._task != torch._C._current_graph_task_id():
+            self._end()  # the pass bracketed before raised (an out-of-memory error the loop caught and skipped)
         if self.open or self.watcher.closed:
             return
         self.open = True
+        self._task = torch._C._current_graph_task_id()
         self._through_model = False
         torch.autograd.Variable._execution_engine.queue_callback(self._end)
         self._bracketed = accumulates_into_grad(output_node)  # torch.autograd.grad() writes no .grad
@@ -126,6 +133,12 @@ class BackwardBracket:
         new_micro_batch = self._forward_since_backward or not self.forward_seen
         self._forward_since_backward = False
         self.watcher.backward_started(output_node, new_micro_batch=new_micro_batch)  # the node: what diagnosis walks
+
+    def _end_failed(self) -> None:
+        """End the bracketed backward pass if it raised: its end-of-backward callback never comes. Called on the
+        training thread outside backward (a forward call, a step), where a pass that is still open has failed."""
+        if self.open and torch._C._current_graph_task_id() == -1:
+            self._end()
 
     def _end(self) -> None:
         self.open = False
