@@ -96,6 +96,15 @@ def test_plain_overhead_smoke_run(tmp_path):
     assert row["step_ms"] > 0 and row["watch_step_ms"] > 0
 
 
+def test_optimizer_in_backward_smoke_run(tmp_path):
+    in_backward = load("optimizer_in_backward")
+    out = tmp_path / "inbackward.json"
+    assert in_backward.main(["--layers", "3", "--blocks", "2", "--steps", "2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["sizes"]
+    assert row["optimizers"] == 6  # one per tensor, each stepped from its gradient hook
+    assert row["step_ms"] > 0 and row["watch_step_ms"] > 0
+
+
 def test_adapter_scaling_smoke_run_times_both_adapters_side_by_side(tmp_path):
     adapter_scaling = load("adapter_scaling")
     out = tmp_path / "adapters.json"

@@ -182,6 +182,8 @@ class ArrivalCounts:
 
         A parameter counts once per micro-batch, however many backward passes it ran.
         """
+        if len(missed) == self.size:  # nothing arrived (every optimizer stepped and cleared inside the pass)
+            return
         if self._extra:
             if missed == self._absent:  # the same pattern as before: the lazy part absorbs it
                 if self._extra_in != micro_batch:
@@ -203,6 +205,8 @@ class ArrivalCounts:
 
     def restart(self, indices: Sequence[int], covers_all: bool) -> None:
         """Forget the arrivals of ``indices``: their window starts again (``covers_all``: every parameter)."""
+        if self._clean and not self._extra:  # nothing counted anywhere: every window is fresh already
+            return
         if covers_all:
             self.reset_counts()
             return
