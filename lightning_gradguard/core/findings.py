@@ -93,17 +93,17 @@ class Findings:
         names: list[str] = []
         seen: set[int] = set()
         with_grad = 0
+        registered = self.registry.names
         for k, optimizer in idle:
             indices, params = self.registry.optimizer_params(optimizer)
-            names_of = self.registry.names
             mine = [(i, p) for i, p in zip(indices, params)
-                    if p.requires_grad and i not in seen and names_of[i] not in checked]
+                    if p.requires_grad and i not in seen and registered[i] not in checked]
             if not mine:  # (every parameter also in an optimizer that stepped)
                 continue
             labels.append(f"{type(optimizer).__name__} (optimizer {k})")
             for i, param in mine:
                 seen.add(i)
-                names.append(self.registry.names[i])
+                names.append(registered[i])
                 with_grad += param.grad is not None
         return never_stepped_note(labels, names, with_grad, total) if names else None
 
