@@ -111,6 +111,47 @@ class ScaleMadeInForward(nn.Module):
         return self.encoder(x) * self.scale
 
 
+class MetaNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(1, 8)
+        self.head = nn.Linear(8, 1)
+        self.unused = nn.Linear(2, 2)  # planted: never called
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_maml_inner_steps_through_autograd_grad_do_not_count_as_using_a_parameter():
+    """MAML: the inner step differentiates with respect to every parameter (``torch.autograd.grad``), the outer loss
+    runs the model on the adapted weights. Being differentiated is not being used: a layer the forward never calls is
+    named as never called, not as "used, then left out of the loss"."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = MetaNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        guard = watch(model, optimizer, summary=False)
+        for _ in range(3):
+            optimizer.zero_grad()
+            x = torch.randn(10, 1)
+            y = torch.sin(x)
+            params = dict(model.named_parameters())
+            inner = F.mse_loss(functional_call(model, params, (x,)), y)
+            grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
+            fast = {n: p if g is None else p - 0.01 * g for (n, p), g in zip(params.items(), grads)}
+            F.mse_loss(functional_call(model, fast, (x,)), y).backward()
+            optimizer.step()
+        guard.close()
+    report = guard.report()
+    assert report.missing == ["unused.weight", "unused.bias"]
+    detail = report.params["unused.weight"].detail
+    assert report.params["unused.weight"].cause == "unused"
+    assert "module `unused` (Linear)" in detail and "was never called in the forward pass" in detail
+
+
 def test_a_parameter_made_anew_in_forward_is_named_as_replaced_not_as_unused_by_forward():
     torch.manual_seed(0)
     model = ScaleMadeInForward()

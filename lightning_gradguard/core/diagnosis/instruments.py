@@ -33,6 +33,7 @@ from lightning_gradguard.core.diagnosis.recording import CUT, DATA, DETACH, INTE
 _METHOD_WRAPPER = type(Tensor.data.__get__)
 _DATA_GETTER = Tensor.data.__get__
 _DETACH_INPLACE = Tensor.detach_
+_AUTOGRAD_GRAD = torch.autograd.grad
 _TO_NUMBER = {
     Tensor.item: "item",
     Tensor.tolist: "tolist",
@@ -107,6 +108,8 @@ class _CutRecorder(TorchFunctionMode):
 
     def _inspect(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> None:
         recording = self.recording
+        if func is _AUTOGRAD_GRAD:  # differentiating (a MAML inner step, a penalty) neither uses nor cuts its inputs
+            return
         if torch.is_grad_enabled():
             if isinstance(out, Tensor):
                 if out.requires_grad:
