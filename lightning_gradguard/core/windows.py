@@ -80,8 +80,7 @@ class Windows:
         # backward passes in between: a window of one micro-batch
         window = max(self.micro_batch - last_mb, 1 if backwards > last_bw else 0)
         self._last[optimizer] = self._latest = (self.micro_batch, backwards)
-        if id(optimizer) in self._unstepped:
-            self._unstepped.discard(id(optimizer))
+        self._unstepped.discard(id(optimizer))
         return window, backwards - last_bw
 
     def backwards_since_step(self, optimizer: Any) -> int:
