@@ -56,6 +56,7 @@ class BackwardBracket:
         self._stepped = False  # an optimizer stepped since the last backward pass ended
         self._restarts: list[torch.optim.Optimizer] = []  # zero_grad since their last step
         self._task = -1  # autograd's id of the backward pass bracketed now
+        self._hint: Any = None  # an AccumulateGrad node found behind an output before: most passes reach it again
         try:
             self.handles = [
                 model.register_forward_pre_hook(self._forward_start),
@@ -118,7 +119,7 @@ class BackwardBracket:
         self._task = torch._C._current_graph_task_id()
         self._through_model = False
         torch.autograd.Variable._execution_engine.queue_callback(self._end)
-        self._bracketed = accumulates_into_grad(output_node)  # torch.autograd.grad() writes no .grad
+        self._bracketed = self._writes_grad(output_node)  # torch.autograd.grad() writes no .grad
         if not self._bracketed:
             return
         engine = self.watcher.engine
@@ -133,6 +134,20 @@ class BackwardBracket:
         new_micro_batch = self._forward_since_backward or not self.forward_seen
         self._forward_since_backward = False
         self.watcher.backward_started(output_node, new_micro_batch=new_micro_batch)  # the node: what diagnosis walks
+
+    def _writes_grad(self, output_node: Any) -> bool:
+        if output_node is not None and self._hint is not None:
+            # a parameter's AccumulateGrad node lives as long as something holds it, so every forward call's graph
+            # reaches the same one: asking about it spares a walk of the graph at each backward pass
+            try:
+                if torch._C._will_engine_execute_node(self._hint):
+                    return True
+            except (RuntimeError, AttributeError):
+                pass
+        writes, node = accumulates_into_grad(output_node, with_node=True)
+        if writes and node is not None and output_node is not None:
+            self._hint = node
+        return writes
 
     def _end_failed(self) -> None:
         """End the bracketed backward pass if it raised: its end-of-backward callback never comes. Called on the
@@ -165,19 +180,22 @@ class BackwardBracket:
         self.watcher.report_internal_error(message)
 
 
-def accumulates_into_grad(output_node: Any = None) -> bool:
+def accumulates_into_grad(output_node: Any = None, with_node: bool = False) -> Any:
     """Whether the running backward pass writes ``.grad`` (``backward()``) or returns gradients (``autograd.grad``).
 
     The engine says whether it will run a parameter's ``AccumulateGrad`` node: from a parameter's own hook that is
     the current node; from a hook on the model's output, the nearest such node behind the output's ``grad_fn``.
+    ``with_node``: return ``(answer, the node asked about or None)``.
     """
+    node = None
     try:
         node = torch._C._current_autograd_node() if output_node is None else _nearest_accumulate(output_node)
-        return node is None or bool(torch._C._will_engine_execute_node(node))
+        writes = node is None or bool(torch._C._will_engine_execute_node(node))
     except RuntimeError:  # "... we are currently running autograd.grad()"
-        return False
+        writes = False
     except AttributeError:  # private helpers missing in some release: assume the common case
-        return True
+        writes = True
+    return (writes, node) if with_node else writes
 
 
 def _nearest_accumulate(node: Any, budget: int = 64) -> Any:
