@@ -214,3 +214,72 @@ def test_an_optimizer_set_up_after_watch_fabric_is_checked_too():
     assert report.steps == 5
     assert set(report.missing) == PLANTED and all(report.params[name].none_steps == 5 for name in PLANTED)
     assert all(report.params[name].none_steps == 0 for name in USED)
+
+
+def test_zero_grad_between_fabric_backward_and_step_is_cleared():
+    """The classic misplaced ``zero_grad``: the step applies nothing, and the guard must say so (it reused its read
+    from right after ``fabric.backward``, and reported every gradient there)."""
+    torch.manual_seed(0)
+    fabric = make_fabric()
+    net = HealthyNet()
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    guard = watch_fabric(fabric, model, optimizer, summary=False)
+    for x, y in batches(3):
+        fabric.backward(F.mse_loss(model(x), y))
+        optimizer.zero_grad()
+        optimizer.step()
+    report = guard.close()
+    assert sorted(report.missing) == sorted(name for name, _ in net.named_parameters())
+    assert {p.cause for p in report.params.values()} == {"cleared"}
+    assert all(p.none_steps == 3 and p.none_micro_batches == 0 for p in report.params.values())
+
+
+@pytest.mark.parametrize("how", ["model.zero_grad", "grad = None"])
+def test_gradients_dropped_another_way_between_backward_and_step_are_cleared(how):
+    torch.manual_seed(0)
+    fabric = make_fabric()
+    net = HealthyNet()
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    guard = watch_fabric(fabric, model, optimizer, summary=False)
+    for x, y in batches(2):
+        fabric.backward(F.mse_loss(model(x), y))
+        if how == "model.zero_grad":
+            model.zero_grad()
+        else:
+            net.head.weight.grad = None
+        optimizer.step()
+        optimizer.zero_grad()
+    report = guard.close()
+    expected = ["head.weight"] if how == "grad = None" else sorted(name for name, _ in net.named_parameters())
+    assert sorted(report.missing) == expected
+    assert report.params["head.weight"].cause == "cleared"
+
+
+def test_one_guard_over_a_gan_whose_generator_output_feeds_both_losses():
+    """D then G from one generator forward: ``opt_g.zero_grad()`` before the generator's backward pass starts its
+    window there, so the discriminator's pass (through ``fake.detach()``) is not a micro-batch the generator missed."""
+    torch.manual_seed(0)
+    fabric = make_fabric()
+    generator = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    critic = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LeakyReLU(0.2), torch.nn.Linear(8, 1))
+    generator, opt_g = fabric.setup(generator, torch.optim.Adam(generator.parameters(), lr=1e-3))
+    critic, opt_d = fabric.setup(critic, torch.optim.Adam(critic.parameters(), lr=1e-3))
+    guard = watch_fabric(fabric, {"g": generator, "d": critic}, [opt_g, opt_d], summary=False)
+    ones, zeros = torch.ones(16, 1), torch.zeros(16, 1)
+    for _ in range(4):
+        real, fake = torch.randn(16, 4), generator(torch.randn(16, 2))
+        opt_d.zero_grad()
+        loss_d = F.binary_cross_entropy_with_logits(critic(real), ones) + F.binary_cross_entropy_with_logits(
+            critic(fake.detach()), zeros
+        )
+        fabric.backward(loss_d)
+        opt_d.step()
+        opt_g.zero_grad()
+        fabric.backward(F.binary_cross_entropy_with_logits(critic(fake), ones))
+        opt_g.step()
+    report = guard.close()
+    assert report.ok and report.missing == [] and report.intermittent == []
+    assert {name: p.steps for name, p in report.params.items() if name.startswith("g.")} == dict.fromkeys(
+        ["g.0.weight", "g.0.bias", "g.2.weight", "g.2.bias"], 4
+    )
+    assert all(p.micro_batches == 4 for name, p in report.params.items() if name.startswith("g."))

@@ -312,6 +312,28 @@ def test_zero_grad_between_backward_and_step_is_cleared(quiet):
     assert params["head.bias"]["none_steps"] == 2
 
 
+@pytest.mark.parametrize("which", ["every parameter", "one parameter"])
+def test_grad_set_to_none_by_hand_between_backward_and_step_is_cleared(quiet, which):
+    """``for p in model.parameters(): p.grad = None`` (the PyTorch performance guide's way of zeroing) in the wrong
+    place: the step applies nothing. The read right after backward must not stand in for the step's own."""
+    model = HealthyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False)
+    dropped = list(model.parameters()) if which == "every parameter" else [model.head.weight]
+    for x, y in batches(3):
+        F.mse_loss(model(x), y).backward()
+        for param in dropped:
+            param.grad = None
+        optimizer.step()
+    report = guard.close()
+    names = {"encoder.weight", "encoder.bias", "head.weight", "head.bias"} if len(dropped) > 1 else {"head.weight"}
+    assert set(report.missing) == names
+    assert {report.params[name].cause for name in names} == {"cleared"}
+    assert {report.params[name].none_steps for name in names} == {3}
+    # the others kept their gradients and were updated: nothing to say about them (not "skipped by the optimizer")
+    assert all(report.params[name].cause is None for name in set(report.params) - names)
+
+
 def test_step_without_backward_is_no_backward(quiet):
     model = HealthyNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

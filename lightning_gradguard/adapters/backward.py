@@ -54,7 +54,7 @@ class BackwardBracket:
         self._forward_since_backward = False
         self._marked = False  # the gradients the next backward pass starts from are recorded
         self._stepped = False  # an optimizer stepped since the last backward pass ended
-        self._restarts: list[torch.optim.Optimizer] = []  # zero_grad since their last step
+        self.restarts = WindowRestarts()
         self._task = -1  # autograd's id of the backward pass bracketed now
         self._hint: Any = None  # an AccumulateGrad node found behind an output before: most passes reach it again
         try:
@@ -70,18 +70,13 @@ class BackwardBracket:
     def zero_grad_ran(self, optimizer: Optional[torch.optim.Optimizer], set_to_none: bool) -> None:
         """``optimizer.zero_grad()`` (or the model's, ``optimizer`` None) just ran."""
         self._end_failed()
-        if optimizer is not None:
-            # cleared without a step: if a backward pass comes before its next step (a GAN's other network, a step
-            # the AMP scaler skipped), the window starts there; if its step comes first, it stepped on nothing
-            if optimizer not in self._restarts:
-                self._restarts.append(optimizer)
+        self.restarts.cleared(optimizer)
         self._mark(optimizer if set_to_none else None)
 
     def stepping(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer`` is about to step (a zero_grad before it cleared what it steps on: no window restart)."""
         self._end_failed()
-        if optimizer in self._restarts:
-            self._restarts.remove(optimizer)
+        self.restarts.stepping(optimizer)
 
     def stepped(self) -> None:
         self._stepped = True
@@ -123,9 +118,7 @@ class BackwardBracket:
         if not self._bracketed:
             return
         engine = self.watcher.engine
-        for optimizer in self._restarts:
-            engine.restart_window(optimizer)
-        self._restarts.clear()
+        self.restarts.apply(engine)
         if not self._marked:  # no zero_grad since the last backward pass: the baseline is what that one left
             if self._stepped:  # ... unless a step came in between (gradients kept across steps): read them now
                 engine.mark_gradients()
@@ -178,6 +171,31 @@ class BackwardBracket:
 
     def _report_internal_error(self, message: str) -> None:
         self.watcher.report_internal_error(message)
+
+
+class WindowRestarts:
+    """The optimizers whose ``zero_grad`` ran since their last step.
+
+    Cleared without a step: if a backward pass comes before its next step (a GAN's other network, a step the AMP
+    scaler skipped), its accumulation window starts at that pass; if its step comes first, it stepped on nothing.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[torch.optim.Optimizer] = []
+
+    def cleared(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        if optimizer is not None and optimizer not in self._pending:
+            self._pending.append(optimizer)
+
+    def stepping(self, optimizer: torch.optim.Optimizer) -> None:
+        if optimizer in self._pending:
+            self._pending.remove(optimizer)
+
+    def apply(self, engine: Any) -> None:
+        """A backward pass that writes ``.grad`` starts: the pending windows start with it."""
+        for optimizer in self._pending:
+            engine.restart_window(optimizer)
+        self._pending.clear()
 
 
 def accumulates_into_grad(output_node: Any = None, with_node: bool = False) -> Any:

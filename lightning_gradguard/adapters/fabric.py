@@ -19,7 +19,10 @@ wraps the two calls every Fabric loop makes, and translates them into the
   diagnosis walks the graph from it; a forward call of the model since the previous backward pass starts a new
   micro-batch;
 * each ``_FabricOptimizer.step`` it is given is checked before Fabric's precision plugin runs it (strict mode
-  raises there, before any weight changes), including the steps the AMP gradient scaler then skips.
+  raises there, before any weight changes), including the steps the AMP gradient scaler then skips;
+* ``zero_grad`` of the optimizers and models: gradients cleared between the backward pass and the step are
+  ``cleared``, and an optimizer cleared before a backward pass that is not its own (a GAN's other network) starts
+  its accumulation window there.
 
 **AMP scaling**: under ``precision="16-mixed"`` the gradients stay multiplied by the loss scale until ``scaler.step``
 (unless ``fabric.clip_gradients`` unscaled them first); the adapter divides its norms by the scaler's ``_scale``
@@ -44,10 +47,12 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from lightning_gradguard.adapters.backward import WindowRestarts
 from lightning_gradguard.adapters.optimizer_steps import check_step_call
 from lightning_gradguard.adapters.patching import MethodWrapper, close_at_exit
 from lightning_gradguard.adapters.watcher import Watcher
 from lightning_gradguard.config import GuardConfig
+from lightning_gradguard.isolation import feature
 from lightning_gradguard.training.precision import LossScaleTracker
 from lightning_gradguard.training.strategies import class_names, describe_strategy
 
@@ -92,7 +97,7 @@ class FabricGuard(Watcher):
     ) -> None:
         from lightning.fabric import Fabric
 
-        from lightning_gradguard.adapters.loop import _check_destination, _optimizer_list
+        from lightning_gradguard.adapters.loop import _check_destination, _optimizer_list, _wrap_zero_grad
 
         config = GuardConfig.create(**options)
         if not isinstance(fabric, Fabric):
@@ -125,13 +130,20 @@ class FabricGuard(Watcher):
         )
         self._forward_since_backward = False
         self._forward_seen = False
+        self.restarts = WindowRestarts()
         for module in self._called:  # a forward call since the previous backward pass starts a micro-batch
             self._handles.append(module.register_forward_pre_hook(self._on_forward))
+            for owner in {id(module): module, id(_unwrap(module)): _unwrap(module)}.values():
+                self._handles.append(_wrap_zero_grad(owner, self._after_zero_grad))
         self._handles.append(MethodWrapper(fabric, "backward", self._backward))
         stepped = {id(opt.optimizer) for opt in fabric_optimizers}
         for fabric_optimizer in fabric_optimizers:
-            self._handles.append(MethodWrapper(fabric_optimizer, "step", self._fabric_step(fabric_optimizer.optimizer)))
+            raw = fabric_optimizer.optimizer
+            self._handles.append(MethodWrapper(fabric_optimizer, "step", self._fabric_step(raw)))
+            # the wrapper's zero_grad is torch's, run on the wrapper: it does not go through the raw optimizer's
+            self._handles.append(_wrap_zero_grad(fabric_optimizer, self._after_zero_grad, reported=raw))
         for optimizer in self.optimizers:
+            self._handles.append(_wrap_zero_grad(optimizer, self._after_zero_grad))
             if id(optimizer) not in stepped:  # a raw optimizer: checked from inside its own step
                 self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre_hook))
                 self._handles.append(optimizer.register_step_post_hook(self._on_step_post_hook))
@@ -153,11 +165,21 @@ class FabricGuard(Watcher):
             self._forward_since_backward = True
             self._forward_seen = True
 
+    @feature("check")
+    def _after_zero_grad(self, owner: Any, set_to_none: bool) -> None:
+        if self._closed or self.engine.in_backward:
+            return
+        optimizer = owner if isinstance(owner, torch.optim.Optimizer) else None
+        self.restarts.cleared(optimizer)
+        # what a backward pass left is no longer what the step will see
+        self.engine.mark_gradients(optimizer if set_to_none else None)
+
     def _backward(self, original: Any, tensor: Any, *args: Any, **kwargs: Any) -> Any:
         if self._closed:
             return original(tensor, *args, **kwargs)
         new_micro_batch = self._forward_since_backward or not self._forward_seen
         self._forward_since_backward = False
+        self.restarts.apply(self.engine)
         self.backward_started(tensor if isinstance(tensor, torch.Tensor) else None, new_micro_batch=new_micro_batch)
         output = original(tensor, *args, **kwargs)
         self.backward_ended()
@@ -167,6 +189,7 @@ class FabricGuard(Watcher):
         def step(original: Any, *args: Any, **kwargs: Any) -> Any:
             if not self._closed:
                 # None when there is no scaler or fabric.clip_gradients() already unscaled the gradients
+                self.restarts.stepping(raw)
                 scale = self.scale.at_step(raw) if self.scale is not None else None
                 args, kwargs = check_step_call(args, kwargs, lambda: self.before_step(raw, scale), position=0)
             output = original(*args, **kwargs)
@@ -176,6 +199,7 @@ class FabricGuard(Watcher):
         return step
 
     def _on_step_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> Any:
+        self.restarts.stepping(optimizer)
         scale = getattr(optimizer, "grad_scale", None)
         return self.steps.pre_hook(optimizer, args, kwargs, scale if isinstance(scale, torch.Tensor) else None)
 

@@ -31,8 +31,10 @@ and translates them into the :class:`~lightning_gradguard.adapters.watcher.Watch
 
 Under ``torch.amp.GradScaler`` the pre-step hook runs inside ``scaler.step`` after unscaling, so norms are
 unscaled; for optimizers that unscale themselves (``fused=True``) the scaler sets ``optimizer.grad_scale``, which
-the adapter divides out. Steps the scaler skips are not ``optimizer.step()`` calls and are not checked. Setting
-``p.grad = None`` by hand between ``backward()`` and ``step()`` is not seen (``zero_grad`` is).
+the adapter divides out. Steps the scaler skips are not ``optimizer.step()`` calls and are not checked. Gradients
+dropped between ``backward()`` and ``step()`` are ``cleared``, whether by ``zero_grad`` or by ``p.grad = None``
+(beyond 1,024 parameter tensors, the step compares an even sample of about 64 ``.grad`` with what backward left,
+so a single ``p.grad = None`` among them may go unseen).
 
 Several processes: a model wrapped in ``DistributedDataParallel`` (``FullyShardedDataParallel``, ``fully_shard``)
 gets the Trainer callback's :class:`~lightning_gradguard.training.context.TrainingContext`, so counts, norms and
@@ -249,12 +251,13 @@ class _RemoveAll:
         self._handles.clear()
 
 
-def _wrap_zero_grad(owner: Any, after: Any) -> MethodWrapper:
-    """Call ``after(owner, set_to_none)`` after each ``owner.zero_grad(...)``."""
+def _wrap_zero_grad(owner: Any, after: Any, reported: Any = None) -> MethodWrapper:
+    """Call ``after(reported or owner, set_to_none)`` after each ``owner.zero_grad(...)``."""
+    reported = owner if reported is None else reported
 
     def zero_grad(original: Any, *args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
-        after(owner, bool(kwargs.get("set_to_none", args[0] if args else True)))
+        after(reported, bool(kwargs.get("set_to_none", args[0] if args else True)))
         return out
 
     return MethodWrapper(owner, "zero_grad", zero_grad)

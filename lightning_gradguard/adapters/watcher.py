@@ -105,10 +105,12 @@ class Watcher:
             self._require_trainable(model)
             self._measure_every_step = config.measures_every_step(self.engine.registry.params) or scale is not None
             self.context = self._context(strategy, ddp_fix)
-            # the step check reuses the gradients read at the end of the last backward pass (zero_grad, the one
-            # way a loop normally clears them in between, invalidates that read), except where gradients are
-            # rewritten after the backward pass the adapter brackets: DDP's reducer, FSDP's sharded views
-            self.engine.start_run(reuse_backward_read=not strategy.distributed, late_backward=late_backward)
+            # the step check reuses the gradients read at the end of the last backward pass if the .grad attributes
+            # still hold them (zero_grad invalidates the read; `p.grad = None` is caught by the check), except where
+            # gradients are rewritten after the backward pass the adapter brackets: DDP's reducer, FSDP's views
+            self.engine.start_run(
+                reuse_backward_read=not strategy.distributed, late_backward=late_backward, verify_backward_read=True
+            )
             self.engine.audit(self.optimizers)  # unregistered tensors, parameters in no optimizer
             self.reporter = self._reporter(log_dir, writer, loggers, report_dir)
         except BaseException:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from itertools import repeat
-from operator import is_not
+from operator import attrgetter, is_, is_not
 from typing import Optional
 
 from torch import Tensor
+
+_GRAD = attrgetter("grad")
 
 
 class ArrivalTracker:
@@ -128,11 +130,21 @@ class ArrivalTracker:
         self._last_versions = [-1 if g is None else g._version for g in after] if self.eager_versions else None
         return missed
 
-    def take_kept(self) -> tuple[Optional[list[Optional[Tensor]]], Optional[list[int]]]:
+    def take_kept(
+        self, verify: Optional[Sequence[Tensor]] = None
+    ) -> tuple[Optional[list[Optional[Tensor]]], Optional[list[int]]]:
         """The gradients the last backward left, as read right after it (if kept), and the positions of None among
-        them (if known); hands them over only once. A step ends what the next backward pass could start from."""
+        them (if known); hands them over only once. A step ends what the next backward pass could start from.
+
+        ``verify``: the parameters, when code the adapter cannot see may have run since the read (a hand-written
+        loop setting ``p.grad = None``, or assigning a clipped copy): the read is handed over only if their
+        ``.grad`` are still the tensors it holds: every one up to ``FULL_VERIFY`` parameters, an evenly spaced
+        sample of about 64 beyond (reading 10,000 ``.grad`` costs about a millisecond).
+        """
         kept, none, self._kept, self._kept_none = self._kept, self._kept_none, None, None
         self._last = self._last_versions = None
+        if kept is not None and verify is not None and not _still_held(kept, verify):
+            return None, None
         return kept, none
 
     def unchanged_since_backward(self, index: int, grad: Tensor) -> bool:
@@ -147,6 +159,18 @@ class ArrivalTracker:
         self._kept = self._kept_none = None
         self._last = self._last_versions = None
         self.last_missed = {}
+
+
+FULL_VERIFY = 1024
+
+
+def _still_held(kept: Sequence[Optional[Tensor]], params: Sequence[Tensor]) -> bool:
+    if len(kept) != len(params):
+        return False
+    if len(params) <= FULL_VERIFY:
+        return all(map(is_, kept, map(_GRAD, params)))
+    positions = range(len(params) - 1, -1, -(len(params) // 64))  # the last parameter included
+    return all(kept[i] is params[i].grad for i in positions)
 
 
 def _version(grad: Optional[Tensor]) -> int:

@@ -112,9 +112,9 @@ class StepChecker:
         engine = self.engine
         indices, params = engine.registry.optimizer_params(optimizer)
         engine.sync_size()
-        kept, kept_none = engine.tracker.take_kept()
+        kept, kept_none = engine.take_backward_read()
         none: Optional[list[int]] = None
-        if kept is not None and engine.reuse_backward_read and len(kept) == len(engine.registry):
+        if kept is not None:
             if engine.registry.is_all(indices):
                 grads, none = kept, kept_none
             else:

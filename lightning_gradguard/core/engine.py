@@ -90,6 +90,7 @@ class GradGuardEngine:
         self.tracking = False  # True once a before/after backward bracket was seen
         self._in_backward = False
         self._reuse_read = False
+        self._verify_read = False
         self._late_backward = False
         self._marked = False  # mark_gradients() took the snapshot the next backward pass is compared with
         self._checker = StepChecker(self)
@@ -116,7 +117,9 @@ class GradGuardEngine:
             self.diagnosis = Diagnosis(self)
             self.diagnosis.start_run()
 
-    def start_run(self, reuse_backward_read: bool = False, late_backward: bool = False) -> None:
+    def start_run(
+        self, reuse_backward_read: bool = False, late_backward: bool = False, verify_backward_read: bool = False
+    ) -> None:
         """Begin a training run (a ``fit``): windows restart, the counts carry on.
 
         Args:
@@ -126,6 +129,9 @@ class GradGuardEngine:
                 ``.grad`` again.
             late_backward: the adapter notices a backward pass only once it runs (plain loops): the versions of
                 the gradients a backward pass leaves are read right then, for :meth:`keep_baseline`.
+            verify_backward_read: reuse the read after backward only if the ``.grad`` attributes still hold the
+                tensors read then (a loop the adapter does not drive can set ``p.grad = None`` in between; see
+                :meth:`~lightning_gradguard.core.arrivals.ArrivalTracker.take_kept`).
 
         """
         self.windows.start_run()
@@ -135,6 +141,7 @@ class GradGuardEngine:
         self.tracker.reset()
         self._in_backward = False
         self._reuse_read = reuse_backward_read
+        self._verify_read = verify_backward_read
         self._late_backward = late_backward
         # small models: reading the versions after every backward pass costs next to nothing; big ones read them
         # once accumulation shows that a backward pass will follow without zero_grad (see keep_baseline)
@@ -151,6 +158,14 @@ class GradGuardEngine:
     def reuse_backward_read(self) -> bool:
         """Whether the step check reuses the gradients read after backward (see :meth:`start_run`)."""
         return self._reuse_read
+
+    def take_backward_read(self) -> tuple[Optional[list[Optional[Tensor]]], Optional[list[int]]]:
+        """The gradients read after the last backward pass, if the step check may use them (and the positions of
+        None among them, if known); ``(None, None)`` when it must read every ``.grad`` itself."""
+        kept, none = self.tracker.take_kept(self.registry.params if self._verify_read else None)
+        if kept is None or not self._reuse_read or len(kept) != len(self.registry):
+            return None, None
+        return kept, none
 
     def observe(self, observer: EngineObserver) -> None:
         """Take part in the step protocol (see :class:`~lightning_gradguard.core.observer.EngineObserver`)."""
