@@ -352,3 +352,76 @@ def test_plain_pytorch_loop_that_raises_inside_the_window_leaves_no_instrument()
             model(torch.randn(2, IN_DIM)).sum().backward()
             raise ValueError("the loop's own bug")
     assert instruments_removed(model)
+
+
+def _padded_encoder() -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+
+
+def _padding() -> torch.Tensor:
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, 3:] = True
+    return pad
+
+
+def test_an_evaluation_pass_in_the_window_computes_what_it_computes_without_the_guard():
+    """With a torch-function mode on the stack, ``nn.TransformerEncoder`` skips its inference fast path, which fills
+    padded positions with zeros: an evaluation pass during the diagnosis window gave other outputs."""
+    torch.manual_seed(0)
+    model = _padded_encoder().eval()
+    x, pad = torch.randn(2, 6, 16), _padding()
+    with torch.no_grad():
+        expected = model(x, src_key_padding_mask=pad)
+    guard = watch(model, torch.optim.SGD(model.parameters(), lr=0.1), summary=False)
+    recording = torch._C._len_torch_function_stack()
+    with torch.no_grad():
+        got = model(x, src_key_padding_mask=pad)
+    assert torch.equal(got, expected) and got[0, 3:].abs().sum() == 0
+    assert torch._C._len_torch_function_stack() == recording == 1  # back for the training passes of the window
+    guard.close()
+    assert instruments_removed(model)
+
+
+class PaddedEncoder(Regression):
+    """Validation through a submodule (not ``self(x)``), with padding masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = _padded_encoder()
+        self.head = nn.Linear(16, 1)
+        self.val_outputs: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0].reshape(-1, 6, 16)
+        return self.head(self.encoder(x)).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        x = batch[0].reshape(-1, 6, 16)
+        self.val_outputs.append(self.encoder(x, src_key_padding_mask=_padding()))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # weights stay put: every validation pass is the same
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(2, 96)), batch_size=2)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(2, 96)), batch_size=2)
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_validation_loop_in_the_window_computes_what_it_computes_without_the_guard(tmp_path, guarded):
+    torch.manual_seed(0)
+    model = PaddedEncoder()
+    guards = [GradGuard(summary=False)] if guarded else []
+    options = dict(max_epochs=2, num_sanity_val_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    from lightning import Trainer
+
+    Trainer(callbacks=guards, **options).fit(model)
+    # sanity check, then after each epoch of one step: the first two are inside the diagnosis window
+    assert len(model.val_outputs) == 3
+    for out in model.val_outputs:
+        assert torch.equal(out, model.val_outputs[0]) and out[0, 3:].abs().sum() == 0
+    assert instruments_removed(model)

@@ -254,6 +254,14 @@ class GradGuard(Callback):
             self._context.on_exception(trainer, exception)
             self._context.release()
 
+    @feature("diagnosis")
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.engine.evaluation(True)
+
+    @feature("diagnosis")
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.engine.evaluation(False)
+
     @feature("check")
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # Lightning counts a batch as started after every on_train_batch_start hook; when the LightningModule's

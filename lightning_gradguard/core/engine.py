@@ -358,6 +358,12 @@ class GradGuardEngine:
         """The findings of the run so far (owned by :attr:`found`)."""
         return self.found.items
 
+    def evaluation(self, running: bool) -> None:
+        """An evaluation loop between training steps starts (``running``) or ends: it must compute exactly what it
+        computes without the guard (see :meth:`~lightning_gradguard.core.diagnosis.instruments.Instruments.suspend`)."""
+        if self.diagnosis is not None:
+            self.diagnosis.evaluation(running)
+
     def end_diagnosis(self) -> None:
         """Remove every diagnosis instrument now (a run ends or raised); safe to call at any time."""
         if self.diagnosis is not None:

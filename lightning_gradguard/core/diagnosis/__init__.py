@@ -210,6 +210,13 @@ class Diagnosis:
         return schedule.steps_left <= 0 and not schedule.open_pending and self.instruments.idle and self.analysis.empty
 
     # ------------------------------------------------------------------ engine events
+    def evaluation(self, running: bool) -> None:
+        """An evaluation loop starts (``running``) or ends: nothing of the diagnosis may change what it computes."""
+        if running:
+            self.instruments.suspend()
+        else:
+            self.instruments.resume()
+
     def start_micro_batch(self) -> None:
         self.instruments.retry_stale_modes()
         self._start_micro_batch()

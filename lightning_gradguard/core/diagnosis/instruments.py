@@ -207,6 +207,7 @@ class Instruments:
         self._mode: Optional[_CutRecorder] = None
         self._stale_modes: list[_CutRecorder] = []
         self._retry_handle: Any = None  # a forward pre-hook on the root that retries them on the training thread
+        self._suspended: Optional[_CutRecorder] = None  # the mode, taken off the stack for an evaluation pass
 
     @property
     def idle(self) -> bool:
@@ -227,7 +228,7 @@ class Instruments:
         root = model_map.root
         if root is not None and model_map.trace_cuts:  # (no trace with any compiled or scripted part)
             self._handles.append(root.register_forward_pre_hook(self._on_root_start))
-            self._handles.append(root.register_forward_hook(self._on_root_end))
+            self._handles.append(root.register_forward_hook(self._on_root_end, always_call=True))
         if model_map.trace_cuts:
             self._mode = _CutRecorder(self.recording, self.fail)
             torch._C._push_on_torch_function_stack(self._mode)
@@ -243,7 +244,9 @@ class Instruments:
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.off = True
-            if not _remove_mode(mode):  # pushed on another thread's stack, or out of it during backward: retry
+            if self._suspended is mode:  # off the stack already
+                self._suspended = None
+            elif not _remove_mode(mode):  # pushed on another thread's stack, or out of it during backward: retry
                 self._stale_modes.append(mode)
                 root = self.model_map.root
                 if self._retry_handle is None and root is not None:
@@ -253,6 +256,26 @@ class Instruments:
         self.armed = False
         self.model_map.grad_forward = False
         self.recording.new_segment()
+
+    def suspend(self) -> None:
+        """Take the mode off the stack for an evaluation pass, which is not recorded: with a torch-function mode on
+        the stack, modules that look for one take another path (``nn.TransformerEncoder`` skips its inference fast
+        path, whose padded positions are zeros), and the pass would compute something else than without the guard.
+        """
+        mode = self._mode
+        if mode is not None and self._suspended is None and _remove_mode(mode):
+            self._suspended = mode
+
+    def resume(self) -> None:
+        """Put the mode back after :meth:`suspend`."""
+        mode, self._suspended = self._suspended, None
+        if mode is None or mode is not self._mode:
+            return
+        if threading.get_ident() == mode.thread and not in_backward():
+            torch._C._push_on_torch_function_stack(mode)
+        else:  # not on the stack it belongs to: recording of cuts ends for this window
+            mode.off = True
+            self._mode = None
 
     def retry_stale_modes(self) -> None:
         if self._stale_modes:
@@ -271,9 +294,13 @@ class Instruments:
         # a forward call that begins with autograd on is a training pass, whatever the model's mode (a call whose
         # end never comes, because it raised, is superseded by the next call's start)
         self.model_map.grad_forward = torch.is_grad_enabled()
+        if self.model_map.evaluating():
+            self.suspend()
 
     def _on_root_end(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        # (also when the forward call raised)
         self.model_map.grad_forward = False
+        self.resume()
 
     def _on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         recording = self.recording
