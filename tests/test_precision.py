@@ -264,3 +264,32 @@ def test_gpu_feature_script_passes_its_checks_on_the_cpu(tmp_path):
     assert results["16-mixed, fused Adam"]["max_relative_norm_error"] < 1e-5
     assert results["FSDPStrategy, planted unused layer"]["passed"] is None  # skipped without a GPU
     assert results["torch.compile"]["with_guard"]["graphs"] == results["torch.compile"]["without_guard"]["graphs"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_plain_loop_overflow_under_a_grad_scaler_is_a_skipped_step_with_fused_optimizers_too(fused):
+    """``scaler.step`` skips a non-fused optimizer's ``step()``, but calls a fused one's with ``found_inf`` set (the
+    kernel then changes nothing): an overflow there is a skipped step too, not a failed run."""
+    from lightning_gradguard import watch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    guard = watch(model, optimizer, summary=False)
+    for i in range(6):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.mse_loss(model(torch.randn(8, 4)).float(), torch.randn(8, 1))
+        scaler.scale(loss).backward()
+        if i in (2, 4):
+            model[0].weight.grad[0, 0] = math.inf  # planted overflows
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    report = guard.close()
+    assert report.ok and report.missing == []
+    if fused:  # the skipped steps are optimizer.step() calls, checked and counted as skipped
+        assert (report.steps, report.amp_skipped_steps) == (6, 2)
+        assert report.params["0.weight"].nonfinite_steps == 2
+    else:  # the scaler never calls step(): nothing to check
+        assert (report.steps, report.amp_skipped_steps) == (4, None)

@@ -43,7 +43,7 @@ from lightning_gradguard.output.sinks.tensorboard import (
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.training.collective import Collective
 from lightning_gradguard.training.context import TrainingContext
-from lightning_gradguard.training.precision import LossScaleTracker
+from lightning_gradguard.training.precision import FusedStepSkips, LossScaleTracker
 from lightning_gradguard.training.strategies import DDP, FSDP, FSDP2, StrategyInfo
 
 DEFAULT_LOG_EVERY_N_STEPS = 50  # Lightning's default cadence
@@ -91,6 +91,7 @@ class Watcher:
         self.optimizers = list(optimizers)
         self.writes = writes
         self.scale = scale
+        self.fused_skips = FusedStepSkips()  # without a scaler the adapter sees: what fused optimizers say
         self.engine = GradGuardEngine(config, warn=self._warn, no_backward_hint=no_backward_hint)
         self.global_step = 0  # optimizer steps checked, all optimizers together (Lightning's global_step)
         self.report_path: Optional[str] = None
@@ -207,6 +208,8 @@ class Watcher:
         """
         if self._closed:
             return
+        if self.scale is None:
+            self.fused_skips.at_step(optimizer)
         try:
             self._check(optimizer, grad_scale)
         except GradGuardError as err:  # strict mode: the report reaches TensorBoard before the raise
@@ -256,8 +259,8 @@ class Watcher:
     @feature("log")
     def _write(self, scalars: Optional[dict[str, Tensor]]) -> None:
         step, due = self._step  # type: ignore[misc]
-        if due and self.scale is not None:
-            skipped = self.scale.skipped_tensor()
+        if due and (self.scale is not None or self.fused_skips.skipped_tensor() is not None):
+            skipped = (self.scale or self.fused_skips).skipped_tensor()
             scalars = {**(scalars or {}), "amp_skipped_steps": skipped if skipped is not None else torch.zeros(())}
         self.reporter.write(step, due, scalars)
 
@@ -278,6 +281,8 @@ class Watcher:
         report = self.engine.report()
         if self.scale is not None:
             report.amp_skipped_steps = self.scale.skipped_steps()
+        else:
+            report.amp_skipped_steps = self.fused_skips.skipped_steps()
         return report
 
     @property

@@ -118,3 +118,30 @@ class LossScaleTracker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._restored = int(state.get("amp_skipped_steps", 0))
         self._skipped = None
+
+
+class FusedStepSkips:
+    """The steps a ``GradScaler`` skipped inside optimizers that unscale in their own kernel (``fused=True``), seen
+    from the optimizer alone: in a hand-written loop the guard does not know the scaler.
+
+    ``scaler.step`` calls such an optimizer's ``step()`` even when a gradient overflowed, with ``optimizer.found_inf``
+    set for the duration of the call; the kernel then changes nothing. Call :meth:`at_step` from inside the step (a
+    step pre-hook). The count stays on the device until it is read.
+    """
+
+    def __init__(self) -> None:
+        self._skipped: Optional[Tensor] = None
+
+    def at_step(self, optimizer: torch.optim.Optimizer) -> None:
+        found = getattr(optimizer, "found_inf", None)
+        if isinstance(found, Tensor):
+            skipped = (found > 0).sum().to(torch.int64)
+            self._skipped = skipped if self._skipped is None else self._skipped + skipped
+
+    def skipped_tensor(self) -> Optional[Tensor]:
+        """The device-side count, or None when no step ran under a scaler."""
+        return self._skipped
+
+    def skipped_steps(self) -> Optional[int]:
+        """Optimizer steps skipped for an overflow (one host copy), or None when no step ran under a scaler."""
+        return None if self._skipped is None else int(self._skipped.item())
