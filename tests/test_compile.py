@@ -169,3 +169,39 @@ def test_a_torchscript_model_is_watched_and_nothing_is_guessed(with_spare):
         assert spare.none_steps == 3 and spare.cause is None and "compiled code" in spare.detail
     else:
         assert report.ok and report.missing == []
+
+
+class AuxLeftOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.aux = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        aux = self.aux(h)  # planted: computed, never used
+        del aux
+        return self.head(h)
+
+
+def test_a_compiled_graph_is_not_called_a_custom_autograd_function_of_the_user():
+    """nanoGPT's order: build the optimizer, compile, and watch the module itself. The compiled graph reaches the
+    backward pass as a Function of torch.compile's own; its None gradient must not be blamed on a Function the user
+    never wrote, nor come with a fix that cannot be applied."""
+    from lightning_gradguard import watch
+
+    torch.manual_seed(0)
+    model = AuxLeftOut()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    compiled = torch.compile(model, backend="aot_eager")
+    guard = watch(model, optimizer, summary=False)
+    for _ in range(2):
+        F.mse_loss(compiled(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    report = guard.close()
+    assert sorted(report.missing) == ["aux.bias", "aux.weight"]
+    detail = report.params["aux.weight"].detail
+    assert report.params["aux.weight"].cause is None
+    assert "compiled code" in detail and "custom torch.autograd.Function" not in detail

@@ -303,6 +303,25 @@ class CNNReentrantCheckpoint(Regression):
         return self.head(h.flatten(1))
 
 
+class GateLeftOutInAReentrantCheckpoint(Regression):
+    """The segment's input requires grad (the pitfall does not apply); a gate inside it is computed and dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(IN_DIM, HIDDEN)
+        self.body = nn.Linear(HIDDEN, HIDDEN)
+        self.gate = nn.Linear(HIDDEN, HIDDEN)
+        self.head = nn.Linear(HIDDEN, 1)
+
+    def segment(self, h):
+        gate = torch.sigmoid(self.gate(h))  # planted: computed, never applied
+        del gate
+        return torch.tanh(self.body(h))
+
+    def forward(self, x):
+        return self.head(checkpoint.checkpoint(self.segment, self.stem(x), use_reentrant=True))
+
+
 def test_lstm_encoder_under_no_grad(tmp_path):
     report = fit(LSTMEncoderUnderNoGrad(), regression_data(), tmp_path)
     where = planted_at(LSTMEncoderUnderNoGrad.forward, "with torch.no_grad()")
@@ -534,3 +553,15 @@ def test_embedding_with_max_norm_left_out_is_unused_not_no_grad(tmp_path):
     report = fit(EmbeddingMaxNormLeftOut(), token_data(), tmp_path)
     assert_flagged(report, {"side.weight"}, "unused")
     assert "never reached the loss" in report.params["side.weight"].detail
+
+
+def test_a_reentrant_checkpoint_whose_input_requires_grad_is_not_blamed(tmp_path):
+    """Reentrant segments run their forward without autograd whatever their inputs: only a segment none of whose
+    inputs requires grad cuts its parameters off, so only that one may be named as the cause."""
+    report = fit(GateLeftOutInAReentrantCheckpoint(), regression_data(), tmp_path)
+    assert sorted(report.missing) == ["gate.bias", "gate.weight"]
+    detail = report.params["gate.weight"].detail
+    assert report.params["gate.weight"].cause == "unused"
+    assert "reentrant" not in detail and "use_reentrant" not in detail
+    assert "never reached the loss" in detail
+    assert report.params["body.weight"].none_steps == 0

@@ -132,8 +132,13 @@ def _first_cuts(events: Iterable[Event], param_index: dict[int, int]) -> dict[in
     return labels
 
 
-def _consumer(node: Any) -> tuple[str, Optional[str]]:
-    """``(node name, custom autograd.Function name or None)`` of the node that consumes a parameter: names only, so
-    that a reason never keeps the graph alive."""
+_COMPILED_MODULES = ("torch._functorch", "torch._dynamo", "torch._inductor")
+
+
+def _consumer(node: Any) -> tuple[str, Optional[str], bool]:
+    """``(node name, custom autograd.Function name or None, whether it is compiled code)`` of the node that consumes
+    a parameter: names only, so that a reason never keeps the graph alive. torch.compile wraps a compiled graph in
+    a Function of its own: that one is not the user's."""
     function = getattr(node, "_forward_cls", None)  # the class of a custom torch.autograd.Function
-    return type(node).__name__, getattr(function, "__qualname__", None)
+    compiled = str(getattr(function, "__module__", "")).startswith(_COMPILED_MODULES)
+    return type(node).__name__, getattr(function, "__qualname__", None), compiled

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import Any, Optional
 
+import torch
+
 # what a frame belongs to
 USER = 0
 INTERNAL = 1  # PyTorch and the Python standard library: transparent, look further out
@@ -149,6 +151,10 @@ def user_frames(
             elif not find_checkpoint:
                 break
         elif kind == CHECKPOINT:
+            if find_checkpoint and _segment_has_grad_input(frame):
+                # the segment runs its forward without autograd by design and recomputes it in backward with
+                # autograd on, as a custom Function records its graph as a whole: a use, not a cut
+                return IN_FUNCTION
             in_checkpoint = True
         elif kind == FUNCTION and not in_checkpoint and find_checkpoint:
             return IN_FUNCTION
@@ -156,6 +162,16 @@ def user_frames(
             return None
         frame = frame.f_back
     return frames, None
+
+
+def _segment_has_grad_input(frame: FrameType) -> bool:
+    """Whether a reentrant checkpoint segment (``CheckpointFunction.forward(ctx, run_function, preserve_rng_state,
+    *args)``) was given a tensor that requires grad: only without one does it cut its parameters off."""
+    try:
+        args = frame.f_locals.get("args", ())
+        return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    except Exception:  # noqa: BLE001 - another torch release's frame: assume the pitfall, as before
+        return False
 
 
 @dataclass(frozen=True)

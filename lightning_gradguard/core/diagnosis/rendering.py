@@ -55,7 +55,13 @@ def render(
     if tag == EVENT:
         return _render_event(payload, checkpoint_fix)
     if tag == NONE_BACK:
-        node, function = payload
+        node, function, compiled = payload
+        if compiled:
+            return None, (
+                f"it was used with autograd on and the backward pass reached it, but its gradient came back None from "
+                f"compiled code (`{node}`, torch.compile), where GradGuard cannot tell a result left out of the loss "
+                "from a detached one. Run a few steps without compiling to see the cause and the line."
+            )
         if function is not None:
             return DETACHED, (
                 f"it was used with autograd on and the backward pass reached it, but its gradient came back None "
