@@ -220,6 +220,47 @@ def test_a_layer_added_to_the_model_and_the_optimizer_mid_run_keeps_its_model_na
     assert report.params["blocks.1.weight"].steps == 3 and report.ok
 
 
+class GrowingResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.blocks, self.head = nn.Linear(4, 8), nn.ModuleList(), nn.Linear(8, 1)
+        self.spare = nn.ModuleList()  # blocks added but never called
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_parameters_that_join_mid_run_are_not_said_to_have_missed_micro_batches_before_they_joined(accumulate):
+    """Progressive growing: a block added to the model and to the optimizer (``add_param_group``) right before a
+    forward pass got a gradient from every micro-batch it took part in, yet was reported ``intermittent`` (the
+    micro-batches counted before the guard saw it join). A block added but never called is still named, and not as
+    ``cleared``: it never had a gradient."""
+    torch.manual_seed(0)
+    model = GrowingResidual()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False)
+    for step in range(6):
+        if step == 3:
+            model.blocks.append(nn.Linear(8, 8))
+            model.spare.append(nn.Linear(8, 8))  # planted: never called
+            optimizer.add_param_group({"params": [*model.blocks[0].parameters(), *model.spare[0].parameters()]})
+        for _ in range(accumulate):
+            F.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    report = guard.close()
+    assert report.intermittent == []
+    assert {name: (p.steps, p.none_steps, p.none_micro_batches) for name, p in report.params.items()
+            if name.startswith("blocks.")} == dict.fromkeys(["blocks.0.weight", "blocks.0.bias"], (3, 0, 0))
+    assert sorted(report.missing) == ["spare.0.bias", "spare.0.weight"]
+    assert report.params["spare.0.weight"].none_steps == 3
+    assert report.params["spare.0.weight"].cause not in ("cleared", None)
+
+
 def test_an_unused_parameter_of_the_root_module_is_not_called_an_optimizer_leftover():
     class WithRootParameter(nn.Module):
         def __init__(self) -> None:

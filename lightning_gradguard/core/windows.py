@@ -165,10 +165,15 @@ class ArrivalCounts:
         self._absent: list[int] = []
         self._index: dict[int, tuple[Sequence[int], Tensor]] = {}
         self._base: dict[int, tuple[Sequence[int], Tensor]] = {}  # per checked list: counts where its window began
+        # parameters that joined while a window was counting (a layer added mid-run, a param group added): the
+        # micro-batches before they joined are unknown, so that window cannot say they missed some
+        self._joined: set[int] = set()
 
     def resize(self, size: int) -> None:
         if size <= self.size:
             return
+        if not (self._clean and not self._extra):
+            self._joined.update(range(self.size, size))
         self._materialize()
         extra = size - self.size
         self._count = torch.cat([self._count, self._count.new_zeros(extra)])
@@ -213,6 +218,8 @@ class ArrivalCounts:
         index = self._index_of(indices)
         self._set_base(indices, self._count[index])
         self._last[index] = -1  # a backward pass later in the same micro-batch counts for the new window
+        if self._joined:
+            self._joined.difference_update(indices)
 
     def reset_counts(self) -> None:
         self._count.zero_()
@@ -220,6 +227,7 @@ class ArrivalCounts:
         self._clean = True
         self._extra, self._extra_in, self._absent = 0, -1, []
         self._base.clear()
+        self._joined.clear()
 
     # ------------------------------------------------------------------ a step
     def all_arrived(self, window: int, covers_all: bool) -> bool:
@@ -264,6 +272,9 @@ class ArrivalCounts:
         missing = (window - rows).clamp_(min=0)
         short_rows = missing.nonzero().flatten().tolist()
         short = dict(zip([indices[r] for r in short_rows], missing[short_rows].tolist())) if short_rows else {}
+        if self._joined:  # no arrival at all still counts (a None at the step is then not `cleared`)
+            short = {i: n for i, n in short.items() if i not in self._joined}
+            self._joined.difference_update(indices)
         if covers_all:
             self.reset_counts()
         else:
