@@ -312,6 +312,36 @@ def test_zero_grad_between_backward_and_step_is_cleared(quiet):
     assert params["head.bias"]["none_steps"] == 2
 
 
+@pytest.mark.parametrize("owner", ["optimizer", "model"])
+def test_zero_grad_without_set_to_none_between_backward_and_step_is_cleared_not_zero(quiet, owner):
+    """The older default, ``zero_grad(set_to_none=False)``, in the wrong place: the step applies zeros. That is
+    the misplaced ``zero_grad``, not a gradient that is zero by nature (a dead ReLU, a mask)."""
+    model = HealthyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False)
+    for x, y in batches(3):
+        F.mse_loss(model(x), y).backward()
+        (optimizer if owner == "optimizer" else model).zero_grad(set_to_none=False)  # planted
+        optimizer.step()
+    report = guard.close()
+    assert set(report.missing) == {"encoder.weight", "encoder.bias", "head.weight", "head.bias"}
+    assert {(p.cause, p.none_steps, p.zero_steps) for p in report.params.values()} == {("cleared", 3, 0)}
+    assert "zero_grad(set_to_none=False)" in report.params["head.weight"].detail
+
+
+def test_zero_grad_without_set_to_none_in_the_right_place_is_silent(quiet):
+    model = HealthyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False)
+    for x, y in batches(3):
+        optimizer.zero_grad(set_to_none=False)
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    report = guard.close()
+    assert report.ok and report.missing == [] and report.findings == []
+
+
 @pytest.mark.parametrize("which", ["every parameter", "one parameter"])
 def test_grad_set_to_none_by_hand_between_backward_and_step_is_cleared(quiet, which):
     """``for p in model.parameters(): p.grad = None`` (the PyTorch performance guide's way of zeroing) in the wrong

@@ -170,6 +170,8 @@ class FabricGuard(Watcher):
         if self._closed or self.engine.in_backward:
             return
         optimizer = owner if isinstance(owner, torch.optim.Optimizer) else None
+        if not set_to_none:
+            self.gradients_zeroed(optimizer)
         self.restarts.cleared(optimizer)
         # what a backward pass left is no longer what the step will see
         self.engine.mark_gradients(optimizer if set_to_none else None)

@@ -144,7 +144,10 @@ class LoopGuard(Watcher):
         self._handles.extend(self.steps.follow_new_optimizers(self._on_step_pre_hook, self._on_step_post_hook))
 
     def _after_zero_grad(self, owner: Any, set_to_none: bool) -> None:
-        self.backward.zero_grad_ran(owner if isinstance(owner, torch.optim.Optimizer) else None, set_to_none)
+        optimizer = owner if isinstance(owner, torch.optim.Optimizer) else None
+        if not set_to_none:
+            self.gradients_zeroed(optimizer)
+        self.backward.zero_grad_ran(optimizer, set_to_none)
 
     def _hook_new_params(self) -> None:
         """Put the per-parameter detector on every trainable parameter that does not have it yet (first window,

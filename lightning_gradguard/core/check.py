@@ -39,6 +39,10 @@ _CLEARED_DETAIL = (
     "it received a gradient in backward, but .grad was None at the optimizer step: something called zero_grad() "
     "(or set .grad = None) in between"
 )
+_ZEROED_DETAIL = (
+    "it received a gradient in backward, but zero_grad(set_to_none=False) zeroed .grad before the optimizer step, "
+    "which applied zeros instead"
+)
 _STALE_GRAD = "; .grad still holds a gradient from an earlier step, which the optimizer is about to apply again"
 _SET_OTHERWISE_DETAIL = (
     "no backward pass wrote gradients before this optimizer step, yet other parameters it updates had one: their "
@@ -55,7 +59,7 @@ _LEFTOVER_DETAIL = (
 class _View:
     """The gather phase's result: the optimizer's checked candidates and their gradients."""
 
-    __slots__ = ("indices", "params", "grads", "none", "excluded")
+    __slots__ = ("indices", "params", "grads", "none", "excluded", "zeroed")
 
     def __init__(self, indices: list[int], params: list[Tensor], grads: list[Optional[Tensor]], none: list[int]):
         self.indices = indices
@@ -63,6 +67,7 @@ class _View:
         self.grads = grads
         self.none = none  # positions (into indices) whose .grad is None
         self.excluded: set[int] = set()  # registry indices the classify phase found not checked (frozen)
+        self.zeroed = False  # zero_grad(set_to_none=False) ran after the window's last backward pass
 
 
 class StepChecker:
@@ -87,6 +92,9 @@ class StepChecker:
         if audit.following and (audit.due or audit.version != engine.registry.layout_version):
             engine.follow_audit(optimizer)  # param groups or trainable parameters changed: three reads otherwise
         inside = engine.in_backward  # stepping from a gradient hook: the running pass belongs to this window
+        if engine.windows.zeroed_after_backward(optimizer):  # every gradient is zeros (or None): none counts
+            view.zeroed = True
+            view.none = list(range(len(view.indices)))
         window, backwards = engine.windows.close(optimizer, running=inside)
         if window > 1 and engine.late_backward:
             engine.tracker.eager_versions = True
@@ -160,11 +168,11 @@ class StepChecker:
             index = indices[j]
             missing.append(index)
             if index not in zero_set:
-                engine.state.explain(index, CLEARED, _CLEARED_DETAIL)
+                engine.state.explain(index, CLEARED, _ZEROED_DETAIL if view.zeroed else _CLEARED_DETAIL)
             elif backwards == 0:
                 detail = _SET_OTHERWISE_DETAIL if set_otherwise else _no_backward_detail(window, engine)
                 engine.state.explain(index, NO_BACKWARD, detail)
-        if tracking and zero:
+        if tracking and zero and not view.zeroed:
             position = self._positions(indices)
             for index in zero:
                 j = position.get(index)

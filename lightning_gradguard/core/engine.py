@@ -211,6 +211,12 @@ class GradGuardEngine:
             self.sync_size()
             self.arrivals.restart(indices, covers_all=self.windows.optimizers <= 1)
 
+    def gradients_zeroed(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer``'s gradients were just zeroed in place (``zero_grad(set_to_none=False)``): if its step comes
+        before another backward pass, that step applies zeros, and its gradients count as cleared."""
+        if not self._in_backward:
+            self.windows.zeroed(optimizer)
+
     def optimizer_joined(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer`` was created after the run began (a second training stage, a new one each epoch) and is about
         to take its first step: its accumulation window begins at the latest step of any optimizer."""

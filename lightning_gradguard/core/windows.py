@@ -42,6 +42,7 @@ class Windows:
         self.backward_micro_batch = 0  # the micro-batch of the latest backward pass
         self._expected: list[weakref.ref] = []  # the run's optimizers, as the adapter named them
         self._unstepped: set[int] = set()  # ids of the expected optimizers that have not stepped in this run
+        self._zeroed: dict[int, int] = {}  # optimizer id -> backward passes when zero_grad(set_to_none=False) ran
 
     def start_run(self) -> None:
         """A new run: windows restart (optimizers are new objects in a new run)."""
@@ -52,6 +53,7 @@ class Windows:
         self.running = True
         self._expected = []
         self._unstepped = set()
+        self._zeroed = {}
 
     def never_stepped(self) -> list[tuple[int, Any]]:
         """``(position among the run's optimizers, optimizer)`` of each that has not stepped in this run."""
@@ -82,6 +84,16 @@ class Windows:
         self._last[optimizer] = self._latest = (self.micro_batch, backwards)
         self._unstepped.discard(id(optimizer))
         return window, backwards - last_bw
+
+    def zeroed(self, optimizer: Any) -> None:
+        """``optimizer.zero_grad(set_to_none=False)`` (or the model's) ran: its gradients are zeros now."""
+        self._zeroed[id(optimizer)] = self.backwards
+
+    def zeroed_after_backward(self, optimizer: Any) -> bool:
+        """At ``optimizer``'s step, before :meth:`close`: whether its gradients were zeroed after the last backward
+        pass of its window (the step applies zeros, and nothing a backward pass computed)."""
+        at = self._zeroed.pop(id(optimizer), None)
+        return at is not None and at == self.backwards and self.backwards_since_step(optimizer) > 0
 
     def backwards_since_step(self, optimizer: Any) -> int:
         """Backward passes since ``optimizer``'s last step (or the start of the run), without ending its window."""
