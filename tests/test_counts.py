@@ -11,9 +11,11 @@ import warnings
 
 import pytest
 import torch
-from lightning.pytorch import Callback
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from models import (
+    IN_DIM,
     ClearedManualModel,
     FrozenBackboneModel,
     HealthyMLP,
@@ -30,6 +32,7 @@ from models import (
     sequence_loader,
     token_loader,
 )
+from torch import nn
 
 from lightning_gradguard import GradGuard
 
@@ -303,6 +306,39 @@ def test_a_training_step_that_never_returns_its_loss_is_no_backward(make_trainer
         assert "training_step returned None" in p.detail
     assert "skipped_batches" not in {f.kind for f in report.findings}
     assert "global step 0" in gradguard_warnings(record)[0]
+
+
+class BatchNormMLP(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(IN_DIM, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_the_batch_norm_epoch_of_stochastic_weight_averaging_is_not_blamed_on_training_step(make_trainer):
+    """SWA adds an epoch of forward passes only (Lightning skips their backward pass on purpose) to recompute the
+    batch-norm statistics; its one optimizer step has no gradient to check. The note must say so, not tell the
+    user that ``training_step`` returned None and that it should return its loss."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    guard = GradGuard(summary=False)
+    swa = StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1)
+    trainer = make_trainer(callbacks=[swa, guard], max_epochs=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(BatchNormMLP(), regression_loader(8))
+    report = guard.report()
+    assert gradguard_warnings(record) == [] and report.ok and report.missing == []
+    assert report.steps == 16  # the two epochs that trained; the batch-norm epoch's step is not checked
+    (note,) = [f for f in report.findings if f.kind == "skipped_batches"]
+    assert "Lightning skipped their backward pass on purpose" in note.detail
+    assert "training_step returned None" not in note.detail and "return its loss" not in note.detail
 
 
 @pytest.mark.parametrize("skipped", [{3}, {2}, {2, 3, 5}])

@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_gradguard.adapters.lightning_loop import (
+    backward_skipped,
     batches_started,
     nothing_between_backward_and_step,
     pl_module_skips_batches,
@@ -28,6 +29,9 @@ from lightning_gradguard.training.context import TrainingContext
 from lightning_gradguard.training.strategies import DDP, SINGLE
 
 _SKIPPED_BY_NONE = "training_step returned None (Lightning skips such a batch)"
+_RETURN_THE_LOSS = "If that is not meant to happen, make the training step return its loss on every batch."
+_SKIPPED_BY_LIGHTNING = "Lightning skipped their backward pass on purpose (as StochasticWeightAveraging does in its " \
+    "extra epoch, which recomputes batch-norm statistics)"
 
 
 class GradGuard(Callback):
@@ -269,7 +273,7 @@ class GradGuard(Callback):
         started = batches_started(trainer)
         if started is not None and started == self._batches_started:
             self.engine.cancel_micro_batch()
-        elif self._skips_batches:  # the last batch's training_step returned None: it ran no backward pass
+        elif self._skips_batches or backward_skipped(trainer):  # the last batch ran no backward pass
             self.engine.drop_skipped_micro_batch()
         self._batches_started = started
         self._cleared = None
@@ -321,9 +325,11 @@ class GradGuard(Callback):
         self._checked = (id(optimizer), step)
         # Lightning skips a batch whose training_step returned None (and still calls this hook): not a missing
         # gradient, once the run has trained (a run that never did forgot to return its loss, and is reported)
-        if self._skips_batches:  # this batch's training_step may have returned None, or all of the window's
+        skipped = backward_skipped(trainer)
+        if self._skips_batches or skipped:  # this batch's training_step may have returned None, or all the window's
             self.engine.drop_skipped_micro_batch()
-            if self.engine.skip_empty_window(optimizer, _SKIPPED_BY_NONE):
+            reason = (_SKIPPED_BY_LIGHTNING, "") if skipped else (_SKIPPED_BY_NONE, _RETURN_THE_LOSS)
+            if self.engine.skip_empty_window(optimizer, *reason):
                 return
         stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
         # decided alike on every rank, whatever failed on this one: the reduction of a logging step is a collective

@@ -31,6 +31,12 @@ def pl_module_skips_batches(trainer: Any) -> bool:
     return module is not None and module.automatic_optimization and trainer.world_size == 1
 
 
+def backward_skipped(trainer: Any) -> bool:
+    """Whether Lightning skips the backward pass of this epoch's batches on purpose (``StochasticWeightAveraging``'s
+    extra epoch, which recomputes batch-norm statistics with forward passes only)."""
+    return getattr(trainer.fit_loop, "_skip_backward", False) is True
+
+
 def zero_grad_sets_none(pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> bool:
     """Whether the ``zero_grad`` Lightning is about to run leaves every gradient of ``optimizer`` None: neither the
     LightningModule's ``optimizer_zero_grad`` nor the optimizer's ``zero_grad`` is overridden, and torch's

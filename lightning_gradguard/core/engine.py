@@ -98,7 +98,7 @@ class GradGuardEngine:
         self._pending_state: Optional[Any] = None
         self.optimizer_audit = OptimizerAudit(self.registry)  # not_in_optimizer, kept true while the run changes
         self.found = Findings(self.registry, self.optimizer_audit, lambda message: self.warn(message))
-        self._skip_reason = "the training loop skipped them"
+        self._skip_reason = ("the training loop skipped them", "")
 
     # ------------------------------------------------------------------ lifecycle
     def bind(self, named_parameters: Iterable[tuple[str, Tensor]], module: Optional[torch.nn.Module] = None) -> None:
@@ -324,12 +324,12 @@ class GradGuardEngine:
         """
         return self._checker.check(optimizer, step, accumulate, measure, grad_scale, extras)
 
-    def skip_empty_window(self, optimizer: torch.optim.Optimizer, reason: str) -> bool:
+    def skip_empty_window(self, optimizer: torch.optim.Optimizer, reason: str, advice: str = "") -> bool:
         """End ``optimizer``'s window without a check when no backward pass ran in it although earlier ones of the run
         did: the training loop skipped those batches on purpose (``reason``: how, in the adapter's words, such as
-        "training_step returned None"). Nothing is counted against the parameters; the report carries a note with
-        the number of such steps. Returns whether the window was skipped (if not, check the step as usual: a run that
-        never ran a backward pass is a bug, not a skip).
+        "training_step returned None"; ``advice``: what to do if it is not meant to happen). Nothing is counted
+        against the parameters; the report carries a note with the number of such steps. Returns whether the window
+        was skipped (if not, check the step as usual: a run that never ran a backward pass is a bug, not a skip).
         """
         windows = self.windows
         if windows.backwards_since_step(optimizer) or not windows.run_backwards:
@@ -337,7 +337,7 @@ class GradGuardEngine:
         windows.close(optimizer)
         self.tracker.take_kept()
         self.state.skipped_steps += 1
-        self._skip_reason = reason
+        self._skip_reason = (reason, advice)
         return True
 
     # ------------------------------------------------------------------ diagnosis and static findings
@@ -407,7 +407,7 @@ class GradGuardEngine:
         params = self.state.param_reports(self.registry.names, self.registry.allowed)
         findings = list(self.findings)
         if self.state.skipped_steps:
-            findings.append(skipped_batches_note(self.state.skipped_steps, self._skip_reason))
+            findings.append(skipped_batches_note(self.state.skipped_steps, *self._skip_reason))
         note = self.found.never_stepped(self.windows.never_stepped(), params, self.state.steps)
         if note is not None:
             findings.append(note)

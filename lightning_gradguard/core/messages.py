@@ -122,14 +122,15 @@ SKIPPED_BATCHES = "skipped_batches"  # the kind of the note about steps after ba
 NEVER_STEPPED = "never_stepped"  # the kind of the note about parameters only optimizers that never stepped hold
 
 
-def skipped_batches_note(steps: int, reason: str) -> Finding:
-    """The note for ``steps`` optimizer steps whose batches the training loop skipped on purpose (``reason``)."""
+def skipped_batches_note(steps: int, reason: str, advice: str = "") -> Finding:
+    """The note for ``steps`` optimizer steps whose batches the training loop skipped on purpose (``reason``;
+    ``advice``: what to do if that is not meant to happen)."""
     plural = "s" if steps != 1 else ""
     return Finding(SKIPPED_BATCHES, "training loop", (
         f"{steps} optimizer step{plural} came after batches that ran no backward pass because {reason}, after "
         f"earlier batches of the run had trained: no gradient was computed for {'them' if plural else 'it'} and no "
-        f"weight changed, so {'they are' if plural else 'it is'} not counted as missing gradients. If that is not "
-        "meant to happen, make the training step return its loss on every batch."
+        f"weight changed, so {'they are' if plural else 'it is'} not counted as missing gradients."
+        + (f" {advice}" if advice else "")
     ), severity=NOTE)
 
 
