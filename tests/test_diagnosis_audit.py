@@ -105,6 +105,25 @@ def test_gradient_hidden_by_zero_grad_set_to_none_false(tmp_path):
     assert not report.findings
 
 
+class FirstBatchBranchNeverZeroed(FirstBatchBranch):
+    """The same branch, in a loop that never zeroes gradients: the branch's first gradient stays in ``.grad``."""
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        pass
+
+
+def test_an_old_gradient_no_zero_grad_cleared_is_named_as_applied_again(tmp_path):
+    """Without any zero_grad, the leftover is the branch's first gradient, not zeros: the optimizer applies it again
+    at every step, which the report must say (not blame zero_grad(set_to_none=False), which never ran)."""
+    model = FirstBatchBranchNeverZeroed()
+    report = fit(model, regression_data(n_batches=4), tmp_path)
+    p = report.params["branch.weight"]
+    assert (p.steps, p.none_steps, p.cause) == (4, 3, "unused")
+    assert "still holds the gradient of an earlier step, because no zero_grad() ran since" in p.detail
+    assert "set_to_none=False" not in p.detail
+    assert model.branch.weight.grad.abs().sum() > 0
+
+
 class FrozenAfterFirstBatch(FirstBatchBranch):
     """Like :class:`FirstBatchBranch`, but ``branch`` is frozen once it stops being used: healthy."""
 

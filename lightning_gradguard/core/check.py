@@ -51,8 +51,12 @@ _SET_OTHERWISE_DETAIL = (
     "holds, with allow_unused=True, shows which get None), or call loss.backward()"
 )
 _LEFTOVER_DETAIL = (
-    "no backward pass gave it a gradient, but .grad is not None: it holds a tensor left by "
-    "zero_grad(set_to_none=False) (or an earlier step), so the optimizer still applies it (momentum, weight decay)"
+    "no backward pass gave it a gradient, but .grad is not None: it holds the zeros zero_grad(set_to_none=False) "
+    "left, so the optimizer still applies it (momentum, weight decay)"
+)
+_STALE_DETAIL = (
+    "no backward pass gave it a gradient, but .grad is not None: it still holds the gradient of an earlier step "
+    "(no zero_grad() ran since), which the optimizer applies again"
 )
 
 
@@ -161,6 +165,7 @@ class StepChecker:
         zero_set = set(zero)
         missing: list[int] = []
         leftover: list[int] = []
+        stale: list[int] = []
         excluded = {indices[j] for j in frozen}
         # no backward pass, yet some gradients are there: they were set some other way (torch.autograd.grad)
         set_otherwise = backwards == 0 and len(view.none) < len(indices)
@@ -187,7 +192,12 @@ class StepChecker:
                 elif engine.tracker.unchanged_since_backward(index, grad):
                     missing.append(index)
                     leftover.append(index)
-                    engine.state.explain(index, None, _LEFTOVER_DETAIL)
+                    known = engine.state.causes.get(index)
+                    if known is None or known[0] is None:  # until a cause is known (reading values is a sync)
+                        old = _holds_values(grad)
+                        if old:
+                            stale.append(index)
+                        engine.state.explain(index, None, _STALE_DETAIL if old else _LEFTOVER_DETAIL)
         view.excluded = excluded
         checked = self._subset(indices, excluded) if excluded else indices
         missing_set = set(missing)
@@ -200,7 +210,9 @@ class StepChecker:
             engine.state.add("none_steps", missing, 1)
         if short:
             engine.state.add("none_micro_batches", list(short), torch.tensor(list(short.values()), dtype=torch.int64))
-        return StepCheck(step, window, backwards, accumulate, checked, missing, intermittent, leftover=leftover)
+        return StepCheck(
+            step, window, backwards, accumulate, checked, missing, intermittent, leftover=leftover, stale=stale
+        )
 
     def _measure(self, view: _View, check: StepCheck, grad_scale: Optional[Tensor]) -> None:
         engine = self.engine
@@ -267,6 +279,15 @@ class _DerivedLists:
         value = build()
         self._values[key] = (source, value)
         return value
+
+
+def _holds_values(grad: Tensor) -> bool:
+    """Whether a gradient is not all zeros (an old gradient, rather than what zero_grad(set_to_none=False) left)."""
+    try:
+        values = grad.coalesce().values() if grad.is_sparse else grad
+        return bool(values.detach().ne(0).any())
+    except Exception:  # noqa: BLE001 - a tensor type without these operations: say what is most common
+        return False
 
 
 def _no_backward_detail(window: int, engine: GradGuardEngine) -> str:

@@ -27,6 +27,8 @@ class StepCheck:
         intermittent: a gradient at the step, but some micro-batches of the window gave none.
         norms: ``(registry indices, NormGroup)`` pairs when the step was measured (values still on the device).
         leftover: missing parameters whose ``.grad`` still holds an old tensor no backward pass touched.
+        stale: those of them whose old tensor is not zeros (no ``zero_grad`` since: an old gradient applied again);
+            known the first time a parameter is a leftover.
         optimizer: the optimizer that is about to step.
         measured: norms were asked for at this step (every rank asks at the same steps).
         stats: what a sink asked to be measured beyond the norms (the dashboard's pictures), when it did.
@@ -42,6 +44,7 @@ class StepCheck:
     intermittent: list[int]
     norms: list[tuple[list[int], NormGroup]] = field(default_factory=list)
     leftover: list[int] = field(default_factory=list)
+    stale: list[int] = field(default_factory=list)
     optimizer: Any = None
     measured: bool = False
     stats: Optional[StepStats] = None

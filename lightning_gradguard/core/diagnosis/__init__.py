@@ -278,7 +278,7 @@ class Diagnosis:
                 continue
             cause, detail = render(index, engine.registry.names[index], reason, self.model_map, self.checkpoint_fix)
             if index in check.leftover:
-                detail = with_leftover_note(detail)
+                detail = with_leftover_note(detail, stale=index in check.stale)
             out[index] = (cause, detail)
             self.schedule.awaiting.discard(index)
         return out

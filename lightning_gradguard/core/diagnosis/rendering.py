@@ -33,9 +33,9 @@ UNDIAGNOSED = (
     "gave it a gradient (or the run ended first)"
 )
 LEFTOVER_NOTE = (
-    "Why .grad is not None: no backward pass touched it, but it still holds the tensor an earlier step left, "
-    "because zero_grad(set_to_none=False) zeroes gradients instead of deleting them (the optimizer still applies "
-    "it: momentum, weight decay)."
+    "Why .grad is not None: no backward pass touched it, but it still holds the zeros zero_grad(set_to_none=False) "
+    "left, since it zeroes gradients instead of deleting them (the optimizer still applies them: momentum, weight "
+    "decay)."
 )
 
 
@@ -174,9 +174,17 @@ def _replaced_text(model_map: ModelMap, index: int, name: str) -> Optional[str]:
     )
 
 
-def with_leftover_note(detail: Optional[str]) -> str:
-    """``detail`` followed by why the parameter's ``.grad`` still holds a tensor."""
-    return f"{detail} {LEFTOVER_NOTE}" if detail else LEFTOVER_NOTE
+STALE_NOTE = (
+    "Why .grad is not None: no backward pass touched it, but it still holds the gradient of an earlier step, "
+    "because no zero_grad() ran since: the optimizer applies that old gradient again at every step."
+)
+
+
+def with_leftover_note(detail: Optional[str], stale: bool = False) -> str:
+    """``detail`` followed by why the parameter's ``.grad`` still holds a tensor (``stale``: an old gradient, not
+    the zeros of ``zero_grad(set_to_none=False)``)."""
+    note = STALE_NOTE if stale else LEFTOVER_NOTE
+    return f"{detail} {note}" if detail else note
 
 
 def undiagnosed(detail: Optional[str]) -> Optional[str]:
