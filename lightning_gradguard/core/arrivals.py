@@ -38,6 +38,8 @@ class ArrivalTracker:
         self._last: Optional[list[Optional[Tensor]]] = None
         self._last_versions: Optional[list[int]] = None
         self.eager_versions = False  # read the versions right after backward (see keep_baseline)
+        self.reuse_read = False  # the step check may use the read after backward instead of its own (see take_for_step)
+        self.verify_read = False  # ... only if the .grad attributes still hold what was read
 
     def before_backward(self, params: Sequence[Tensor], cleared: Optional[Sequence[int]] = None) -> None:
         """Snapshot the gradients right before a backward pass.
@@ -144,6 +146,17 @@ class ArrivalTracker:
         kept, none, self._kept, self._kept_none = self._kept, self._kept_none, None, None
         self._last = self._last_versions = None
         if kept is not None and verify is not None and not _still_held(kept, verify):
+            return None, None
+        return kept, none
+
+    def take_for_step(
+        self, params: Sequence[Tensor]
+    ) -> tuple[Optional[list[Optional[Tensor]]], Optional[list[int]]]:
+        """For the step check: the gradients of ``params`` (every watched parameter) as read after the last backward
+        pass, when :attr:`reuse_read` allows it (and, with :attr:`verify_read`, they are still what ``.grad`` holds),
+        and the positions of None among them if known; ``(None, None)`` when the check must read ``.grad`` itself."""
+        kept, none = self.take_kept(params if self.verify_read else None)
+        if kept is None or not self.reuse_read or len(kept) != len(params):
             return None, None
         return kept, none
 

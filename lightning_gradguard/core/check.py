@@ -124,7 +124,7 @@ class StepChecker:
         engine = self.engine
         indices, params = engine.registry.optimizer_params(optimizer)
         engine.sync_size()
-        kept, kept_none = engine.take_backward_read()
+        kept, kept_none = engine.tracker.take_for_step(engine.registry.params)
         none: Optional[list[int]] = None
         if kept is not None:
             if engine.registry.is_all(indices):

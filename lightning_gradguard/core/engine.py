@@ -89,8 +89,6 @@ class GradGuardEngine:
         self.observers: list[EngineObserver] = []  # see observe()
         self.tracking = False  # True once a before/after backward bracket was seen
         self._in_backward = False
-        self._reuse_read = False
-        self._verify_read = False
         self._late_backward = False
         self._marked = False  # mark_gradients() took the snapshot the next backward pass is compared with
         self._checker = StepChecker(self)
@@ -140,8 +138,8 @@ class GradGuardEngine:
         self.arrivals.reset()
         self.tracker.reset()
         self._in_backward = False
-        self._reuse_read = reuse_backward_read
-        self._verify_read = verify_backward_read
+        self.tracker.reuse_read = reuse_backward_read
+        self.tracker.verify_read = verify_backward_read
         self._late_backward = late_backward
         # small models: reading the versions after every backward pass costs next to nothing; big ones read them
         # once accumulation shows that a backward pass will follow without zero_grad (see keep_baseline)
@@ -157,15 +155,7 @@ class GradGuardEngine:
     @property
     def reuse_backward_read(self) -> bool:
         """Whether the step check reuses the gradients read after backward (see :meth:`start_run`)."""
-        return self._reuse_read
-
-    def take_backward_read(self) -> tuple[Optional[list[Optional[Tensor]]], Optional[list[int]]]:
-        """The gradients read after the last backward pass, if the step check may use them (and the positions of
-        None among them, if known); ``(None, None)`` when it must read every ``.grad`` itself."""
-        kept, none = self.tracker.take_kept(self.registry.params if self._verify_read else None)
-        if kept is None or not self._reuse_read or len(kept) != len(self.registry):
-            return None, None
-        return kept, none
+        return self.tracker.reuse_read
 
     def observe(self, observer: EngineObserver) -> None:
         """Take part in the step protocol (see :class:`~lightning_gradguard.core.observer.EngineObserver`)."""
@@ -286,7 +276,7 @@ class GradGuardEngine:
         self._in_backward = False
         self.tracking = True
         self.sync_size()
-        missed = self.tracker.after_backward(self.registry.params, keep=self._reuse_read)
+        missed = self.tracker.after_backward(self.registry.params, keep=self.tracker.reuse_read)
         if len(missed) < self.optimizer_audit.fewest_missed:  # a first gradient of the run reached some parameter
             self.optimizer_audit.saw_backward(len(missed))
         micro_batch = self.windows.micro_batch
