@@ -205,3 +205,35 @@ def test_a_compiled_graph_is_not_called_a_custom_autograd_function_of_the_user()
     detail = report.params["aux.weight"].detail
     assert report.params["aux.weight"].cause is None
     assert "compiled code" in detail and "custom torch.autograd.Function" not in detail
+
+
+def _compiled_loop(guarded: bool) -> tuple[int, object]:
+    from lightning_gradguard import watch
+
+    torch.manual_seed(0)
+    counter = GraphCounter()
+    model = AuxLeftOut()
+    model.spare = nn.Linear(8, 8)  # planted: never called
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    compiled = torch.compile(model, backend=counter)
+    guard = watch(compiled, optimizer, summary=False) if guarded else None
+    for step in range(4):
+        if step == 2:
+            with torch.no_grad():  # an evaluation pass inside the diagnosis window
+                compiled.eval()
+                compiled(torch.randn(8, 4))
+                compiled.train()
+        F.mse_loss(compiled(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return counter.graphs, guard.close() if guard is not None else None
+
+
+def test_watch_given_the_compiled_model_adds_no_graph_break():
+    """The documented order for a plain loop: compile, then watch the compiled model (its hooks stay outside the
+    compiled graph). Dynamo hands the backend as many graphs as without the guard (the evaluation pass compiles one
+    of its own), and the guard finds the unused layers all the same."""
+    graphs, _ = _compiled_loop(guarded=False)
+    guarded_graphs, report = _compiled_loop(guarded=True)
+    assert guarded_graphs == graphs
+    assert sorted(report.missing) == ["aux.bias", "aux.weight", "spare.bias", "spare.weight"]

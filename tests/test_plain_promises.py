@@ -541,3 +541,40 @@ def test_a_second_training_stage_with_its_own_optimizer_is_checked_strictly():
             everything.step()
         guard.close()
     assert info.value.params == ["body.weight", "body.bias"]
+
+
+@pytest.mark.parametrize("when", ["after watch", "after a step", "inside the first window"])
+def test_a_watched_model_can_be_deep_copied_and_saved_and_the_copy_carries_no_guard(tmp_path, when):
+    """An EMA teacher or a best-model snapshot (``copy.deepcopy(model)``) and ``torch.save(model)`` while the model
+    is watched: the guard's hooks referenced the guard, its optimizer and autograd nodes, so copying failed and the
+    training loop died. The copy must work like the model and carry nothing of the guard."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = HealthyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False)
+    copies = []
+    for step in range(3):
+        if when == "after watch" and step == 0 or when == "after a step" and step == 2:
+            copies.append(copy.deepcopy(model))
+        out = model(torch.randn(8, 4))
+        if when == "inside the first window" and step == 0:
+            copies.append(copy.deepcopy(model))  # between forward and backward, instruments in
+            torch.save(model, io.BytesIO())
+        F.mse_loss(out, torch.randn(8, 1)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    report = guard.close()
+    assert report.ok and report.steps == 3
+    (snapshot,) = copies
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    for other in (snapshot, loaded):
+        other(torch.randn(2, 4)).sum().backward()  # runs, and reaches no guard
+        assert all(p.grad is not None for p in other.parameters())
+        assert "zero_grad" not in vars(other)  # no wrapper travels with the copy
+    assert report.steps == guard.report().steps == 3
+    torch.save(snapshot, io.BytesIO())

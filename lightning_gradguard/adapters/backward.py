@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard.hooks import user_hook
 from lightning_gradguard.isolation import feature
 
 if TYPE_CHECKING:
@@ -59,8 +60,8 @@ class BackwardBracket:
         self._hint: Any = None  # an AccumulateGrad node found behind an output before: most passes reach it again
         try:
             self.handles = [
-                model.register_forward_pre_hook(self._forward_start),
-                model.register_forward_hook(self._forward_end),
+                model.register_forward_pre_hook(user_hook(self._forward_start)),
+                model.register_forward_hook(user_hook(self._forward_end)),
             ]
         except RuntimeError:  # a TorchScript module takes no hooks: the per-parameter detector stays on instead
             self.handles = []
@@ -68,7 +69,7 @@ class BackwardBracket:
 
     # ------------------------------------------------------------------ what the adapter tells it
     def zero_grad_ran(self, optimizer: Optional[torch.optim.Optimizer], set_to_none: bool) -> None:
-        """``optimizer.zero_grad()`` (or the model's, ``optimizer`` None) just ran."""
+        """``optimizer.zero_grad()`` just ran (``optimizer`` None: something else cleared every gradient)."""
         self._end_failed()
         self.restarts.cleared(optimizer)
         self._mark(optimizer if set_to_none else None)
@@ -87,6 +88,8 @@ class BackwardBracket:
         if torch.is_grad_enabled() and not self.watcher.closed:  # evaluation under no_grad is not a micro-batch
             self._forward_since_backward = True
             self.forward_seen = True
+            if self._stepped and not self._marked:  # no optimizer's zero_grad since the step (model.zero_grad(),
+                self._mark(None)  # or none at all): what the next pass starts from, before any of it runs
 
     def _forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         if not torch.is_grad_enabled() or self.watcher.closed:

@@ -20,9 +20,9 @@ wraps the two calls every Fabric loop makes, and translates them into the
   micro-batch;
 * each ``_FabricOptimizer.step`` it is given is checked before Fabric's precision plugin runs it (strict mode
   raises there, before any weight changes), including the steps the AMP gradient scaler then skips;
-* ``zero_grad`` of the optimizers and models: gradients cleared between the backward pass and the step are
-  ``cleared``, and an optimizer cleared before a backward pass that is not its own (a GAN's other network) starts
-  its accumulation window there.
+* ``zero_grad`` of the optimizers: gradients cleared between the backward pass and the step are ``cleared`` (as
+  are those ``model.zero_grad()`` or ``p.grad = None`` drop, which the step reads), and an optimizer cleared before
+  a backward pass that is not its own (a GAN's other network) starts its accumulation window there.
 
 **AMP scaling**: under ``precision="16-mixed"`` the gradients stay multiplied by the loss scale until ``scaler.step``
 (unless ``fabric.clip_gradients`` unscaled them first); the adapter divides its norms by the scaler's ``_scale``
@@ -52,6 +52,7 @@ from lightning_gradguard.adapters.optimizer_steps import check_step_call
 from lightning_gradguard.adapters.patching import MethodWrapper, close_at_exit
 from lightning_gradguard.adapters.watcher import Watcher
 from lightning_gradguard.config import GuardConfig
+from lightning_gradguard.hooks import ignore, user_hook
 from lightning_gradguard.isolation import feature
 from lightning_gradguard.training.precision import LossScaleTracker
 from lightning_gradguard.training.strategies import class_names, describe_strategy
@@ -132,9 +133,7 @@ class FabricGuard(Watcher):
         self._forward_seen = False
         self.restarts = WindowRestarts()
         for module in self._called:  # a forward call since the previous backward pass starts a micro-batch
-            self._handles.append(module.register_forward_pre_hook(self._on_forward))
-            for owner in {id(module): module, id(_unwrap(module)): _unwrap(module)}.values():
-                self._handles.append(_wrap_zero_grad(owner, self._after_zero_grad))
+            self._handles.append(module.register_forward_pre_hook(user_hook(self._on_forward)))
         self._handles.append(MethodWrapper(fabric, "backward", self._backward))
         stepped = {id(opt.optimizer) for opt in fabric_optimizers}
         for fabric_optimizer in fabric_optimizers:
@@ -157,7 +156,7 @@ class FabricGuard(Watcher):
             for module in root.modules():
                 flat = getattr(getattr(module, "_handle", None), "flat_param", None)
                 if isinstance(flat, torch.Tensor) and flat.requires_grad:
-                    self._handles.append(flat.register_hook(lambda grad: None))
+                    self._handles.append(flat.register_hook(user_hook(ignore)))
 
     # ------------------------------------------------------------------ Fabric's calls
     def _on_forward(self, module: nn.Module, args: Any) -> None:
@@ -166,10 +165,9 @@ class FabricGuard(Watcher):
             self._forward_seen = True
 
     @feature("check")
-    def _after_zero_grad(self, owner: Any, set_to_none: bool) -> None:
+    def _after_zero_grad(self, optimizer: torch.optim.Optimizer, set_to_none: bool) -> None:
         if self._closed or self.engine.in_backward:
             return
-        optimizer = owner if isinstance(owner, torch.optim.Optimizer) else None
         if not set_to_none:
             self.gradients_zeroed(optimizer)
         self.restarts.cleared(optimizer)

@@ -16,8 +16,10 @@ and translates them into the :class:`~lightning_gradguard.adapters.watcher.Watch
   from there); ``register_step_post_hook`` logs once it has stepped;
 * **backward passes**: a forward hook on ``model`` puts a gradient hook on its outputs, which autograd calls when a
   backward pass reaches the model; the pass is bracketed from there to autograd's end-of-backward callback. A
-  forward pre-hook and a wrapper around ``optimizer.zero_grad`` (and ``model.zero_grad``) record the gradients the
-  pass starts from, so a parameter used only in the loss (a learned temperature) counts as well. While the first
+  wrapper around ``optimizer.zero_grad`` (or, after a step with none, a forward pre-hook) records the gradients the
+  pass starts from, so a parameter used only in the loss (a learned temperature) counts as well. The hooks on the
+  model are made so that a copy of it (``copy.deepcopy``, ``torch.save(model)``) does not carry them (see
+  :mod:`lightning_gradguard.hooks`); ``model.zero_grad`` is not wrapped, for the same reason. While the first
   window runs, a gradient hook on every parameter watches too; when every backward pass of that window went through
   the model's outputs, those hooks come off (they cost about 1.5 us per parameter tensor per backward pass). A loop
   that calls submodules instead of ``model`` keeps them. ``torch.autograd.grad`` calls, which do not write
@@ -59,6 +61,7 @@ from lightning_gradguard.adapters.patching import MethodWrapper, close_at_exit, 
 from lightning_gradguard.adapters.watcher import Watcher
 from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
+from lightning_gradguard.hooks import user_hook
 from lightning_gradguard.training.strategies import class_names, describe_module
 
 
@@ -135,16 +138,16 @@ class LoopGuard(Watcher):
             self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre_hook))
             self._handles.append(optimizer.register_step_post_hook(self._on_step_post_hook))
             self._handles.append(_wrap_zero_grad(optimizer, self._after_zero_grad))
-        self._handles.append(_wrap_zero_grad(model, self._after_zero_grad))
+        # model.zero_grad() is not wrapped: an instance attribute on the model would travel with every copy of it
+        # (deepcopy, torch.save). Gradients it clears are read at the next forward call or at the step.
         self._hook_new_params()
         for module in model.modules():  # FSDP1 accumulates into flat parameters the optimizer never sees
             flat = getattr(getattr(module, "_handle", None), "flat_param", None)
             if isinstance(flat, Tensor) and flat.requires_grad:
-                self._handles.append(flat.register_hook(self._on_param_grad))
+                self._handles.append(flat.register_hook(user_hook(self._on_param_grad)))
         self._handles.extend(self.steps.follow_new_optimizers(self._on_step_pre_hook, self._on_step_post_hook))
 
-    def _after_zero_grad(self, owner: Any, set_to_none: bool) -> None:
-        optimizer = owner if isinstance(owner, torch.optim.Optimizer) else None
+    def _after_zero_grad(self, optimizer: torch.optim.Optimizer, set_to_none: bool) -> None:
         if not set_to_none:
             self.gradients_zeroed(optimizer)
         self.backward.zero_grad_ran(optimizer, set_to_none)
@@ -163,7 +166,7 @@ class LoopGuard(Watcher):
         for param in self._unhooked:
             # a lazy module's parameter takes no hook before its first forward call gives it a shape
             if param.requires_grad and not is_lazy(param):
-                self._param_hooks.append(param.register_hook(self._on_param_grad))
+                self._param_hooks.append(param.register_hook(user_hook(self._on_param_grad)))
             else:
                 still_frozen.append(param)
         self._unhooked = still_frozen

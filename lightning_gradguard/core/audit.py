@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from lightning_gradguard.core.diagnosis.graph import leaf_tensors
 from lightning_gradguard.core.registry import ParamRegistry, clean_name
+from lightning_gradguard.hooks import user_hook
 from lightning_gradguard.report import NOTE, Finding
 
 UNREGISTERED = "unregistered"
@@ -147,7 +148,7 @@ class OptimizerAudit:
                 continue
             if self.registry.allowed[index]:
                 continue
-            self._hooks[index] = param.register_post_accumulate_grad_hook(self._arrival(index))
+            self._hooks[index] = param.register_post_accumulate_grad_hook(user_hook(self._arrival(index)))
 
     def _arrival(self, index: int) -> Callable[[Tensor], None]:
         def arrived(_: Tensor) -> None:  # autograd's hot path: note it, the step check does the rest

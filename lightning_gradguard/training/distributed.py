@@ -45,6 +45,7 @@ from torch import Tensor
 from lightning_gradguard.core.norms import NormGroup
 from lightning_gradguard.core.observer import EngineObserver, StepCheck
 from lightning_gradguard.core.state import ALL_RANKS, DEVICE_COUNTERS, HOST_COUNTERS, SAME
+from lightning_gradguard.hooks import user_hook
 from lightning_gradguard.training.collective import Collective, pack_flags, ranks_in, slot_bits, unpack_flags
 from lightning_gradguard.training.strategies import StrategyInfo
 
@@ -127,7 +128,7 @@ class RankLedger(EngineObserver):
             if index in self._hooked or not param.requires_grad:
                 continue
             self._hooked.add(index)
-            self._hooks.append(param.register_post_accumulate_grad_hook(self._arrival_hook(index)))
+            self._hooks.append(param.register_post_accumulate_grad_hook(user_hook(self._arrival_hook(index))))
 
     def _arrival_hook(self, index: int) -> Any:
         def arrived(_: Tensor) -> None:

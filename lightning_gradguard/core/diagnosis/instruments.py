@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_gradguard.core.diagnosis.model_map import ModelMap
 from lightning_gradguard.core.diagnosis.recording import CUT, DATA, DETACH, INTEGER, NO_GRAD, NUMBER, Recording
+from lightning_gradguard.hooks import user_hook
 
 _METHOD_WRAPPER = type(Tensor.data.__get__)
 _DATA_GETTER = Tensor.data.__get__
@@ -224,11 +225,11 @@ class Instruments:
         model_map = self.model_map
         model_map.refresh()
         for module in model_map.owner_modules:
-            self._handles.append(module.register_forward_hook(self._on_forward))
+            self._handles.append(module.register_forward_hook(user_hook(self._on_forward)))
         root = model_map.root
         if root is not None and model_map.trace_cuts:  # (no trace with any compiled or scripted part)
-            self._handles.append(root.register_forward_pre_hook(self._on_root_start))
-            self._handles.append(root.register_forward_hook(self._on_root_end, always_call=True))
+            self._handles.append(root.register_forward_pre_hook(user_hook(self._on_root_start)))
+            self._handles.append(root.register_forward_hook(user_hook(self._on_root_end), always_call=True))
         if model_map.trace_cuts:
             self._mode = _CutRecorder(self.recording, self.fail)
             torch._C._push_on_torch_function_stack(self._mode)
@@ -252,7 +253,7 @@ class Instruments:
                 if self._retry_handle is None and root is not None:
                     # a loop that steps from inside backward (gradient hooks) starts no micro-batch outside it:
                     # the next forward call is on the training thread
-                    self._retry_handle = root.register_forward_pre_hook(self._retry_on_forward)
+                    self._retry_handle = root.register_forward_pre_hook(user_hook(self._retry_on_forward))
         self.armed = False
         self.model_map.grad_forward = False
         self.recording.new_segment()
@@ -293,12 +294,16 @@ class Instruments:
     def _on_root_start(self, module: torch.nn.Module, args: Any) -> None:
         # a forward call that begins with autograd on is a training pass, whatever the model's mode (a call whose
         # end never comes, because it raised, is superseded by the next call's start)
+        if torch.compiler.is_compiling():  # a compiled graph runs no mode, and records nothing
+            return
         self.model_map.grad_forward = torch.is_grad_enabled()
         if self.model_map.evaluating():
             self.suspend()
 
     def _on_root_end(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         # (also when the forward call raised)
+        if torch.compiler.is_compiling():
+            return
         self.model_map.grad_forward = False
         self.resume()
 
