@@ -276,6 +276,41 @@ def test_gradient_accumulation_counts_every_micro_batch(tmp_path, build, data):
     assert (inner.steps, inner.none_steps, inner.micro_batches, inner.none_micro_batches) == (3, 0, 6, 0)
 
 
+class LossFromHiddenStates(Trainer):
+    """``compute_loss`` from ``out.hidden_states`` (a tuple inside the model's output), with an auxiliary term on
+    every other call: the backward passes reach the model through the nested tensors only."""
+
+    calls = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        out = model(**inputs, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        logits = model.lm_head(hidden)
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1))
+        type(self).calls += 1
+        if type(self).calls % 2 == 1:
+            loss = loss + model.aux(hidden).pow(2).mean()
+        return (loss, out) if return_outputs else loss
+
+
+def test_a_loss_computed_from_nested_outputs_counts_every_backward_pass(tmp_path):
+    torch.manual_seed(0)
+    model = gpt2()
+    model.aux = nn.Linear(32, 1)
+    guard = GradGuardCallback(summary=False)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, gradient_accumulation_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        LossFromHiddenStates(model=model, args=args, train_dataset=tokens(), callbacks=[guard]).train()
+    report = guard.report()
+    assert (report.steps, report.micro_batches) == (3, 6)
+    aux = report.params["aux.weight"]
+    assert (aux.steps, aux.none_steps, aux.micro_batches, aux.none_micro_batches) == (3, 0, 6, 3)
+    assert report.intermittent == ["aux.weight", "aux.bias"]
+
+
 # ---------------------------------------------------------------------------------------------- strict mode
 def test_strict_mode_raises_before_the_weights_change(tmp_path):
     torch.manual_seed(0)

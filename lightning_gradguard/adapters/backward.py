@@ -234,10 +234,14 @@ def _nearest_accumulate(node: Any, budget: int = 64) -> Any:
     return None
 
 
-def _tensors(output: Any) -> Iterable[Tensor]:
-    """The tensors a forward call returned: the output itself, or those in a tuple, list, dict or dataclass."""
+def _tensors(output: Any, depth: int = 3) -> Iterable[Tensor]:
+    """The tensors a forward call returned: the output itself, or those in a tuple, list, dict or dataclass, nested
+    up to ``depth`` levels (a Hugging Face output's ``hidden_states`` tuple, an RNN's ``(out, (h, c))``): a loss
+    may be computed from any of them."""
     if isinstance(output, Tensor):
         yield output
+        return
+    if depth <= 0:
         return
     if isinstance(output, dict):
         values: Iterable[Any] = output.values()
@@ -250,3 +254,5 @@ def _tensors(output: Any) -> Iterable[Tensor]:
     for value in values:
         if isinstance(value, Tensor):
             yield value
+        elif value is not None and not isinstance(value, (str, bytes, int, float, bool)):
+            yield from _tensors(value, depth - 1)
