@@ -552,7 +552,22 @@ def fsdp1_watch(root: str) -> dict[str, Any]:
             "distributed": report.to_dict().get("distributed"),
             "never_moved": never_moved(report),
             "reductions": guard.context.ledger.reductions,
+            "findings": sorted({f.kind for f in report.findings}),
         }
+    # use_orig_params=False: the modules keep their original parameters as views into the flat ones
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch.manual_seed(0)
+    model = FSDP(ShardedNet(spare=False), device_id=torch.device("cpu"), use_orig_params=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, summary=False)
+    for step in range(2):
+        x, y = _global_batch(step, world)[rank]
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    report = guard.close()
+    results["flat"] = {"steps": report.steps, "findings": sorted({f.kind for f in report.findings})}
     return results
 
 

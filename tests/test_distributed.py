@@ -294,6 +294,10 @@ def test_watch_on_torch_fsdp1_counts_as_the_engine_with_the_ledger_does(sharded)
         assert "use_orig_params=True" in plain["distributed"]["unchecked"]  # read from the FSDP module itself
         # strict: only gate.scale is unused and rank 1 holds none of it, yet both ranks raise at step 0
         assert watched["strict"]["raised"] == {"step": 0, "params": ["gate.scale"]}
+        # FSDP's own flat parameters (kept in each unit's `params` list) are not the user's unregistered tensors
+        assert "unregistered" not in plain["findings"]
+        # use_orig_params=False (original parameters are views into the flat ones): watch() works, nothing false
+        assert watched["flat"] == {"steps": 2, "findings": []}
 
 
 def test_fsdp1_strict_mode_decides_together_even_where_a_rank_sees_nothing_missing(sharded):

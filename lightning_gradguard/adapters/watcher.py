@@ -112,7 +112,7 @@ class Watcher:
             self.engine.start_run(
                 reuse_backward_read=not strategy.distributed, late_backward=late_backward, verify_backward_read=True
             )
-            self.engine.audit(self.optimizers)  # unregistered tensors, parameters in no optimizer
+            self._audit()
             self.reporter = self._reporter(log_dir, writer, loggers, report_dir)
         except BaseException:
             self.engine.end_diagnosis()  # a guard that was never built leaves no instrument behind
@@ -121,6 +121,10 @@ class Watcher:
             raise
 
     # ------------------------------------------------------------------ set-up
+    @feature("audit")
+    def _audit(self) -> None:
+        self.engine.audit(self.optimizers)  # unregistered tensors, parameters in no optimizer
+
     def _require_trainable(self, model: nn.Module) -> None:
         registered = {id(p) for p in model.parameters()}
         for optimizer in self.optimizers:

@@ -176,6 +176,10 @@ _NEVER = 1 << 62
 def find_unregistered(module: nn.Module) -> list[Finding]:
     """Trainable tensors held on module attributes where ``module.parameters()`` cannot see them."""
     registered = {id(p) for p in module.parameters()}
+    for submodule in module.modules():  # FSDP1: the flat parameters its units keep (use_orig_params=True hides them)
+        flat = getattr(getattr(submodule, "_handle", None), "flat_param", None)
+        if isinstance(flat, Tensor):
+            registered.add(id(flat))
     findings = []
     for module_name, submodule in module.named_modules():
         for attr, value in vars(submodule).items():
@@ -206,11 +210,21 @@ def _inspect_attribute(path: str, attr: str, value: Any, registered: set[int]) -
     return None
 
 
+def _is_registered(value: Tensor, registered: set[int]) -> bool:
+    """A registered tensor, or a view of one (FSDP1 keeps each original parameter as a view into a flat one)."""
+    base = value._base
+    return id(value) in registered or (base is not None and id(base) in registered)
+
+
 def _tensor_finding(path: str, attr: str, value: Tensor, registered: set[int]) -> Optional[Finding]:
-    if not value.requires_grad or id(value) in registered:
+    if not value.requires_grad or _is_registered(value, registered):
         return None
     shape = tuple(value.shape)
-    if value.grad_fn is None:
+    try:
+        grad_fn = value.grad_fn
+    except RuntimeError:  # a view whose base was changed in place (a framework's own views): not the user's tensor
+        return None
+    if grad_fn is None:
         return Finding(UNREGISTERED, path, (
             f"`{path}` is a plain tensor {shape} with requires_grad=True; only nn.Parameter attributes are "
             f"registered, so {_NOT_TRAINED.format(them='it')}. Fix: self.{attr} = nn.Parameter(...) (or "
@@ -220,7 +234,7 @@ def _tensor_finding(path: str, attr: str, value: Tensor, registered: set[int]) -
     if any(id(leaf) in registered for leaf in leaves):
         return None  # a value computed from registered parameters, not a parameter that went missing
     if any(isinstance(leaf, nn.Parameter) for leaf in leaves):
-        op = type(value.grad_fn).__name__
+        op = type(grad_fn).__name__
         if op.lstrip("_").startswith(("ToCopyBackward", "CopyBackwards")):  # .to(), .cuda(), .double(), ...
             return Finding(UNREGISTERED, path, (
                 f"`{path}` was an nn.Parameter, but .to()/.cuda()/a dtype cast after wrapping turned it into a plain "
@@ -244,7 +258,7 @@ def _container_finding(path: str, attr: str, value: Any, registered: set[int]) -
     tensors: list[Tensor] = []
     _collect(value, modules, tensors, depth=0)
     hidden_params = [p for m in modules for p in _hidden_params(m, registered)]
-    hidden_tensors = [t for t in tensors if t.requires_grad and id(t) not in registered]
+    hidden_tensors = [t for t in tensors if t.requires_grad and not _is_registered(t, registered)]
     if not hidden_params and not hidden_tensors:
         return None
     kind = "dict" if isinstance(value, dict) else type(value).__name__
