@@ -395,6 +395,12 @@ def test_strategies_are_recognized_from_real_strategy_objects():
     assert (ddp.name, ddp.world_size, ddp.find_unused_parameters, ddp.local_micro_batches) == ("ddp", 2, True, True)
     plain = describe_strategy(Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False))
     assert (plain.name, plain.find_unused_parameters) == ("ddp", False)
+    # static_graph=True reduces without the unused parameters it learned: no "stops DDP's reduction" warning
+    from lightning.pytorch.strategies import DDPStrategy
+
+    static = describe_strategy(Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(static_graph=True),
+                                       logger=False))
+    assert (static.name, static.find_unused_parameters) == ("ddp", True)
     fsdp = describe_strategy(SimpleNamespace(strategy=FSDPStrategy(), world_size=2, global_rank=1))
     assert (fsdp.name, fsdp.use_orig_params, fsdp.none_is_local, fsdp.shard_local_grads) == ("fsdp", True, True, True)
     assert "zero gradient" in fsdp.unchecked()

@@ -38,7 +38,8 @@ class StrategyInfo:
         name: ``"single"``, ``"ddp"``, ``"fsdp"``, ``"fsdp2"``, ``"deepspeed"`` or ``"other"``.
         world_size: the number of processes that train together.
         rank: this process's global rank.
-        find_unused_parameters: DDP's setting (None for other strategies).
+        find_unused_parameters: DDP's setting, or ``static_graph=True``, which tolerates unused parameters
+            as well (None for other strategies).
         zero_stage: DeepSpeed's ZeRO stage (None for other strategies).
         use_orig_params: FSDP's setting (None for other strategies).
 
@@ -122,8 +123,9 @@ def describe_strategy(trainer: Any) -> StrategyInfo:
         model = getattr(strategy, "model", None)
         find_unused = getattr(model, "find_unused_parameters", None)
         if find_unused is None:
-            find_unused = bool(getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False))
-        return StrategyInfo(DDP, world_size, rank, find_unused_parameters=bool(find_unused))
+            kwargs = getattr(strategy, "_ddp_kwargs", {})
+            find_unused = bool(kwargs.get("find_unused_parameters", False) or kwargs.get("static_graph", False))
+        return StrategyInfo(DDP, world_size, rank, find_unused_parameters=bool(find_unused) or _static_graph(model))
     if kind == FSDP:
         use_orig = getattr(strategy, "kwargs", {}).get("use_orig_params", True)
         return StrategyInfo(FSDP, world_size, rank, use_orig_params=bool(use_orig))
@@ -132,6 +134,12 @@ def describe_strategy(trainer: Any) -> StrategyInfo:
         stage = (config.get("zero_optimization") or {}).get("stage") if isinstance(config, dict) else None
         return StrategyInfo(DEEPSPEED, world_size, rank, zero_stage=stage)
     return StrategyInfo(kind, world_size, rank)
+
+
+def _static_graph(model: Any) -> bool:
+    """DDP's ``static_graph=True`` learns the unused parameters in the first iteration and reduces without them,
+    as ``find_unused_parameters=True`` does: a parameter without a gradient does not stop the reduction."""
+    return getattr(model, "static_graph", False) is True
 
 
 def class_names(obj: Any) -> set[str]:
@@ -153,8 +161,8 @@ def describe_module(model: Any) -> StrategyInfo:
     world_size, rank = dist.get_world_size(), dist.get_rank()
     names = class_names(model)
     if "DistributedDataParallel" in names:
-        return StrategyInfo(DDP, world_size, rank, find_unused_parameters=bool(getattr(model, "find_unused_parameters",
-                                                                                      False)))
+        tolerant = bool(getattr(model, "find_unused_parameters", False)) or _static_graph(model)
+        return StrategyInfo(DDP, world_size, rank, find_unused_parameters=tolerant)
     if "FullyShardedDataParallel" in names:
         return StrategyInfo(FSDP, world_size, rank, use_orig_params=bool(getattr(model, "_use_orig_params", False)))
     if "FSDPModule" in names:
