@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Sequence
@@ -43,6 +44,10 @@ _EVENT_MARK = "tfevents"
 MAX_REPORT_BYTES = 1 << 30  # a 10,000-parameter report is about 3 MB; beyond this the file is not a report
 
 
+_REPORT_FILE = re.compile(r"gradguard(-[A-Za-z0-9_.-]+)?\.json\Z")
+_REPORT_TAG = re.compile(r"gradguard/([A-Za-z0-9_.-]+/)?report(/text_summary)?\Z")
+
+
 class ReportNotFound(Exception):
     """No report can be read from the path; the message says why and what to do."""
 
@@ -57,8 +62,9 @@ def find_runs(path: str) -> list[str]:
     runs: list[str] = []
     for directory, subdirs, files in os.walk(path):
         subdirs.sort()
-        if REPORT_FILENAME in files:
-            runs.append(os.path.join(directory, REPORT_FILENAME))
+        reports = sorted(name for name in files if _REPORT_FILE.match(name))  # a named guard's: gradguard-<name>.json
+        if reports:
+            runs.extend(os.path.join(directory, name) for name in reports)
             continue
         events = _event_files(directory, files)
         if events and _latest_text_report(events) is not None:
@@ -93,7 +99,7 @@ def load_report(path: str) -> tuple[GradReport, str]:
         listing = "\n".join(f"  {run}" for run in runs)
         raise ReportNotFound(f"{path} holds {len(runs)} runs with a GradGuard report; pass one of them:\n{listing}")
     run = runs[0]
-    if os.path.basename(run) == REPORT_FILENAME and not os.path.isdir(run):
+    if _REPORT_FILE.match(os.path.basename(run)) and not os.path.isdir(run):
         return _report_from_json(run), run
     return _report_from_events(_event_files(run, os.listdir(run))), run
 
@@ -225,8 +231,9 @@ def _latest_text_report(events: Sequence[str]) -> Optional[tuple[str, str]]:
         try:
             for event in EventFileLoader(path).Load():
                 for value in event.summary.value:
-                    # torch's and tensorboardX's add_text append "/text_summary" to the tag
-                    if value.tag != REPORT_TAG and not value.tag.startswith(REPORT_TAG + "/"):
+                    # torch's and tensorboardX's add_text append "/text_summary" to the tag; a named guard's tag
+                    # is gradguard/<name>/report
+                    if not _REPORT_TAG.match(value.tag):
                         continue
                     strings = value.tensor.string_val
                     if not strings:

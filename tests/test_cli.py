@@ -131,6 +131,30 @@ def test_plain_loop_log_dir(tmp_path, capsys):
     assert all(name in out for name in PLANTED)
 
 
+def test_the_reports_of_named_guards_are_found(tmp_path, capsys):
+    """Two named guards in one log directory (a GAN's networks): each writes gradguard-<name>.json and tags under
+    gradguard/<name>/; the command finds them (and asks which), or reads the one it is given."""
+    model = PlantedNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guard = watch(model, optimizer, log_dir=tmp_path, summary=False, name="critic")
+        for x, y in batches(2):
+            F.mse_loss(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        guard.close()
+    assert os.listdir(tmp_path).count("gradguard-critic.json") == 1
+    code, out, _ = run_cli(capsys, "report", str(tmp_path), "--fail-on-missing")
+    assert code == EXIT_MISSING and all(name in out for name in PLANTED)
+    (event_file,) = [p for p in os.listdir(tmp_path) if "tfevents" in p]
+    code, out, _ = run_cli(capsys, "report", str(tmp_path / event_file), "--fail-on-missing")  # the tags alone
+    assert code == EXIT_MISSING and all(name in out for name in PLANTED)
+    shutil.copy(tmp_path / "gradguard-critic.json", tmp_path / "gradguard-generator.json")
+    code, _, err = run_cli(capsys, "report", str(tmp_path))
+    assert code == EXIT_ERROR and "holds 2 runs" in err and "gradguard-generator.json" in err
+
+
 @pytest.mark.slow
 def test_console_script(planted_run):
     """The installed ``gradguard`` entry point (or ``python -m``) with a real exit status."""
