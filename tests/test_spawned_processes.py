@@ -48,6 +48,11 @@ def test_a_pickled_guard_keeps_its_options_and_counts(tmp_path):
     _fit(guard, 3, tmp_path)
     copy = pickle.loads(pickle.dumps(guard))
     assert copy.config == guard.config and copy.state_key == guard.state_key
+    # before it sees the model, the copy holds the counts (a checkpoint of it keeps them) but cannot name them: it
+    # says so, rather than report an all-clear of zero steps
+    assert copy.state_dict()["steps"] == guard.state_dict()["steps"]
+    with pytest.raises(RuntimeError, match="holds the counts of a run but has not seen its model"):
+        copy.report()
     _fit(copy, 2, tmp_path)  # the counts continue where the original left them
     unused = copy.report().params["unused.weight"]
     assert (copy.report().steps, unused.steps, unused.none_steps) == (5, 5, 5)

@@ -137,6 +137,12 @@ class GradGuard(Callback):
                 "there. Its report was printed there and written to gradguard.json in the run's log directory "
                 "(trainer.log_dir): read it with GradReport.load(path)."
             )
+        if self.engine.holds_unbound_counts:
+            raise RuntimeError(
+                "this GradGuard is a copy (pickled or deep-copied) that holds the counts of a run but has not seen "
+                "its model, so it cannot name the parameters: read the report of the guard that trained, or "
+                "gradguard.json in the run's log directory (a fit with this copy continues the counts)"
+            )
         return self.engine.report()
 
     @functools.cached_property

@@ -409,11 +409,18 @@ class GradGuardEngine:
     # ------------------------------------------------------------------ resumable state
     def state_dict(self) -> dict[str, Any]:
         """Counts by parameter name, so that a resumed run continues them exactly."""
+        if not len(self.registry) and self._pending_state is not None:  # loaded, not bound yet: still those counts
+            return self._pending_state
         self.sync_size()
         self.flush()
         steps = self.state.values("steps")
         allowed = self.registry.allowed
         return self.state.state_dict(self.registry.names, keep=lambda i: bool(steps[i]) and not allowed[i])
+
+    @property
+    def holds_unbound_counts(self) -> bool:
+        """Counts were loaded (:meth:`load_state_dict`) but no parameter is bound yet to give them names."""
+        return self._pending_state is not None and not len(self.registry)
 
     def load_state_dict(self, state: Any) -> None:
         """Continue from a :meth:`state_dict` (applied at :meth:`bind` when no parameter is bound yet).
