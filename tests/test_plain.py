@@ -401,6 +401,25 @@ def test_strict_raises_from_optimizer_step_before_any_weight_changes():
     assert optimizer.state_dict()["state"] == {}  # no momentum buffer: the step never ran
 
 
+def test_strict_checks_the_next_step_after_a_caught_error(quiet):
+    """A loop (or a re-run notebook cell) that catches the GradGuardError and steps again: that step has the same
+    missing gradients, and strict mode must refuse it too (it went unchecked, and applied)."""
+    model = PlantedNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, optimizer, strict=True, summary=False)
+    raised = []
+    for x, y in batches(3):
+        F.mse_loss(model(x), y).backward()
+        try:
+            optimizer.step()
+        except GradGuardError as err:
+            raised.append(err.step)
+        optimizer.zero_grad()
+    report = guard.close()
+    assert raised == [0, 1, 2]
+    assert report.params["unused.weight"].none_steps == 3
+
+
 def test_allow_none_silences_matching_parameters(quiet):
     model = PlantedNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -69,10 +69,18 @@ class OptimizerSteps:
         if id(optimizer) in self._stepping:
             return None
         self._stepping.add(id(optimizer))
-        return check_step_call(args, kwargs, lambda: self.watcher.before_step(optimizer, grad_scale), position=1)
+        return check_step_call(args, kwargs, lambda: self._check(optimizer, grad_scale), position=1)
+
+    def _check(self, optimizer: torch.optim.Optimizer, grad_scale: Optional[Tensor]) -> None:
+        try:
+            self.watcher.before_step(optimizer, grad_scale)
+        except BaseException:  # strict mode: the step does not happen, and a loop that catches the error steps again
+            self._stepping.discard(id(optimizer))
+            raise
 
     def post_hook(self, optimizer: torch.optim.Optimizer) -> None:
-        """``optimizer.step()`` returned (after a step that raised, the next one alone goes unchecked)."""
+        """``optimizer.step()`` returned (after a step that raised for another reason than the guard's error, such as
+        a pre-hook of the user's, the next one alone goes unchecked)."""
         self._stepping.discard(id(optimizer))
         self.watcher.after_step()
 
