@@ -62,7 +62,8 @@ def check_gradients(
         autograd history is no error: every parameter is reported, with the line that cut the graph.
 
     Raises:
-        TypeError, ValueError: an argument is not one the function accepts; the message names it.
+        TypeError, ValueError: an argument is not one the function accepts (an ``optimizer`` that holds none of
+            the model's trainable parameters included); the message names it.
 
     Example::
 
@@ -129,6 +130,10 @@ class _Preflight:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("`model` has no parameter with requires_grad=True: there is no gradient to check")
+        ids = {id(p) for p in self.trainable}
+        if items and not any(id(p) in ids for opt in items for group in opt.param_groups for p in group["params"]):
+            raise ValueError("`optimizer` holds no trainable parameter of `model` (built for another instance of "
+                             "it, or before its parameters were replaced?): pass the optimizer that will train it")
         self.model, self.loss_fn, self.optimizers = model, loss_fn, items
         self.engine = GradGuardEngine(config, warn=self._warn)
         self.failures: list[str] = []  # GradGuard's message for each check that found parameters without gradient

@@ -277,6 +277,16 @@ def test_parameters_the_optimizer_leaves_out_are_findings():
     assert check_gradients(transformer, token_batch()).findings == []  # no optimizer given: not checked
 
 
+def test_an_optimizer_built_for_another_instance_of_the_model_is_refused():
+    """The model re-created after its optimizer was built: the optimizer trains none of it, which must not pass as
+    "nothing left out" (watch() refuses it the same way)."""
+    stale = torch.optim.SGD(MLPUnusedLayer().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="`optimizer` holds no trainable parameter of `model`"):
+        check_gradients(MLPUnusedLayer(), x_batch(), optimizer=stale, allow_none="skip.*")
+    with pytest.raises(ValueError, match="`optimizer` holds no trainable parameter of `model`"):
+        assert_gradients_flow(MLPUnusedLayer(), x_batch(), optimizer=[stale], allow_none="skip.*")
+
+
 # ====================================================================== LightningModule
 def regression_batch() -> list[Tensor]:
     g = torch.Generator().manual_seed(0)
