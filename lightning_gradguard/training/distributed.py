@@ -47,7 +47,7 @@ from lightning_gradguard.core.observer import EngineObserver, StepCheck
 from lightning_gradguard.core.state import ALL_RANKS, DEVICE_COUNTERS, HOST_COUNTERS, SAME
 from lightning_gradguard.hooks import user_hook
 from lightning_gradguard.training.collective import Collective, pack_flags, ranks_in, slot_bits, unpack_flags
-from lightning_gradguard.training.strategies import StrategyInfo
+from lightning_gradguard.training.strategies import DDP, StrategyInfo
 
 if TYPE_CHECKING:
     from lightning_gradguard.core.engine import GradGuardEngine
@@ -95,6 +95,11 @@ class RankLedger(EngineObserver):
         self._partial: dict[int, list[int]] = {}  # parameter -> [micro-batches, bitmask of ranks without it]
         self.reductions = 0  # collectives made (for tests and benchmarks)
         self.votes = 0
+        # DDP without find_unused_parameters, and a parameter here got no gradient: the reducer's bucket all-reduces
+        # are still pending, and any collective of ours would be matched against them (gloo aborts the process). No
+        # more collectives: DDP's own error, at its next one, ends the run as it would without the guard.
+        self.stalled = False
+        self._may_stall = info.name == DDP and not info.find_unused_parameters
         self.skip_empty_shards = info.none_is_local  # FSDP1: a parameter with no shard here is checked elsewhere
         if info.local_micro_batches:
             self._hook_parameters()
@@ -129,6 +134,15 @@ class RankLedger(EngineObserver):
                 continue
             self._hooked.add(index)
             self._hooks.append(param.register_post_accumulate_grad_hook(user_hook(self._arrival_hook(index))))
+
+    def reduction_stalled(self, missing: Sequence[int]) -> bool:
+        """DDP without find_unused_parameters: whether a parameter of ``missing`` got nothing from this rank's last
+        backward pass, which leaves DDP's reducer waiting (see :attr:`stalled`). A gradient cleared after the backward
+        pass (a zero_grad on one rank) was reduced: the ranks can still vote."""
+        if not (self._may_stall and missing):
+            return False
+        seen = self._seen
+        return any(i < len(seen) and not seen[i] for i in missing)
 
     def _arrival_hook(self, index: int) -> Any:
         def arrived(_: Tensor) -> None:
@@ -202,7 +216,7 @@ class RankLedger(EngineObserver):
         Call on every rank at the same point (logging steps, end of fit); it does nothing when there is nothing
         to reduce, which is the same on every rank.
         """
-        if not self.pending(checks):
+        if self.stalled or not self.pending(checks):
             return
         size = len(self.engine.registry)
         segments: list[tuple[str, Tensor]] = []
@@ -361,6 +375,9 @@ class RankLedger(EngineObserver):
         would leave the others waiting in their next collective. One scalar all-reduce per step, and the list
         itself only at a step where some rank has one.
         """
+        if self.stalled or self.reduction_stalled(missing):
+            self.stalled = True  # this rank raises alone (see __init__)
+            return missing
         self.votes += 1
         if not self.collective.sum(torch.tensor([float(bool(missing))], dtype=torch.float64)).item():
             return []
