@@ -89,6 +89,9 @@ def test_print_summary_names_the_file_when_it_knows_it(huge_run):
     text = print_summary(report, write=lambda _: None, report_path=path)
     assert text.splitlines()[-1] == f"The full table: {path} (`gradguard report {log_dir}` prints it)"
     assert print_summary(report, write=lambda _: None, max_rows=None) == report.summary()
+    # a run that writes no report file (no logger, no log_dir): the one place the full table is
+    unwritten = print_summary(report, write=lambda _: None)
+    assert unwritten.splitlines()[-1] == "The full table: guard.report().format_table()"
 
 
 def test_a_small_report_prints_as_before():

@@ -12,7 +12,7 @@ import os
 from typing import Callable, Optional
 
 from lightning_gradguard.output.sinks.base import Sink
-from lightning_gradguard.report import REPORT_FILENAME, GradReport
+from lightning_gradguard.report import GradReport
 
 CONSOLE_MAX_ROWS = 8  # entries per list: about 25 lines for a typical big model, 45 at most with every list cut
 
@@ -47,10 +47,8 @@ def _where_the_full_table_is(report_path: Optional[str]) -> str:
     if report_path:
         directory = os.path.dirname(report_path) or "."
         return f"The full table: {report_path} (`gradguard report {directory}` prints it)"
-    return (
-        f"The full table: {REPORT_FILENAME} in the run's log directory (`gradguard report <log_dir>` prints it), "
-        "or guard.report().format_table()"
-    )
+    # no report file is written (no logger, no log_dir or writer)
+    return "The full table: guard.report().format_table()"
 
 
 class ConsoleSink(Sink):
