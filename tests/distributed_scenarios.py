@@ -137,6 +137,8 @@ def usage_table(root: str) -> dict[str, Any]:
         "logged_none_steps": [
             {k: v for k, v in m.items() if k.startswith("gradguard/none_steps/")} for _, m in logger.rows
         ],
+        "logged_intermittent": [m["gradguard/intermittent_params"] for _, m in logger.rows
+                                if "gradguard/intermittent_params" in m],
         "steps": report.steps,
     }
 

@@ -122,6 +122,9 @@ def test_ddp_counts_equal_a_single_process_run_over_the_same_data(ddp, make_trai
     assert single["branches.alternating.weight"][:4] == [4, 0, 12, 4]  # only the third micro-batch: nobody
     assert single["branches.early_only.weight"][:4] == [4, 0, 12, 4]  # DDP's write-back is not an arrival
     assert single["branches.unused.weight"][:4] == [4, 4, 12, 12]
+    # the logged intermittent_params is the global count too: shared_even, alternating and early_only (a weight and
+    # a bias each); rank0_only, which rank 1's own view calls intermittent, is not
+    assert rank0["logged_intermittent"] and set(rank0["logged_intermittent"]) == {6.0}
 
 
 def test_ddp_reports_parameters_missing_on_some_ranks_only_with_those_ranks(ddp):

@@ -264,7 +264,7 @@ class RankLedger(EngineObserver):
             offset += n
 
         if columns:
-            self._apply_arrivals(columns, result["arrivals"], arrived)
+            self._apply_arrivals(columns, result["arrivals"], arrived, checks)
             self._closed = []
         if flags:
             self._apply_flags(result["flags"], local_flags)
@@ -294,7 +294,8 @@ class RankLedger(EngineObserver):
         return powered, measured
 
     def _apply_arrivals(
-        self, columns: list[tuple[set[int], set[int], list[int]]], words: Tensor, arrived: Tensor
+        self, columns: list[tuple[set[int], set[int], list[int]]], words: Tensor, arrived: Tensor,
+        checks: Sequence[StepCheck] = (),
     ) -> None:
         cells = unpack_flags(words, len(columns), self.world_size)  # [C, P]: ranks whose backward reached it
         checked = torch.zeros_like(arrived)
@@ -323,6 +324,15 @@ class RankLedger(EngineObserver):
                 index, None, "in some micro-batches no rank's backward pass reached it; under DDP .grad then holds "
                 "the averaged gradient of the window's other micro-batches (found by GradGuard's cross-rank count)"
             )
+        # this logging step's checks: intermittent where no rank reached the parameter in some micro-batch of the
+        # step's window (the logged intermittent_params is then the global count, as the report's)
+        nowhere = ~anywhere & checked
+        for check in checks:
+            own = [c for c, (_, _, indices) in enumerate(columns) if indices is check.checked][-check.window :]
+            if own and check.window:
+                missing = set(check.missing)
+                missed = nowhere[own].any(0).nonzero().flatten().tolist()
+                check.intermittent = [i for i in missed if i not in missing]
         partial = anywhere & ~everywhere & checked
         for index in partial.any(0).nonzero().flatten().tolist():
             rows = partial[:, index]
