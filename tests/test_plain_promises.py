@@ -578,3 +578,27 @@ def test_a_watched_model_can_be_deep_copied_and_saved_and_the_copy_carries_no_gu
         assert "zero_grad" not in vars(other)  # no wrapper travels with the copy
     assert report.steps == guard.report().steps == 3
     torch.save(snapshot, io.BytesIO())
+
+
+@pytest.mark.parametrize("clear", ["model.zero_grad", "p.grad = None"])
+def test_a_loop_that_clears_through_the_model_counts_a_parameter_used_only_in_the_loss(clear):
+    """A learned temperature used only in the loss gets its gradient before the backward pass reaches the model's
+    output, where the guard notices the pass: the gradients it starts from must be read before (at the forward
+    call, since no optimizer's zero_grad ran), or the temperature looks like it got nothing."""
+    torch.manual_seed(0)
+    model = HealthyNet()
+    model.temperature = nn.Parameter(torch.ones(()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = watch(model, optimizer, summary=False)
+    for _ in range(4):
+        if clear == "model.zero_grad":
+            model.zero_grad()
+        else:
+            for param in model.parameters():
+                param.grad = None
+        loss = F.mse_loss(model(torch.randn(8, 4)) / model.temperature, torch.randn(8, 1))
+        loss.backward()
+        optimizer.step()
+    report = guard.close()
+    assert report.ok and report.missing == [] and report.intermittent == []
+    assert report.params["temperature"].micro_batches == 4

@@ -56,6 +56,7 @@ class BackwardBracket:
         self._marked = False  # the gradients the next backward pass starts from are recorded
         self._stepped = False  # an optimizer stepped since the last backward pass ended
         self.restarts = WindowRestarts()
+        self._optimizer_zeroes = False  # the loop calls an optimizer's zero_grad (the gradients are read there)
         self._task = -1  # autograd's id of the backward pass bracketed now
         self._hint: Any = None  # an AccumulateGrad node found behind an output before: most passes reach it again
         try:
@@ -72,6 +73,7 @@ class BackwardBracket:
         """``optimizer.zero_grad()`` just ran (``optimizer`` None: something else cleared every gradient)."""
         self._end_failed()
         self.restarts.cleared(optimizer)
+        self._optimizer_zeroes = self._optimizer_zeroes or optimizer is not None
         self._mark(optimizer if set_to_none else None)
 
     def stepping(self, optimizer: torch.optim.Optimizer) -> None:
@@ -88,8 +90,10 @@ class BackwardBracket:
         if torch.is_grad_enabled() and not self.watcher.closed:  # evaluation under no_grad is not a micro-batch
             self._forward_since_backward = True
             self.forward_seen = True
-            if self._stepped and not self._marked:  # no optimizer's zero_grad since the step (model.zero_grad(),
-                self._mark(None)  # or none at all): what the next pass starts from, before any of it runs
+            if self._stepped and not self._marked and not self._optimizer_zeroes:
+                # a loop that clears gradients with model.zero_grad(), or not at all: what the next pass starts from,
+                # read before any of it runs (a loop that calls an optimizer's zero_grad has it read there)
+                self._mark(None)
 
     def _forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         if not torch.is_grad_enabled() or self.watcher.closed:
