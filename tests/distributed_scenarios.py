@@ -164,6 +164,37 @@ class UnusedEverywhere(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+class FrozenAfterWrap(LightningModule):
+    """``first`` is frozen at the second batch, after DDP numbered it among the parameters it reduces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(IN_DIM, 1)
+        self.second = nn.Linear(IN_DIM, 1)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if batch_idx == 1:
+            self.first.requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.first(x) + self.second(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@scenario
+def ddp_frozen_after_wrap(root: str) -> dict[str, Any]:
+    """Plain ``ddp``, a layer frozen mid-run: DDP's error names it by its index in DDP's own numbering."""
+    t = trainer(root, strategy="ddp", callbacks=[GradGuard(summary=False)])
+    try:
+        t.fit(FrozenAfterWrap(), loader(4, seed=80 + t.global_rank))
+    except Exception as err:  # noqa: BLE001 - the scenario reports what the user would see
+        return {"error": str(err)}
+    return {"error": None}
+
+
 class NormRecorder(Callback):
     """The reference norms: each parameter's gradient norm at the step, read after GradGuard (DDP: synchronized)."""
 

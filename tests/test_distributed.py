@@ -91,7 +91,7 @@ def launch(out_dir: Path, scenarios: list[str], timeout: float = LAUNCH_TIMEOUT)
 
 DDP_SCENARIOS = ["usage_table", "unused_everywhere", "amp_overflow", "manual_gan", "strict_together",
                  "plain_ddp_unused", "fabric_usage", "torch_ddp_usage", "fabric_strict_together", "torch_ddp_unused",
-                 "never_moved_strict"]
+                 "never_moved_strict", "ddp_frozen_after_wrap"]
 SHARDED_SCENARIOS = ["fsdp1_engine", "fsdp2_lightning", "fsdp1_watch", "fsdp2_watch", "fsdp1_shared_unit"]
 
 
@@ -265,6 +265,15 @@ def test_plain_ddp_unused_parameter_error_names_the_parameters(ddp):
         # DDP's reduction stalled at step 0: GradGuard made no collective from there (one would be matched against
         # DDP's pending bucket all-reduces on a rank that used the parameter), and nothing hung
         assert result["reductions"] == 0
+
+
+def test_the_names_added_to_ddps_error_follow_ddps_numbering_after_a_layer_is_frozen(ddp):
+    """DDP numbered the parameters that required grad when it was built; mapping its indices with requires_grad as
+    it is at the error (``first`` frozen since) named the wrong layer."""
+    for rank, result in enumerate(ddp["ddp_frozen_after_wrap"]):
+        message = result["error"]
+        assert f"received no gradient on rank {rank}" in message
+        assert "first.weight, first.bias" in message and "second." not in message
 
 
 # ---------------------------------------------------------------------- FSDP1 (plain torch) and FSDP2 (Lightning)

@@ -110,6 +110,7 @@ class GradGuard(Callback):
         self._step: Optional[tuple[int, bool]] = None  # this batch's (step number, logging step) once it stepped
         self._checked: Optional[tuple[int, int]] = None  # (id of the optimizer, global step) of the last check
         self._skips_batches = False  # Lightning skips a batch whose training_step returns None (decided at fit start)
+        self._trainable_at_setup: Optional[dict[int, bool]] = None  # requires_grad before the strategy wraps the model
         self._sent_away = False  # pickled (to ddp_spawn's processes): a run may happen elsewhere
         self._json: Optional[JsonSink] = None
 
@@ -229,6 +230,7 @@ class GradGuard(Callback):
             self._context_state = self._context.state_dict()
             self._context.detach()
         self._context = TrainingContext.from_trainer(trainer, self.engine, warn=_warn, restored=self._context_state)
+        self._context.trainable_before_wrap = self._trainable_at_setup
         if self._context.measure_every_step and self.config.nonfinite_check == "auto":
             self._measure_every_step = True
 
@@ -263,6 +265,10 @@ class GradGuard(Callback):
         if self._context is not None:  # DDP's unused-parameter error: add the names Lightning's message drops
             self._context.on_exception(trainer, exception)
             self._context.release()
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # before the strategy wraps the model: which parameters DDP will number (its error names them by index)
+        self._trainable_at_setup = {id(p): p.requires_grad for p in pl_module.parameters()}
 
     @feature("diagnosis")
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -82,6 +82,7 @@ class TrainingContext(EngineObserver):
             self.scale.load_state_dict(restored)
         self.ledger = RankLedger(engine, info, collective) if collective is not None else None
         self.last_missing: list[int] = []
+        self.trainable_before_wrap: Optional[dict[int, bool]] = None  # DDP's numbering (see ddp_reducer)
         self._warned_ddp = False
         engine.observe(self)
         statement = info.unchecked()
@@ -208,7 +209,8 @@ class TrainingContext(EngineObserver):
             return
         registry = self.engine.registry
         names = [registry.names[i] for i in self.last_missing]
-        rank, params = unreduced_parameters(message, getattr(trainer.strategy, "model", None) or trainer.model)
+        model = getattr(trainer.strategy, "model", None) or trainer.model
+        rank, params = unreduced_parameters(message, model, self.trainable_before_wrap)
         for param in params:
             index = registry.find(param)
             name = registry.names[index] if index is not None else f"<parameter of shape {tuple(param.shape)}>"
