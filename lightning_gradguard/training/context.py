@@ -138,8 +138,6 @@ class TrainingContext(EngineObserver):
     def after_check(self, check: StepCheck) -> None:
         self.last_missing = list(check.missing)
         if check.missing and self.info.name == DDP and self.info.distributed and not self.info.find_unused_parameters:
-            if self.ledger is not None and self.ledger.reduction_stalled(check.missing):
-                self.ledger.stalled = True  # DDP's reduction could not finish: no collective of ours from here
             self._warn_ddp_unused(check)
 
     def reduce_due(self, stepped: int, every: Optional[int]) -> bool:

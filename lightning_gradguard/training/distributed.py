@@ -135,7 +135,7 @@ class RankLedger(EngineObserver):
             self._hooked.add(index)
             self._hooks.append(param.register_post_accumulate_grad_hook(user_hook(self._arrival_hook(index))))
 
-    def reduction_stalled(self, missing: Sequence[int]) -> bool:
+    def _stalls(self, missing: Sequence[int]) -> bool:
         """DDP without find_unused_parameters: whether a parameter of ``missing`` got nothing from this rank's last
         backward pass, which leaves DDP's reducer waiting (see :attr:`stalled`). A gradient cleared after the backward
         pass (a zero_grad on one rank) was reduced: the ranks can still vote."""
@@ -181,6 +181,8 @@ class RankLedger(EngineObserver):
 
     def after_check(self, check: StepCheck) -> None:
         """After every optimizer-step check (every rank measures on the same steps)."""
+        if not self.stalled and self._stalls(check.missing):  # before the column of the window closes
+            self.stalled = True
         if self.info.local_micro_batches and self._seen:
             # the window is complete: its columns belong to the parameters this step checked
             self._end_column()
@@ -385,7 +387,7 @@ class RankLedger(EngineObserver):
         would leave the others waiting in their next collective. One scalar all-reduce per step, and the list
         itself only at a step where some rank has one.
         """
-        if self.stalled or self.reduction_stalled(missing):
+        if self.stalled or self._stalls(missing):
             self.stalled = True  # this rank raises alone (see __init__)
             return missing
         self.votes += 1
