@@ -206,11 +206,10 @@ class Watcher:
         self.engine.after_backward()
 
     @feature("check")
-    def gradients_zeroed(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
-        """``zero_grad(set_to_none=False)`` of ``optimizer`` (None: of the model, every optimizer's) just ran."""
+    def gradients_zeroed(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.zero_grad(set_to_none=False)`` just ran."""
         if not self._closed:
-            for each in [optimizer] if optimizer is not None else self.optimizers:
-                self.engine.gradients_zeroed(each)
+            self.engine.gradients_zeroed(optimizer)
 
     def before_step(self, optimizer: torch.optim.Optimizer, grad_scale: Optional[Tensor] = None) -> None:
         """``optimizer`` is about to step: check it (strict mode raises here, before any weight changes).
