@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GradGuard's GPU checks, for one H100 (about 4-5 minutes; 3-4 without the features):
+# GradGuard's GPU checks, for one H100 or H200 (about 3.5 minutes on an H200; 3 without the features):
 #   1. sync_check.py     non-logging steps under torch.cuda.set_sync_debug_mode("error"), logged norms verified
 #   2. norm_throughput   per-parameter norms of every GPT-2-small gradient: effective TB/s (target >= 2.0)
 #   3. overhead.py       the gpu preset: no callback / GradGuard defaults / logging every step / Lightning recipe
