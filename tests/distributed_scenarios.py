@@ -424,6 +424,42 @@ def torch_ddp_unused(root: str) -> dict[str, Any]:
 
 
 @scenario
+def torch_ddp_join(root: str) -> dict[str, Any]:
+    """A hand-written DDP loop with uneven inputs under ``model.join()``, logging every 2 steps: the rank with less
+    data leaves the loop early and answers only DDP's collectives, so the guard makes none of its own from the
+    moment it sees the join (the run finishes on both ranks) and each rank reports what it saw."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_gradguard import watch
+
+    torch.manual_seed(0)
+    rank = dist.get_rank()
+    model = DistributedDataParallel(UsedAndUnused(), find_unused_parameters=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = watch(model, optimizer, summary=False, log_every_n_steps=2)
+    even = list(loader(3, seed=80 + rank))
+    uneven = list(loader(3 if rank == 0 else 7, seed=90 + rank))
+    for x, y in even:  # before the join: reduced as usual
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    reductions_before = guard.context.ledger.reductions
+    with model.join():
+        for x, y in uneven:
+            F.mse_loss(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    report = guard.close()
+    return {
+        "steps": report.steps,
+        "missing": report.missing,
+        "none_steps": report.params["unused.weight"].none_steps,
+        "unchecked": report.to_dict()["distributed"]["unchecked"],
+        "reductions": [reductions_before, guard.context.ledger.reductions],
+    }
+
+
+@scenario
 def fabric_strict_together(root: str) -> dict[str, Any]:
     """Strict ``watch_fabric``: a branch nobody uses makes both ranks raise at the first step, before it runs."""
     from lightning_gradguard import watch_fabric

@@ -91,7 +91,7 @@ def launch(out_dir: Path, scenarios: list[str], timeout: float = LAUNCH_TIMEOUT)
 
 DDP_SCENARIOS = ["usage_table", "unused_everywhere", "amp_overflow", "manual_gan", "strict_together",
                  "plain_ddp_unused", "fabric_usage", "torch_ddp_usage", "fabric_strict_together", "torch_ddp_unused",
-                 "never_moved_strict", "ddp_frozen_after_wrap"]
+                 "never_moved_strict", "ddp_frozen_after_wrap", "torch_ddp_join"]
 SHARDED_SCENARIOS = ["fsdp1_engine", "fsdp2_lightning", "fsdp1_watch", "fsdp2_watch", "fsdp1_shared_unit"]
 
 
@@ -164,6 +164,17 @@ def test_torch_ddp_unused_layer_is_named_before_ddp_fails(ddp):
     assert len(ddp_warning) == 1
     assert "unused.weight, unused.bias" in ddp_warning[0]
     assert "DistributedDataParallel(model, find_unused_parameters=True)" in ddp_warning[0]
+
+
+def test_ddp_join_with_uneven_inputs_finishes_and_each_rank_reports_its_own_steps(ddp):
+    # a collective of the guard's inside join() would be matched against DDP's shadow all-reduces: gloo aborts
+    for rank, result in enumerate(ddp["torch_ddp_join"]):
+        steps = 3 + (3 if rank == 0 else 7)
+        assert result["steps"] == steps
+        assert result["missing"] == ["unused.weight", "unused.bias"]
+        assert result["none_steps"] == steps
+        assert result["reductions"] == [1, 1]  # the logging step before the join; none inside it, none at close
+        assert "join()" in result["unchecked"] and f"rank {rank}'s own view" in result["unchecked"]
 
 
 def test_fabric_ddp_reduces_once_per_logging_step_and_once_at_close(ddp):

@@ -118,6 +118,7 @@ class LoopGuard(Watcher):
             log_dir=os.fspath(log_dir) if log_dir is not None else None,
             writer=writer,
             late_backward=True,
+            joinable=model,
             no_backward_hint="loss.backward() was not called before optimizer.step(), or the loss does not depend on "
             "the model's output: it was computed from detached tensors",
         )

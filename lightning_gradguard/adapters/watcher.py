@@ -67,6 +67,7 @@ class Watcher:
         report_dir: write the report file here instead of the log directory (the Hugging Face Trainer's
             ``output_dir``, next to its checkpoints, while TensorBoard logs go to their own directory).
         no_backward_hint: what, in this loop, leaves a step without a backward pass (see the engine).
+        joinable: the ``DistributedDataParallel`` module the loop may train under ``join()`` (uneven inputs).
 
     """
 
@@ -86,6 +87,7 @@ class Watcher:
         late_backward: bool = False,
         report_dir: Optional[str] = None,
         no_backward_hint: str = NO_BACKWARD_HINT,
+        joinable: Any = None,
     ) -> None:
         self.config = config
         self.optimizers = list(optimizers)
@@ -105,7 +107,7 @@ class Watcher:
         try:
             self._require_trainable(model)
             self._measure_every_step = config.measures_every_step(self.engine.registry.params) or scale is not None
-            self.context = self._context(strategy, ddp_fix)
+            self.context = self._context(strategy, ddp_fix, joinable)
             # the step check reuses the gradients read at the end of the last backward pass if the .grad attributes
             # still hold them (zero_grad invalidates the read; `p.grad = None` is caught by the check), except where
             # gradients are rewritten after the backward pass the adapter brackets: DDP's reducer, FSDP's views
@@ -136,14 +138,14 @@ class Watcher:
             "whose parameters the optimizers update)"
         )
 
-    def _context(self, info: StrategyInfo, ddp_fix: str) -> Optional[TrainingContext]:
+    def _context(self, info: StrategyInfo, ddp_fix: str, joinable: Any) -> Optional[TrainingContext]:
         # several processes (DDP, FSDP): counts, norms and strict decisions become global through one collective
         # per logging step, as in the Trainer callback
         if not info.distributed or info.name not in (DDP, FSDP, FSDP2) or not Collective.available():
             return None
         device = next((p.device for p in self.engine.registry.params if p.device.type != "meta"), None)
         return TrainingContext(self.engine, info, collective=Collective(device=device), warn=self._warn,
-                               ddp_fix=ddp_fix)
+                               ddp_fix=ddp_fix, joinable=joinable)
 
     def _reporter(
         self, log_dir: Optional[str], writer: Any, loggers: Sequence[Any], report_dir: Optional[str] = None

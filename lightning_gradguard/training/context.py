@@ -51,6 +51,8 @@ class TrainingContext(EngineObserver):
         restored: state saved by :meth:`state_dict` (a checkpoint, or the previous fit of a reused guard).
         ddp_fix: how the user turns on DDP's search for unused parameters in their framework (the Trainer's
             strategy name by default), for the warning before DDP's unused-parameter error.
+        joinable: the ``DistributedDataParallel`` module of a hand-written loop, whose ``join()`` (uneven inputs)
+            the loop may enter: from then on no rank makes a collective of the guard's.
 
     Example::
 
@@ -71,6 +73,7 @@ class TrainingContext(EngineObserver):
         warn: Optional[Callable[[str], None]] = None,
         restored: Optional[dict[str, Any]] = None,
         ddp_fix: str = "strategy='ddp_find_unused_parameters_true'",
+        joinable: Any = None,
     ) -> None:
         self.engine = engine
         self.ddp_fix = ddp_fix
@@ -80,7 +83,7 @@ class TrainingContext(EngineObserver):
         self.scale = LossScaleTracker(scaler) if scaler is not None else None
         if self.scale is not None and restored:
             self.scale.load_state_dict(restored)
-        self.ledger = RankLedger(engine, info, collective) if collective is not None else None
+        self.ledger = RankLedger(engine, info, collective, joinable) if collective is not None else None
         self.last_missing: list[int] = []
         self.trainable_before_wrap: Optional[dict[int, bool]] = None  # DDP's numbering (see ddp_reducer)
         self._warned_ddp = False
@@ -194,8 +197,17 @@ class TrainingContext(EngineObserver):
                 strategy=self.info.name,
                 world_size=self.info.world_size,
                 rank_dependent=self.ledger.rank_dependent() if self.ledger is not None else {},
-                unchecked=self.info.unchecked(),
+                unchecked=self._unchecked(),
             )
+
+    def _unchecked(self) -> Optional[str]:
+        if self.ledger is None or not self.ledger.joined:
+            return self.info.unchecked()
+        return (
+            f"under DDP's join() (uneven inputs) the ranks' counts are not combined: this is rank {self.info.rank}'s "
+            "own view (DDP's all-reduce still gives every rank the gradients of all), strict mode decides on each "
+            "rank from its own gradients, and rank-dependent arrivals are not recorded"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return self.scale.state_dict() if self.scale is not None else {}

@@ -76,7 +76,9 @@ class RankLedger(EngineObserver):
 
     """
 
-    def __init__(self, engine: GradGuardEngine, info: StrategyInfo, collective: Collective) -> None:
+    def __init__(
+        self, engine: GradGuardEngine, info: StrategyInfo, collective: Collective, joinable: Any = None
+    ) -> None:
         self.engine = engine
         self.info = info
         self.collective = collective
@@ -101,6 +103,10 @@ class RankLedger(EngineObserver):
         self.stalled = False
         self._may_stall = info.name == DDP and not info.find_unused_parameters
         self.skip_empty_shards = info.none_is_local  # FSDP1: a parameter with no shard here is checked elsewhere
+        # DDP's join() (uneven inputs): a rank out of data answers only DDP's own collectives, so ours would be
+        # matched against them (gloo aborts). From the first sight of it each rank keeps its own counts.
+        self._joinable = joinable
+        self.joined = False
         if info.local_micro_batches:
             self._hook_parameters()
             self._new_column()
@@ -122,11 +128,24 @@ class RankLedger(EngineObserver):
     # ------------------------------------------------------------------ recording (no communication)
     def start_micro_batch(self) -> None:
         """Call as a micro-batch starts (before its forward pass)."""
-        if not self.info.local_micro_batches:
+        if not self.info.local_micro_batches or self._under_join():
             return
         self._end_column()
         self._hook_parameters()  # parameters that became trainable since (an unfrozen layer)
         self._new_column()
+
+    def _under_join(self) -> bool:
+        """Whether the model trains under DDP's ``join()`` (see :attr:`joined`); the first time, what waits for a
+        reduction is dropped: the ranks' columns no longer line up."""
+        if self.joined:
+            return True
+        config = getattr(self._joinable, "_join_config", None)
+        if config is None or not getattr(config, "enable", False):
+            return False
+        self.joined = True
+        self.release_hooks()
+        self._open, self._closed, self._flags = [], [], []
+        return True
 
     def _hook_parameters(self) -> None:
         for index, param in enumerate(self.engine.registry.params):
@@ -218,7 +237,7 @@ class RankLedger(EngineObserver):
         Call on every rank at the same point (logging steps, end of fit); it does nothing when there is nothing
         to reduce, which is the same on every rank.
         """
-        if self.stalled or not self.pending(checks):
+        if self.stalled or self._under_join() or not self.pending(checks):
             return
         size = len(self.engine.registry)
         segments: list[tuple[str, Tensor]] = []
@@ -387,6 +406,8 @@ class RankLedger(EngineObserver):
         would leave the others waiting in their next collective. One scalar all-reduce per step, and the list
         itself only at a step where some rank has one.
         """
+        if self._under_join():  # no collective can be matched: each rank decides from its own gradients
+            return missing
         if self.stalled or self._stalls(missing):
             self.stalled = True  # this rank raises alone (see __init__)
             return missing
