@@ -5,16 +5,11 @@ module corrects the counts with **one** ``all_reduce`` (a packed float64 vector)
 of fit, never on other steps:
 
 * **DDP** (``local_micro_batches``): at the optimizer step the gradients are the all-reduced ones, identical on
-  every rank, and so are the step counts and norms. Per micro-batch they are not: the micro-batches that only
-  accumulate run under ``no_sync`` and show this rank's own gradients, and on the micro-batch that synchronizes,
-  DDP's reducer writes the averaged gradient of the whole window back into ``.grad`` of every parameter that any
-  rank used anywhere in the window, which the engine's version counters cannot tell from a new gradient. So under
-  DDP the ledger watches autograd itself (a post-accumulate-grad hook per parameter, about 1 us per parameter per
-  backward pass, which the reducer's write-back does not trigger) and records, per micro-batch, which parameters
-  this rank's backward pass reached. At the reduction every (micro-batch, parameter) cell carries one bit per rank,
-  so rank zero learns exactly which ranks gave the parameter a gradient. A micro-batch counts as "no gradient" only
-  when no rank gave one (as in a single process over the same data); one where some ranks did and others did not
-  is reported with the ranks that did not (``rank_dependent``).
+  every rank, and so are the step counts and norms. Per micro-batch they are not (``no_sync``, and DDP's write-back
+  of the window's averaged gradient): :mod:`~lightning_gradguard.training.rank_arrivals` records which parameters
+  this rank's backward passes reached in each micro-batch, one bit per rank per (micro-batch, parameter) in the
+  reduction. A micro-batch counts as "no gradient" only when no rank gave one (as in a single process over the same
+  data); one where some ranks did and others did not is reported with the ranks that did not (``rank_dependent``).
 * **FSDP / FSDP2** (``shard_local_grads``): a gradient holds this rank's shard, so a norm is combined from the
   ranks' ``norm ** p`` sums; a parameter's gradient is non-finite at a step when any shard is. Under FSDP1 a rank
   whose shard of a parameter is empty does not check it, and the counts of the ranks that hold it are the global
@@ -37,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -45,8 +40,8 @@ from torch import Tensor
 from lightning_gradguard.core.norms import NormGroup
 from lightning_gradguard.core.observer import EngineObserver, StepCheck
 from lightning_gradguard.core.state import ALL_RANKS, DEVICE_COUNTERS, HOST_COUNTERS, SAME
-from lightning_gradguard.hooks import user_hook
-from lightning_gradguard.training.collective import Collective, pack_flags, ranks_in, slot_bits, unpack_flags
+from lightning_gradguard.training.collective import Collective, pack_flags, unpack_flags
+from lightning_gradguard.training.rank_arrivals import RankArrivals
 from lightning_gradguard.training.strategies import DDP, StrategyInfo
 
 if TYPE_CHECKING:
@@ -84,17 +79,9 @@ class RankLedger(EngineObserver):
         self.collective = collective
         self.world_size = collective.world_size
         self.rank = collective.rank
-        # DDP: one column per (micro-batch, accumulation window): what autograd gave this rank (hooks) and what the
-        # engine saw arrive (version counters); closed columns wait for the next reduction
-        self._hooks: list[Any] = []
-        self._hooked: set[int] = set()
-        self._seen: list[bool] = []  # the current column: parameters autograd reached on this rank
-        self._reached = 0  # how many entries of _seen are True
-        self._engine_missed: Optional[set[int]] = None  # the current column: what the engine saw no gradient for
-        self._open: list[tuple[set[int], set[int]]] = []  # this window's columns: (autograd missed, engine missed)
-        self._closed: list[tuple[set[int], set[int], list[int]]] = []  # ... and the parameters checked at its step
+        # DDP: what each rank's backward passes reached, per micro-batch (see rank_arrivals)
+        self.arrivals = RankArrivals(engine, self.world_size, self.rank) if info.local_micro_batches else None
         self._flags: list[Tensor] = []  # per measured step: this rank's flags of the declared flag counters
-        self._partial: dict[int, list[int]] = {}  # parameter -> [micro-batches, bitmask of ranks without it]
         self.reductions = 0  # collectives made (for tests and benchmarks)
         self.votes = 0
         # DDP without find_unused_parameters, and a parameter here got no gradient: the reducer's bucket all-reduces
@@ -107,9 +94,6 @@ class RankLedger(EngineObserver):
         # matched against them (gloo aborts). From the first sight of it each rank keeps its own counts.
         self._joinable = joinable
         self.joined = False
-        if info.local_micro_batches:
-            self._hook_parameters()
-            self._new_column()
         engine.observe(self)
 
     def detach(self) -> None:
@@ -120,19 +104,14 @@ class RankLedger(EngineObserver):
     def release_hooks(self) -> None:
         """Take the per-parameter autograd hooks off (end of fit: the model may train on without the guard);
         what the ledger learned stays readable."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks, self._hooked = [], set()
-        self._seen = []
+        if self.arrivals is not None:
+            self.arrivals.release()
 
     # ------------------------------------------------------------------ recording (no communication)
     def start_micro_batch(self) -> None:
         """Call as a micro-batch starts (before its forward pass)."""
-        if not self.info.local_micro_batches or self._under_join():
-            return
-        self._end_column()
-        self._hook_parameters()  # parameters that became trainable since (an unfrozen layer)
-        self._new_column()
+        if self.arrivals is not None and not self._under_join():
+            self.arrivals.start_micro_batch()
 
     def _under_join(self) -> bool:
         """Whether the model trains under DDP's ``join()`` (see :attr:`joined`); the first time, what waits for a
@@ -143,71 +122,29 @@ class RankLedger(EngineObserver):
         if config is None or not getattr(config, "enable", False):
             return False
         self.joined = True
-        self.release_hooks()
-        self._open, self._closed, self._flags = [], [], []
+        if self.arrivals is not None:
+            self.arrivals.drop()
+        self._flags = []
         return True
-
-    def _hook_parameters(self) -> None:
-        for index, param in enumerate(self.engine.registry.params):
-            if index in self._hooked or not param.requires_grad:
-                continue
-            self._hooked.add(index)
-            self._hooks.append(param.register_post_accumulate_grad_hook(user_hook(self._arrival_hook(index))))
 
     def _stalls(self, missing: Sequence[int]) -> bool:
         """DDP without find_unused_parameters: whether a parameter of ``missing`` got nothing from this rank's last
         backward pass, which leaves DDP's reducer waiting (see :attr:`stalled`). A gradient cleared after the backward
         pass (a zero_grad on one rank) was reduced: the ranks can still vote."""
-        if not (self._may_stall and missing):
+        if not (self._may_stall and missing and self.arrivals is not None):
             return False
-        seen = self._seen
-        return any(i < len(seen) and not seen[i] for i in missing)
-
-    def _arrival_hook(self, index: int) -> Any:
-        def arrived(_: Tensor) -> None:
-            seen = self._seen
-            if index < len(seen) and not seen[index]:
-                seen[index] = True
-                self._reached += 1
-
-        return arrived
-
-    def _new_column(self) -> None:
-        self._seen = [False] * len(self.engine.registry)
-        self._reached = 0
-        self._engine_missed = None
-
-    def _end_column(self) -> None:
-        if self._engine_missed is None:  # no backward pass in this column: nothing to correct
-            return
-        if self._reached == len(self._hooked) == len(self._seen):  # the common case: every parameter arrived
-            missed: set[int] = set()
-        else:
-            missed = {i for i, reached in enumerate(self._seen) if not reached}
-        missed.update(range(len(self._seen), len(self.engine.registry)))
-        self._open.append((missed, self._engine_missed))
-        self._engine_missed = None
+        return self.arrivals.missed_last(missing)
 
     def after_backward(self, micro_batch: int, missed: Sequence[int]) -> None:
-        # the engine's view of this backward pass: a parameter counts as arrived if any backward of the column
-        # changed its .grad, so what it missed is what every backward of the column missed
-        if not self.info.local_micro_batches or not self._seen:
-            return
-        if self._engine_missed is None:
-            self._engine_missed = set(missed)
-        else:
-            self._engine_missed &= set(missed)
+        if self.arrivals is not None:
+            self.arrivals.after_backward(missed)
 
     def after_check(self, check: StepCheck) -> None:
         """After every optimizer-step check (every rank measures on the same steps)."""
         if not self.stalled and self._stalls(check.missing):  # before the column of the window closes
             self.stalled = True
-        if self.info.local_micro_batches and self._seen:
-            # the window is complete: its columns belong to the parameters this step checked
-            self._end_column()
-            self._closed.extend((autograd, engine, check.checked) for autograd, engine in self._open)
-            self._open = []
-            self._new_column()
+        if self.arrivals is not None:
+            self.arrivals.close_window(check)
         if check.measured and self.info.shard_local_grads:
             self._flags.append(self._step_flags(check))
 
@@ -229,7 +166,8 @@ class RankLedger(EngineObserver):
     def pending(self, checks: Sequence[StepCheck] = ()) -> bool:
         """Whether :meth:`reduce` has anything to reduce (the same answer on every rank)."""
         shard_norms = self.info.shard_local_grads and bool(checks)
-        return bool(self._closed or self._flags or shard_norms or self.info.none_is_local)
+        columns = self.arrivals is not None and bool(self.arrivals.closed)
+        return bool(columns or self._flags or shard_norms or self.info.none_is_local)
 
     def reduce(self, checks: Sequence[StepCheck] = ()) -> None:
         """Make the counts global and the norms of ``checks`` (this logging step's checks) global: one all-reduce.
@@ -241,13 +179,10 @@ class RankLedger(EngineObserver):
             return
         size = len(self.engine.registry)
         segments: list[tuple[str, Tensor]] = []
-        columns = self._closed
+        columns = self.arrivals is not None and bool(self.arrivals.closed)
         if columns:
-            arrived = torch.ones(len(columns), size, dtype=torch.bool)
-            for c, (missed, _, _) in enumerate(columns):
-                if missed:
-                    arrived[c, list(missed)] = False
-            segments.append(("arrivals", pack_flags(arrived, self.rank, self.world_size)))
+            words, arrived = self.arrivals.segment(size)  # type: ignore[union-attr]
+            segments.append(("arrivals", words))
         flags = self._flags
         if flags:
             local_flags = torch.stack([_pad_columns(f, size) for f in flags])  # [steps, counters, params], on device
@@ -285,8 +220,7 @@ class RankLedger(EngineObserver):
             offset += n
 
         if columns:
-            self._apply_arrivals(columns, result["arrivals"], arrived, checks)
-            self._closed = []
+            self.arrivals.apply(result["arrivals"], arrived, checks)  # type: ignore[union-attr]
         if flags:
             self._apply_flags(result["flags"], local_flags)
             self._flags = []
@@ -313,58 +247,6 @@ class RankLedger(EngineObserver):
                 powered[idx] = norms if math.isinf(p) else norms.abs() ** p
                 measured[indices] = 1.0
         return powered, measured
-
-    def _apply_arrivals(
-        self, columns: list[tuple[set[int], set[int], list[int]]], words: Tensor, arrived: Tensor,
-        checks: Sequence[StepCheck] = (),
-    ) -> None:
-        cells = unpack_flags(words, len(columns), self.world_size)  # [C, P]: ranks whose backward reached it
-        checked = torch.zeros_like(arrived)
-        engine_none = torch.zeros_like(arrived)
-        rows: dict[int, Tensor] = {}  # the checked lists repeat (one per optimizer): build each mask once
-        for c, (_, engine_missed, indices) in enumerate(columns):
-            row = rows.get(id(indices))
-            if row is None:
-                row = rows[id(indices)] = torch.zeros(arrived.shape[1], dtype=torch.bool)
-                row[indices] = True
-            checked[c] = row
-            if engine_missed:
-                engine_none[c, list(engine_missed)] = True
-        anywhere = cells != 0
-        _, per_rank = slot_bits(self.world_size)
-        everywhere = cells == ((1 << self.world_size) - 1 if per_rank else self.world_size)
-        # the engine counted what this rank's .grad showed; a micro-batch is "no gradient" only where no rank's
-        # backward pass reached the parameter
-        delta = ((engine_none.to(torch.int64) - (~anywhere).to(torch.int64)) * checked).sum(0)
-        state = self.engine.state
-        state.add("none_micro_batches", torch.arange(delta.numel()), -delta)
-        for index in (delta < 0).nonzero().flatten().tolist():
-            # .grad showed DDP's averaged window gradient, so the step check saw nothing amiss; the cause is not
-            # known here, only the fact
-            state.explain(
-                index, None, "in some micro-batches no rank's backward pass reached it; under DDP .grad then holds "
-                "the averaged gradient of the window's other micro-batches (found by GradGuard's cross-rank count)"
-            )
-        # this logging step's checks: intermittent where no rank reached the parameter in some micro-batch of the
-        # step's window (the logged intermittent_params is then the global count, as the report's)
-        nowhere = ~anywhere & checked
-        for check in checks:
-            own = [c for c, (_, _, indices) in enumerate(columns) if indices is check.checked][-check.window :]
-            if own and check.window:
-                missing = set(check.missing)
-                missed = nowhere[own].any(0).nonzero().flatten().tolist()
-                check.intermittent = [i for i in missed if i not in missing]
-        partial = anywhere & ~everywhere & checked
-        for index in partial.any(0).nonzero().flatten().tolist():
-            rows = partial[:, index]
-            mask = 0
-            if per_rank:
-                full = (1 << self.world_size) - 1
-                for value in cells[rows, index].tolist():
-                    mask |= full ^ value
-            entry = self._partial.setdefault(index, [0, 0])
-            entry[0] += int(rows.sum())
-            entry[1] |= mask
 
     def _apply_flags(self, words: Tensor, local: Tensor) -> None:
         steps, kinds, size = local.shape
@@ -421,15 +303,8 @@ class RankLedger(EngineObserver):
 
     # ------------------------------------------------------------------ reading out
     def rank_dependent(self) -> dict[str, dict[str, Any]]:
-        """Parameters some ranks gave a gradient in a micro-batch and others did not, by name."""
-        names = self.engine.registry.names
-        _, per_rank = slot_bits(self.world_size)
-        out: dict[str, dict[str, Any]] = {}
-        for index, (count, mask) in sorted(self._partial.items()):
-            if self.engine.registry.allowed[index]:
-                continue
-            out[names[index]] = {"ranks": ranks_in(mask) if per_rank else None, "micro_batches": count}
-        return out
+        """Parameters some ranks gave a gradient in a micro-batch and others did not, by name (DDP)."""
+        return self.arrivals.rank_dependent() if self.arrivals is not None else {}
 
 
 def _pad_columns(flags: Tensor, size: int) -> Tensor:
