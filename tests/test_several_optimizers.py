@@ -238,3 +238,70 @@ def test_a_parameter_two_optimizers_share_has_a_window_for_each():
     aux = report.params["aux.weight"]
     assert (aux.steps, aux.micro_batches, aux.none_steps, aux.none_micro_batches) == (4, 8, 0, 4)
     assert report.missing == [] and report.intermittent == ["aux.weight", "aux.bias"]
+
+
+def gan_loop(order: str, generator, discriminator, opt_g, opt_d, backward, detach_g: bool = False) -> None:
+    """D then G, the gradients cleared the ways public GAN code clears them."""
+    for _ in range(4):
+        fake = generator(torch.randn(5, 2))
+        real = torch.randn(5, 3)
+        if order == "model.zero_grad (PyTorch DCGAN example)":
+            discriminator.zero_grad()
+            backward(F.softplus(-discriminator(real)).mean())
+            backward(F.softplus(discriminator(fake.detach())).mean())
+            opt_d.step()
+            generator.zero_grad()
+        else:
+            if order == "both zeroed at the top":
+                opt_d.zero_grad()
+                opt_g.zero_grad()
+            backward(F.softplus(discriminator(fake.detach())).mean() + F.softplus(-discriminator(real)).mean())
+            opt_d.step()
+            opt_d.zero_grad()
+        backward(F.softplus(-discriminator(fake.detach() if detach_g else fake)).mean())
+        opt_g.step()
+        if order == "zero_grad after each step":
+            opt_g.zero_grad()
+            opt_d.zero_grad()  # the generator's loss wrote the discriminator's gradients too
+
+
+ORDERS = ["zero_grad after each step", "both zeroed at the top", "model.zero_grad (PyTorch DCGAN example)"]
+
+
+def _gan_under(adapter: str, order: str, detach_g: bool = False):
+    torch.manual_seed(0)
+    generator, discriminator = Generator(), Discriminator()
+    opt_g = torch.optim.Adam(generator.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=1e-3)
+    if adapter == "fabric":
+        fabric = Fabric(accelerator="cpu", devices=1)
+        generator, opt_g = fabric.setup(generator, opt_g)
+        discriminator, opt_d = fabric.setup(discriminator, opt_d)
+        guard = watch_fabric(fabric, {"g": generator, "d": discriminator}, [opt_g, opt_d], summary=False)
+        backward = fabric.backward
+    else:
+        guard = watch(nn.ModuleDict({"g": generator, "d": discriminator}), [opt_g, opt_d], summary=False)
+        backward = torch.Tensor.backward
+    gan_loop(order, generator, discriminator, opt_g, opt_d, backward, detach_g)
+    return guard.close()
+
+
+@pytest.mark.parametrize("adapter", ["watch", "fabric"])
+@pytest.mark.parametrize("order", ORDERS)
+def test_the_discriminators_pass_is_not_a_micro_batch_the_generator_missed(adapter, order):
+    # the discriminator sees the generator's output through .detach(): its backward pass and step are its own,
+    # however the loop clears gradients (the model's zero_grad is not seen at all)
+    report = _gan_under(adapter, order)
+    assert report.ok and report.missing == [] and report.intermittent == [], report.format_table()
+    generator = {name: p for name, p in report.params.items() if name.startswith("g.")}
+    assert {(p.steps, p.micro_batches, p.none_micro_batches) for p in generator.values()} == {(4, 4, 0)}
+
+
+@pytest.mark.parametrize("adapter", ["watch", "fabric"])
+@pytest.mark.parametrize("order", ORDERS)
+def test_a_generator_whose_loss_is_detached_is_still_missing_at_every_step(adapter, order):
+    report = _gan_under(adapter, order, detach_g=True)
+    generator = sorted(name for name in report.params if name.startswith("g."))
+    assert sorted(report.missing) == generator and report.intermittent == []
+    assert {report.params[name].none_steps for name in generator} == {4}
+    assert {report.params[name].cause for name in generator} == {"detached"}

@@ -18,17 +18,20 @@ parameter's ``AccumulateGrad`` node.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard.core.observer import EngineObserver
 from lightning_gradguard.hooks import user_hook
 from lightning_gradguard.isolation import feature
 
 if TYPE_CHECKING:
     from lightning_gradguard.adapters.watcher import Watcher
+    from lightning_gradguard.core.engine import GradGuardEngine
 
 _MAX_OUTPUTS = 64  # output tensors hooked per forward call (a model returning a long list of tensors)
 
@@ -55,7 +58,7 @@ class BackwardBracket:
         self._forward_since_backward = False
         self._marked = False  # the gradients the next backward pass starts from are recorded
         self._stepped = False  # an optimizer stepped since the last backward pass ended
-        self.restarts = WindowRestarts()
+        self.restarts = WindowRestarts(watcher.engine, watcher.optimizers)
         self._optimizer_zeroes = False  # the loop calls an optimizer's zero_grad (the gradients are read there)
         self._task = -1  # autograd's id of the backward pass bracketed now
         self._hint: Any = None  # an AccumulateGrad node found behind an output before: most passes reach it again
@@ -125,7 +128,7 @@ class BackwardBracket:
         if not self._bracketed:
             return
         engine = self.watcher.engine
-        self.restarts.apply(engine)
+        self.restarts.apply()
         if not self._marked:  # no zero_grad since the last backward pass: the baseline is what that one left
             if self._stepped:  # ... unless a step came in between (gradients kept across steps): read them now
                 engine.mark_gradients()
@@ -180,15 +183,30 @@ class BackwardBracket:
         self.watcher.report_internal_error(message)
 
 
-class WindowRestarts:
-    """The optimizers whose ``zero_grad`` ran since their last step.
+class WindowRestarts(EngineObserver):
+    """Where each optimizer's accumulation window starts, in a loop that steps several optimizers (a GAN).
 
-    Cleared without a step: if a backward pass comes before its next step (a GAN's other network, a step the AMP
-    scaler skipped), its accumulation window starts at that pass; if its step comes first, it stepped on nothing.
+    Two events start a window at the next backward pass instead of at the optimizer's last step:
+
+    * its ``zero_grad`` ran without a step (a GAN's other network, a step the AMP scaler skipped): what came before
+      contributes nothing to its next step (if its step comes first, it stepped on nothing);
+    * another optimizer stepped while the window had backward passes but none of them reached this optimizer's
+      parameters: those passes were the other optimizer's (the discriminator's pass, which sees the generator's
+      output through ``.detach()``, then the discriminator's step), whichever way the loop clears gradients
+      (``model.zero_grad()``, as the PyTorch DCGAN example does, is not seen).
+
+    Args:
+        engine: the engine whose windows restart.
+        optimizers: the loop's optimizers (their first windows start empty too).
+
     """
 
-    def __init__(self) -> None:
+    def __init__(self, engine: GradGuardEngine, optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
+        self.engine = engine
         self._pending: list[torch.optim.Optimizer] = []
+        # windows no backward pass has reached yet; weak, so that an optimizer the loop drops is not kept alive
+        self._empty: list[weakref.ref[torch.optim.Optimizer]] = [weakref.ref(o) for o in optimizers]
+        engine.observe(self)
 
     def cleared(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
         if optimizer is not None and optimizer not in self._pending:
@@ -197,12 +215,36 @@ class WindowRestarts:
     def stepping(self, optimizer: torch.optim.Optimizer) -> None:
         if optimizer in self._pending:
             self._pending.remove(optimizer)
+        windows = self.engine.windows
+        for ref in self._empty:
+            other = ref()
+            if other is not None and other is not optimizer and windows.backwards_since_step(other):
+                self.cleared(other)
+        self._starts_empty(optimizer)  # its next window
 
-    def apply(self, engine: Any) -> None:
+    def apply(self) -> None:
         """A backward pass that writes ``.grad`` starts: the pending windows start with it."""
         for optimizer in self._pending:
-            engine.restart_window(optimizer)
+            self.engine.restart_window(optimizer)
+            self._starts_empty(optimizer)
         self._pending.clear()
+
+    def _starts_empty(self, optimizer: torch.optim.Optimizer) -> None:
+        if not any(ref() is optimizer for ref in self._empty):
+            self._empty.append(weakref.ref(optimizer))
+
+    def after_backward(self, micro_batch: int, missed: Sequence[int]) -> None:
+        if not self._empty:
+            return
+        if not missed:  # the common case: every parameter received a gradient
+            self._empty = []
+            return
+        missed_set = set(missed)
+        registry = self.engine.registry
+        self._empty = [
+            ref for ref in self._empty
+            if (o := ref()) is not None and all(i in missed_set for i in registry.optimizer_params(o)[0])
+        ]
 
 
 def accumulates_into_grad(output_node: Any = None, with_node: bool = False) -> Any:

@@ -131,7 +131,7 @@ class FabricGuard(Watcher):
         )
         self._forward_since_backward = False
         self._forward_seen = False
-        self.restarts = WindowRestarts()
+        self.restarts = WindowRestarts(self.engine, self.optimizers)
         for module in self._called:  # a forward call since the previous backward pass starts a micro-batch
             self._handles.append(module.register_forward_pre_hook(user_hook(self._on_forward)))
         self._handles.append(MethodWrapper(fabric, "backward", self._backward))
@@ -179,7 +179,7 @@ class FabricGuard(Watcher):
             return original(tensor, *args, **kwargs)
         new_micro_batch = self._forward_since_backward or not self._forward_seen
         self._forward_since_backward = False
-        self.restarts.apply(self.engine)
+        self.restarts.apply()
         self.backward_started(tensor if isinstance(tensor, torch.Tensor) else None, new_micro_batch=new_micro_batch)
         output = original(tensor, *args, **kwargs)
         self.backward_ended()
