@@ -3,11 +3,13 @@
 #   1. sync_check.py     non-logging steps under torch.cuda.set_sync_debug_mode("error"), logged norms verified
 #   2. norm_throughput   per-parameter norms of every GPT-2-small gradient: effective TB/s (target >= 2.0)
 #   3. overhead.py       the gpu preset: no callback / GradGuard defaults / logging every step / Lightning recipe
-#   4. gpu_features.sh   16-mixed overflow, fused Adam, Lightning FSDPStrategy, torch.compile
+#   4. gpu_adapters.py   watch() under fp16 + GradScaler + fused Adam, a Fabric GAN, the Hugging Face Trainer, strict
+#                        mode, the Trainer under 16-mixed with accumulation
+#   5. gpu_features.sh   16-mixed overflow, fused Adam, Lightning FSDPStrategy, torch.compile
 # Results (JSON and text) go to $OUT when it is set, else to benchmarks/out/.
 # Usage: bash benchmarks/gpu_check.sh                 (from anywhere; runs against this checkout)
-#        bash benchmarks/gpu_check.sh --no-features    (steps 1-3 only)
-#        bash benchmarks/gpu_check.sh --smoke          (CPU, tiny model, steps 1-3: checks the scripts themselves)
+#        bash benchmarks/gpu_check.sh --no-features    (steps 1-4 only)
+#        bash benchmarks/gpu_check.sh --smoke          (CPU, tiny model, steps 1-4: checks the scripts themselves)
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -53,6 +55,7 @@ run() {  # run NAME TIMEOUT_S COMMAND...: tee the output to $OUT/NAME.txt, remem
 run sync-check 120 python benchmarks/sync_check.py --preset "$preset" "${device[@]}"
 run norm-throughput 60 python benchmarks/norm_throughput.py --preset "$preset" "${device[@]}"
 run overhead 150 python benchmarks/overhead.py --preset "$preset" "${device[@]}" "${overhead_args[@]}"
+run adapters 180 python benchmarks/gpu_adapters.py "${device[@]}" --json "$OUT/gpu_adapters.json"
 if [[ $features -eq 1 ]]; then
     run features 160 bash benchmarks/gpu_features.sh
 fi

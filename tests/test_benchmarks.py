@@ -70,6 +70,18 @@ def test_sync_check_smoke_run_passes_and_verifies_logged_norms(tmp_path):
     assert plain["norm_check"]["compared"] == 2 * 17 and plain["norm_check"]["max_relative_error"] < 1e-6
 
 
+def test_gpu_adapters_smoke_run_passes_every_check_it_can_run_on_the_cpu(tmp_path):
+    adapters = load("gpu_adapters")
+    out = tmp_path / "adapters.json"
+    assert adapters.main(["--device", "cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    checks = {name: row for name, row in result.items() if isinstance(row, dict) and "passed" in row}
+    assert len(checks) == 7
+    skipped = [name for name, row in checks.items() if row["passed"] is None]
+    assert skipped == ["Hugging Face Trainer: fp16=True, no clipping (CUDA only)"]
+    assert all(row["passed"] for name, row in checks.items() if name not in skipped)
+
+
 def test_scaling_smoke_run(tmp_path):
     scaling = load("scaling")
     out = tmp_path / "scaling.json"
