@@ -124,3 +124,55 @@ def test_resume_with_strict_turned_on_continues_the_counts(make_trainer, tmp_pat
     assert info.value.step == 4
     assert info.value.report.steps == 5
     assert info.value.report.params["unused.weight"].none_steps == 5
+
+
+class _Evaluated(IntermittentBranchMLP):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.compute(x, batch_idx), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self.compute(batch[0], batch_idx)
+
+
+def test_evaluating_an_earlier_checkpoint_after_fit_does_not_rewind_the_counts(make_trainer, tmp_path):
+    # Lightning restores every callback's state for validate/test/predict(ckpt_path=...) too; the training counts
+    # of the guard (its report, and a later fit that continues them) must not go back to the checkpoint's
+    torch.manual_seed(0)
+    model = _Evaluated(branch_batches={1}, with_unused=True)
+    guard = GradGuard(summary=False)
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1)
+    trainer = make_trainer(callbacks=[guard, checkpoints], max_epochs=3, accumulate_grad_batches=2,
+                           enable_checkpointing=True, limit_val_batches=2)
+    data = regression_loader(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer.fit(model, data, data)
+        after_fit = guard.report().to_dict()
+        first_epoch = os.path.join(str(tmp_path / "ckpt"), "epoch=0-step=4.ckpt")
+        assert after_fit["steps"] == 12 and os.path.exists(first_epoch)
+        trainer.validate(model, data, ckpt_path=first_epoch)
+        assert guard.report().to_dict() == after_fit
+        trainer.predict(model, data, ckpt_path=first_epoch)
+        assert guard.report().to_dict() == after_fit
+        trainer.fit_loop.max_epochs = 4
+        trainer.fit(model, data, data)  # the same Trainer and guard, one more epoch: the counts carry on
+    assert guard.report().steps == 16
+    assert guard.report().params["unused.weight"].none_steps == 16
+
+
+def test_a_tuner_run_before_fit_leaves_an_empty_report_and_fit_counts_its_own_steps(make_trainer):
+    from lightning.pytorch.tuner import Tuner
+
+    torch.manual_seed(0)
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard], max_epochs=1, accumulate_grad_batches=2)
+    model = model_factory()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        Tuner(trainer).lr_find(model, regression_loader(8), num_training=6, update_attr=False)
+        report = guard.report()  # the user's own guard: the tuner's restore holds no run to name
+        assert (report.steps, report.params) == (0, {})
+        trainer.fit(model, regression_loader(8))
+    report = guard.report()
+    assert report.steps == 4 and report.params["unused.weight"].none_steps == 4

@@ -505,3 +505,25 @@ def test_auto_nonfinite_check_reads_gradients_on_log_steps_only_for_huge_cpu_mod
     assert not GuardConfig.create(nonfinite_check="log_steps").measures_every_step(few)
     meta = [torch.zeros(1, device="meta") for _ in range(1001)]  # not the CPU: kernels run asynchronously
     assert GuardConfig.create().measures_every_step(meta)
+
+
+class _RebuildsItsOptimizer(IntermittentBranchMLP):
+    """A second training stage: a new optimizer built in ``on_train_epoch_start`` (``strategy.setup_optimizers``)."""
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            self.trainer.strategy.setup_optimizers(self.trainer)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_an_optimizer_built_during_the_fit_starts_its_window_at_the_latest_step(make_trainer, accumulate):
+    # the new optimizer's first window is the micro-batches since the old optimizer's last step, not the whole run
+    torch.manual_seed(0)
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard], max_epochs=2, accumulate_grad_batches=accumulate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer.fit(_RebuildsItsOptimizer(branch_every=1), regression_loader(4))
+    report = guard.report()
+    assert report.ok and report.intermittent == [] and report.missing == []
+    assert {(p.steps, p.micro_batches, p.none_micro_batches) for p in report.params.values()} == {(8 // accumulate, 8, 0)}

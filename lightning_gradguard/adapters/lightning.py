@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -113,6 +114,8 @@ class GradGuard(Callback):
         self._trainable_at_setup: Optional[dict[int, bool]] = None  # requires_grad before the strategy wraps the model
         self._sent_away = False  # pickled (to ddp_spawn's processes): a run may happen elsewhere
         self._json: Optional[JsonSink] = None
+        self._fit_optimizers: weakref.WeakSet = weakref.WeakSet()  # the optimizers a fit began with, or adopted
+        self._evaluating = False  # validate/test/predict: a checkpoint they load holds no counts for this guard
 
     @property
     def summary(self) -> bool:
@@ -172,7 +175,10 @@ class GradGuard(Callback):
 
     def load_state_dict(self, state_dict: Any) -> None:
         """Continue the counts of a checkpoint; an unusable state is ignored with one warning (counting restarts
-        from zero, checking stays on)."""
+        from zero, checking stays on). The checkpoint that ``trainer.validate/test/predict(ckpt_path=...)`` loads
+        is not applied: evaluating a checkpoint does not rewind the training counts."""
+        if self._evaluating:
+            return
         try:
             skipped = state_dict.get("amp_skipped_steps", 0) if isinstance(state_dict, dict) else 0
             if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
@@ -192,7 +198,7 @@ class GradGuard(Callback):
         # none under this key, continue from it. (Lightning calls load_state_dict after this hook; it finds
         # nothing under our key and does not overwrite.)
         states = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
-        if not isinstance(states, dict):
+        if not isinstance(states, dict) or self._evaluating:
             return
         if self.state_key in states:
             entry = states[self.state_key]
@@ -221,6 +227,7 @@ class GradGuard(Callback):
         self._start_context(trainer)
         # a guard reused for a second fit: windows restart, counts carry on
         self.engine.start_run(reuse_backward_read=self._nothing_between_backward_and_step(trainer, pl_module))
+        self._fit_optimizers = weakref.WeakSet(trainer.optimizers)
         self._start_reporter(trainer)
         self._audit(trainer)
 
@@ -267,8 +274,13 @@ class GradGuard(Callback):
             self._context.release()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # before Lightning restores a checkpoint (ckpt_path=...) into the callbacks
+        self._evaluating = stage != "fit"
         # before the strategy wraps the model: which parameters DDP will number (its error names them by index)
         self._trainable_at_setup = {id(p): p.requires_grad for p in pl_module.parameters()}
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._evaluating = False
 
     @feature("diagnosis")
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -343,6 +355,9 @@ class GradGuard(Callback):
             reason = (_SKIPPED_BY_LIGHTNING, "") if skipped else (_SKIPPED_BY_NONE, _RETURN_THE_LOSS)
             if self.engine.skip_empty_window(optimizer, *reason):
                 return
+        if optimizer not in self._fit_optimizers:  # built during the fit (strategy.setup_optimizers for a new stage)
+            self._fit_optimizers.add(optimizer)
+            self.engine.optimizer_joined(optimizer)
         stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
         # decided alike on every rank, whatever failed on this one: the reduction of a logging step is a collective
         due = reporter.log_due(stepped) or (reporter.logs and trainer.should_stop)

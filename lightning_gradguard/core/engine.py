@@ -432,8 +432,10 @@ class GradGuardEngine:
         if not len(self.registry):
             from lightning_gradguard.core.state import parse_state
 
-            parse_state(state)  # fail now, not at bind
-            self._pending_state = state
+            parsed = parse_state(state)  # fail now, not at bind
+            # a state of no run (the Tuner restores the checkpoint it took before lr_find) leaves nothing to name
+            held = parsed["steps"] or parsed["backwards"] or parsed["skipped_steps"] or parsed["params"]
+            self._pending_state = state if held else None
             return
         # the checkpoint's counts replace whatever this engine counted before (a guard reused for a resumed fit)
         self.state.load_state_dict(state, {name: i for i, name in enumerate(self.registry.names)})
