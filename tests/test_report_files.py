@@ -185,3 +185,32 @@ def test_a_trainer_run_ends_normally_when_the_file_cannot_be_written(tmp_path, m
     assert "report this" not in message
     assert guard.report_path is None
     assert "all 6 trainable parameters received a gradient at each of 3 optimizer steps" in capsys.readouterr().out
+
+
+class _RaisesAtBatch(HealthyMLP):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 3:
+            raise self.error
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), ValueError("a bug in training_step")],
+                         ids=["ctrl-c", "crash"])
+def test_a_run_that_raises_leaves_the_report_so_far(make_trainer, tmp_path, capsys, error):
+    # Ctrl-C (Lightning's graceful shutdown exits the process) or a crash: `gradguard report` still has a file to read
+    guard = GradGuard()
+    trainer = make_trainer(callbacks=[guard], logger=TensorBoardLogger(str(tmp_path), name="run"), max_epochs=1)
+    with warnings.catch_warnings(), pytest.raises((SystemExit, ValueError)) as raised:
+        warnings.simplefilter("ignore", UserWarning)
+        trainer.fit(_RaisesAtBatch(error), RegressionData())
+    if isinstance(error, ValueError):
+        assert raised.value is error  # the user's exception, untouched
+    assert guard.report_path == str(tmp_path / "run" / "version_0" / REPORT_FILENAME)
+    saved = GradReport.load(guard.report_path)
+    assert saved.steps == 3 and saved.to_dict() == guard.report().to_dict()
+    said = capsys.readouterr().out
+    assert ("the report so far is in" in said) == isinstance(error, KeyboardInterrupt)

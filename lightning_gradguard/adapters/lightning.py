@@ -263,9 +263,24 @@ class GradGuard(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.engine.end_diagnosis()  # a step raised: no diagnosis instrument may outlive it
         self._explain_exception(trainer, exception)
-        if self.reporter is not None:  # nothing more is written for this run, and no collective is started
+        self._save_interrupted(exception)
+        if self.reporter is not None:  # nothing more is logged for this run, and no collective is started
             self.reporter.drop()
             release(self.reporter)
+
+    @feature("log")
+    def _save_interrupted(self, exception: BaseException) -> None:
+        # one process (Ctrl-C, a crash): the report file as it stands, for `gradguard report`; with several ranks the
+        # counts become global only in a collective, which a run that raised must not start
+        json_sink, reporter = self._json, self.reporter
+        if json_sink is None or reporter is None or not reporter.writes:
+            return
+        if self._context is not None and self._context.reduces:
+            return
+        json_sink.write_report(self.engine.report(), self._step[0] if self._step is not None else -1, None)
+        self.report_path = json_sink.path
+        if isinstance(exception, KeyboardInterrupt) and self.report_path is not None:
+            print(f"GradGuard: training was interrupted; the report so far is in {self.report_path}", flush=True)
 
     @feature("distributed")
     def _explain_exception(self, trainer: Trainer, exception: BaseException) -> None:
