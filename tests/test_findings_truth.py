@@ -260,6 +260,34 @@ def test_an_allow_none_typo_in_a_plain_loop_is_warned_at_watch():
     guard.close()
 
 
+class _TiedHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(4, 4)
+        self.aux = nn.Linear(4, 4)  # an optional head, not used in this run
+        self.decoder = nn.Linear(4, 4)
+        self.decoder.weight = self.aux.weight  # tied: named "aux.weight" first
+
+    def forward(self, x):
+        return self.encoder(x)
+
+
+def test_allow_none_may_name_a_tied_weight_by_its_second_name():
+    # "decoder.weight" is a parameter of the model (the tied one): it silences it, and is no typo
+    model = _TiedHeads()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        guard = watch(model, optimizer, allow_none=["decoder.*", "aux.bias"], summary=False)
+        for _ in range(2):
+            model(torch.randn(2, 4)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        report = guard.close()
+    assert not any("matches no parameter" in str(w.message) for w in record)
+    assert report.missing == [] and report.ok
+
+
 # ---------------------------------------------------------------------------------------------- never stepped
 class ForgottenDiscriminatorStep(LightningModule):
     """Manual optimization of a GAN whose discriminator update computes its loss and gradients but never calls

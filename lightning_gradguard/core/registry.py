@@ -36,6 +36,7 @@ class ParamRegistry:
         self.allowed: list[bool] = []
         self._index: dict[int, int] = {}
         self._by_name: dict[str, int] = {}
+        self._aliases: dict[int, list[str]] = {}  # id(parameter) -> its other names in the model (tied weights)
         # per optimizer, held weakly (optimizers re-created run after run drop out; a loop may keep one optimizer per
         # parameter, so no count limit): (layout, indices, tensors) and its param-group layout when last seen
         self._checked_cache: Any = weakref.WeakKeyDictionary()
@@ -56,6 +57,10 @@ class ParamRegistry:
         """
         named = [(clean_name(name), param) for name, param in named_parameters]
         ids = {id(param) for _, param in named}
+        if self.module is not None and self._allow_none:  # allow_none may name a tied weight by its other name
+            self._aliases = {}
+            for name, param in self.module.named_parameters(remove_duplicate=False):
+                self._aliases.setdefault(id(param), []).append(clean_name(name))
         for name, param in named:
             index = self._by_name.get(name)
             if index is not None and id(param) not in self._index and id(self.params[index]) not in ids:
@@ -83,13 +88,16 @@ class ParamRegistry:
         self._by_name[name] = index
         self.names.append(name)
         self.params.append(param)
-        self.allowed.append(any(fnmatch.fnmatchcase(name, pattern) for pattern in self._allow_none))
+        names = [name, *self._aliases.get(key, ())]
+        self.allowed.append(any(fnmatch.fnmatchcase(n, pattern) for pattern in self._allow_none for n in names))
         self._checked_cache.clear()
         return index
 
     def unmatched_patterns(self) -> list[str]:
-        """The ``allow_none`` patterns that match no registered name (a typo silences nothing)."""
-        return [p for p in self._allow_none if not any(fnmatch.fnmatchcase(name, p) for name in self.names)]
+        """The ``allow_none`` patterns that match no registered name, nor another name of a tied weight (a typo
+        silences nothing)."""
+        names = [*self.names, *(alias for aliases in self._aliases.values() for alias in aliases)]
+        return [p for p in self._allow_none if not any(fnmatch.fnmatchcase(name, p) for name in names)]
 
     def is_all(self, indices: list[int]) -> bool:
         """Whether ``indices`` is every registered parameter in registry order (one optimizer over the model)."""
