@@ -330,6 +330,44 @@ def test_strict_mode_raises_before_the_weights_change(tmp_path):
     assert not model._forward_hooks and not model._forward_pre_hooks
 
 
+class _RaisesOnce(nn.Module):
+    """Wraps a model whose second forward call raises (an out-of-memory error, say) the first time it is trained."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.calls = 0
+        self.fail_at: int | None = 2
+
+    def forward(self, input_ids=None, labels=None):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("out of memory (planted)")
+        return self.model(input_ids=input_ids, labels=labels)
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_a_retry_after_train_raised_gets_a_working_guard_and_no_hook_is_left(tmp_path):
+    # the Trainer calls no callback when train() raises: a notebook retry with a new Trainer and a new callback on
+    # the same model and output directory must not be refused, and the earlier guard's hooks must come off
+    from torch.overrides import _get_current_function_mode_stack
+
+    torch.manual_seed(0)
+    model = _RaisesOnce(gpt2())
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(model, tokens(), tmp_path, GradGuardCallback(summary=False))
+    model.fail_at = None
+    retry = GradGuardCallback(summary=False)
+    train(model, tokens(), tmp_path, retry)
+    report = retry.report()
+    assert report.steps == 3 and report.ok
+    assert json.loads((tmp_path / "gradguard.json").read_text())["steps"] == 3
+    assert _hooks(model) == 0 and _get_current_function_mode_stack() == []
+
+
 def test_strict_mode_on_a_healthy_gpt2_trains_normally(tmp_path):
     torch.manual_seed(0)
     model = gpt2()

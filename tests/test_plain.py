@@ -222,6 +222,74 @@ def test_gan_loop_with_two_optimizers_reports_nothing(quiet):
     assert as_dict(guard)["G.0.weight"]["micro_batches"] == 4
 
 
+def test_a_lazy_r1_step_whose_loss_reaches_the_model_only_through_autograd_grad_is_counted(quiet):
+    """StyleGAN2's lazy R1 regularization: every other step, zero_grad() and a backward pass of the gradient penalty
+    alone, which never goes through the model's output. Its gradients are the step's: nothing is missing but the
+    output bias, which the penalty does not depend on; and strict mode (that bias allowed) lets the run go on."""
+
+    def run(**options):
+        torch.manual_seed(0)
+        critic = nn.Sequential(nn.Linear(2, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+        optimizer = torch.optim.Adam(critic.parameters(), lr=1e-3)
+        guard = watch(critic, optimizer, summary=False, **options)
+        for i in range(4):
+            real = torch.randn(16, 2)
+            optimizer.zero_grad()
+            F.softplus(-critic(real)).mean().backward()
+            optimizer.step()
+            if i % 2 == 0:
+                real.requires_grad_(True)
+                (gradient,) = torch.autograd.grad(critic(real).sum(), real, create_graph=True)
+                optimizer.zero_grad()
+                gradient.pow(2).sum(1).mean().backward()
+                optimizer.step()
+        return guard.close()
+
+    report = run()
+    assert report.steps == 6 and report.missing == ["2.bias"] and report.intermittent == []
+    assert {name: p.none_steps for name, p in report.params.items()} == {
+        "0.weight": 0, "0.bias": 0, "2.weight": 0, "2.bias": 2
+    }
+    assert report.params["0.weight"].micro_batches == 6
+    bias = report.params["2.bias"]
+    assert bias.cause == "no_backward" and "does not depend on it" in bias.detail
+    assert run(strict=True, allow_none="2.bias").ok
+
+
+def test_a_discriminator_called_apart_from_the_watched_model_is_counted_at_its_step(quiet):
+    """CycleGAN's order: one generator forward through the watched model, the discriminator frozen for the
+    generator's step, then unfrozen, zeroed and trained on fake.detach(): its backward pass never reaches the
+    watched model's output, and is counted at its step."""
+    torch.manual_seed(0)
+    gan = nn.ModuleDict({"G": nn.Linear(4, 2), "D": nn.Linear(2, 1)})
+    model = _CallsG(gan)
+    opt_g = torch.optim.Adam(gan["G"].parameters(), lr=2e-4)
+    opt_d = torch.optim.Adam(gan["D"].parameters(), lr=2e-4)
+    guard = watch(model, [opt_g, opt_d], summary=False)
+    for _ in range(4):
+        fake = model(torch.randn(8, 4))
+        gan["D"].requires_grad_(False)
+        opt_g.zero_grad()
+        F.softplus(-gan["D"](fake)).mean().backward()
+        opt_g.step()
+        gan["D"].requires_grad_(True)
+        opt_d.zero_grad()
+        (F.softplus(gan["D"](fake.detach())).mean() + F.softplus(-gan["D"](torch.randn(8, 2))).mean()).backward()
+        opt_d.step()
+    report = guard.close()
+    assert report.ok and report.missing == [] and report.intermittent == [], report.format_table()
+    assert {(p.steps, p.micro_batches, p.none_micro_batches) for p in report.params.values()} == {(4, 4, 0)}
+
+
+class _CallsG(nn.Module):
+    def __init__(self, gan: nn.ModuleDict) -> None:
+        super().__init__()
+        self.gan = gan
+
+    def forward(self, z):
+        return self.gan["G"](z)
+
+
 def test_optimizer_steps_inside_the_backward_pass_are_healthy():
     """The optimizer-in-backward pattern: one optimizer per parameter, stepped (and zeroed) from a post-accumulate
     gradient hook while the backward pass runs. Each step's gradient comes from the pass that is running."""

@@ -87,6 +87,12 @@ class BackwardBracket:
     def stepped(self) -> None:
         self._stepped = True
 
+    def unseen(self) -> None:
+        """A backward pass this bracket did not see wrote gradients (found at the step): bracket it there."""
+        self.restarts.apply()
+        self._forward_since_backward = self._marked = self._stepped = False
+        self.watcher.unseen_backward()
+
     # ------------------------------------------------------------------ hooks
     def _forward_start(self, module: nn.Module, args: Any) -> None:
         self._end_failed()
@@ -213,8 +219,8 @@ class WindowRestarts(EngineObserver):
             self._pending.append(optimizer)
 
     def stepping(self, optimizer: torch.optim.Optimizer) -> None:
-        if optimizer in self._pending:
-            self._pending.remove(optimizer)
+        # a pending restart of `optimizer` stays: once it has stepped its window is fresh and the restart does nothing,
+        # and a backward pass found at this step (see `unseen`) still starts its window after the zero_grad
         windows = self.engine.windows
         for ref in self._empty:
             other = ref()

@@ -174,6 +174,10 @@ class FabricGuard(Watcher):
         # what a backward pass left is no longer what the step will see
         self.engine.mark_gradients(optimizer if set_to_none else None)
 
+    def _bracket_unseen(self) -> None:  # a loss.backward() called instead of fabric.backward(loss)
+        self.restarts.apply()
+        self.unseen_backward()
+
     def _backward(self, original: Any, tensor: Any, *args: Any, **kwargs: Any) -> Any:
         if self._closed:
             return original(tensor, *args, **kwargs)

@@ -56,7 +56,7 @@ from transformers import TrainerCallback
 from lightning_gradguard.adapters.backward import BackwardBracket
 from lightning_gradguard.adapters.hf_logs import TrainerLogs, calling_handler
 from lightning_gradguard.adapters.loop import _optimizer_list
-from lightning_gradguard.adapters.patching import close_at_exit
+from lightning_gradguard.adapters.patching import close_at_exit, open_guards
 from lightning_gradguard.adapters.watcher import Watcher
 from lightning_gradguard.config import OPTIONS, AllowNone, GuardConfig, LogGranularity, NonfiniteCheck, NormType
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
@@ -149,6 +149,7 @@ class GradGuardCallback(TrainerCallback):
         self.guard = None
         if model is None or optimizer is None:
             raise ValueError("GradGuardCallback needs the Trainer's model and optimizer in on_train_begin; got none")
+        _close_abandoned(model, args)
         self.guard = TrainerGuard(model, optimizer, self.config, args, state, calling_handler(self))
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -212,6 +213,7 @@ class TrainerGuard(Watcher):
         writes = bool(getattr(state, "is_world_process_zero", True))
         self.logs = TrainerLogs(handler, args, writes)  # log history, report_to's callbacks, TensorBoard
         self.model = model
+        self.output_dir = os.path.abspath(os.fspath(args.output_dir)) if getattr(args, "output_dir", None) else None
         super().__init__(
             model,
             _optimizer_list([raw]),
@@ -238,6 +240,9 @@ class TrainerGuard(Watcher):
         self._handles.extend(self.backward.handles)
         self.zeroed()  # the Trainer ran model.zero_grad() right before on_train_begin
         close_at_exit(self)
+
+    def _bracket_unseen(self) -> None:
+        self.backward.unseen()
 
     def _warn(self, message: str) -> None:
         """Warnings point at the user's ``trainer.train()`` line, past the Trainer's and accelerate's frames."""
@@ -285,6 +290,18 @@ class TrainerGuard(Watcher):
         except Exception:  # noqa: BLE001 - never replace the exception that stopped the run with one of ours
             pass
         self.close_writer()
+
+
+def _close_abandoned(model: nn.Module, args: Any) -> None:
+    """A ``train()`` begins: the guard of an earlier one that raised (out of memory, a notebook retry with a new
+    Trainer and callback) on the same model or output directory is still open, its hooks on the model and its report
+    directory claimed. The Trainer calls no callback when ``train()`` raises; it is closed here."""
+    output_dir = os.path.abspath(os.fspath(args.output_dir)) if getattr(args, "output_dir", None) else None
+    for guard in open_guards():
+        if not isinstance(guard, TrainerGuard):
+            continue
+        if guard.model is model or (output_dir is not None and guard.output_dir == output_dir):
+            guard.at_exit()
 
 
 def _strategy(model: nn.Module, args: Any) -> StrategyInfo:

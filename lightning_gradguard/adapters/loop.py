@@ -148,6 +148,9 @@ class LoopGuard(Watcher):
                 self._handles.append(flat.register_hook(user_hook(self._on_param_grad)))
         self._handles.extend(self.steps.follow_new_optimizers(self._on_step_pre_hook, self._on_step_post_hook))
 
+    def _bracket_unseen(self) -> None:
+        self.backward.unseen()
+
     def _after_zero_grad(self, optimizer: torch.optim.Optimizer, set_to_none: bool) -> None:
         if not set_to_none:
             self.gradients_zeroed(optimizer)

@@ -203,6 +203,15 @@ class Watcher:
             self.context.start_micro_batch()
         self.engine.before_backward(loss, new_micro_batch=new_micro_batch)
 
+    def _bracket_unseen(self) -> None:
+        self.unseen_backward()  # adapters that restart windows at backward passes restart them first
+
+    @feature("check")
+    def unseen_backward(self) -> None:
+        """A backward pass ran that the adapter did not see (found at the step): count it as one micro-batch.
+        (Under DDP the ledger's autograd hooks saw it, in the micro-batch it records now.)"""
+        self.engine.bracket_unseen()
+
     @feature("check")
     def backward_ended(self) -> None:
         self.engine.after_backward()
@@ -238,6 +247,8 @@ class Watcher:
         # with several ranks every rank measures on the same steps (rank zero alone logs): shard norms add up
         measure = self._measure_every_step or reporter.measure_due(step, ahead=len(self.optimizers))
         extras = reporter.extras(step) if "dashboard" not in self._disabled else None
+        if self.engine.backward_unseen(optimizer):  # counted now: the gradients it left are what the step applies
+            self._bracket_unseen()
         check = self.engine.check_step(optimizer, step=step, measure=measure, grad_scale=grad_scale, extras=extras)
         self._after_check(check, step)
 

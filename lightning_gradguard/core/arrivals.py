@@ -75,6 +75,18 @@ class ArrivalTracker:
         else:
             self._versions = []
 
+    def new_since_mark(self, params: Sequence[Tensor], indices: Sequence[int]) -> bool:
+        """Whether a parameter of ``params[indices]`` holds a gradient tensor that is not the one
+        :meth:`before_backward` recorded (a backward pass the adapter did not see installed it, or it was assigned
+        by hand). Identities only: clipping and unscaling change gradients in place, a backward pass into an
+        existing gradient too, and only the first two happen without one."""
+        before = self._before
+        for i in indices:
+            grad = params[i].grad
+            if grad is not None and (before is None or i >= len(before) or before[i] is not grad):
+                return True
+        return False
+
     def keep_baseline(self, params: Sequence[Tensor]) -> None:
         """The next backward pass starts from what the last one left: no gradient changed in between.
 

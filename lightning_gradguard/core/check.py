@@ -45,10 +45,13 @@ _ZEROED_DETAIL = (
 )
 _STALE_GRAD = "; .grad still holds a gradient from an earlier step, which the optimizer is about to apply again"
 _SET_OTHERWISE_DETAIL = (
-    "no backward pass wrote gradients before this optimizer step, yet other parameters it updates had one: their "
-    ".grad was set another way (assigned, for example from torch.autograd.grad, or left from an earlier step), and "
-    "nothing set this one's. Fix: set its .grad as well (torch.autograd.grad over every parameter the optimizer "
-    "holds, with allow_unused=True, shows which get None), or call loss.backward()"
+    "no backward pass through the model's output wrote gradients before this optimizer step, yet other parameters "
+    "it updates had one: their .grad was set another way (assigned, for example from torch.autograd.grad; written "
+    "by a backward pass of a loss that reaches the model only through torch.autograd.grad(..., create_graph=True), "
+    "such as a gradient penalty; or left from an earlier step), and nothing set this one's. Fix: set its .grad as "
+    "well (torch.autograd.grad over every parameter the optimizer holds, with allow_unused=True, shows which get "
+    "None), or call loss.backward(); if that loss does not depend on it (an output bias under a gradient penalty), "
+    "add it to allow_none for such steps"
 )
 _LEFTOVER_DETAIL = (
     "no backward pass gave it a gradient, but .grad is not None: it holds the zeros zero_grad(set_to_none=False) "
@@ -100,10 +103,11 @@ class StepChecker:
             view.zeroed = True
             view.none = list(range(len(view.indices)))
         window, backwards = engine.windows.close(optimizer, running=inside)
+        seen, engine.unseen = backwards - engine.unseen, False  # a pass found at the step set gradients another way
         if window > 1 and engine.late_backward:
             engine.tracker.eager_versions = True
         engine.state.steps += 1
-        check = self._classify(view, step, window, backwards, accumulate, inside)
+        check = self._classify(view, step, window, backwards, accumulate, inside, seen)
         check.optimizer = optimizer
         check.measured = measure
         if check.checked:
@@ -136,7 +140,8 @@ class StepChecker:
         return _View(indices, params, grads, none_positions(grads) if none is None else none)
 
     def _classify(
-        self, view: _View, step: int, window: int, backwards: int, accumulate: Optional[int], inside: bool
+        self, view: _View, step: int, window: int, backwards: int, accumulate: Optional[int], inside: bool,
+        seen: int,
     ) -> StepCheck:
         engine = self.engine
         indices, params, grads = view.indices, view.params, view.grads
@@ -168,13 +173,13 @@ class StepChecker:
         stale: list[int] = []
         excluded = {indices[j] for j in frozen}
         # no backward pass, yet some gradients are there: they were set some other way (torch.autograd.grad)
-        set_otherwise = backwards == 0 and len(view.none) < len(indices)
+        set_otherwise = seen == 0 and len(view.none) < len(indices)
         for j in none:
             index = indices[j]
             missing.append(index)
             if index not in zero_set:
                 engine.state.explain(index, CLEARED, _ZEROED_DETAIL if view.zeroed else _CLEARED_DETAIL)
-            elif backwards == 0:
+            elif seen == 0:
                 detail = _SET_OTHERWISE_DETAIL if set_otherwise else _no_backward_detail(window, engine)
                 engine.state.explain(index, NO_BACKWARD, detail)
         if tracking and zero and not view.zeroed:
@@ -186,7 +191,7 @@ class StepChecker:
                     continue
                 if not params[j].requires_grad:  # frozen, holding an old (zeroed) gradient: not checked
                     excluded.add(index)
-                elif backwards == 0:
+                elif seen == 0:
                     missing.append(index)
                     engine.state.explain(index, NO_BACKWARD, _no_backward_detail(window, engine) + _STALE_GRAD)
                 elif engine.tracker.unchanged_since_backward(index, grad):

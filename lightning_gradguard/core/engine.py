@@ -33,6 +33,7 @@ from lightning_gradguard.core.measure import Measurement, StatsRequest
 from lightning_gradguard.core.messages import skipped_batches_note
 from lightning_gradguard.core.observer import EngineObserver, StepCheck
 from lightning_gradguard.core.registry import ParamRegistry
+from lightning_gradguard.core.saved import SavedCounts
 from lightning_gradguard.core.state import GuardState
 from lightning_gradguard.core.updates import UpdateWatch
 from lightning_gradguard.core.windows import ArrivalCounts, Windows
@@ -91,9 +92,10 @@ class GradGuardEngine:
         self._in_backward = False
         self._late_backward = False
         self._marked = False  # mark_gradients() took the snapshot the next backward pass is compared with
+        self.unseen = False  # the window about to be checked ends in a backward pass found at its step (see below)
         self._checker = StepChecker(self)
         self.updates = UpdateWatch(self)  # weights that never move: lr=0 groups, steps that skip a parameter
-        self._pending_state: Optional[Any] = None
+        self.saved = SavedCounts(self)  # what a checkpoint holds, and a state loaded before bind()
         self.optimizer_audit = OptimizerAudit(self.registry)  # not_in_optimizer, kept true while the run changes
         self.found = Findings(self.registry, self.optimizer_audit, lambda message: self.warn(message))
         self._skip_reason = ("the training loop skipped them", "")
@@ -108,9 +110,7 @@ class GradGuardEngine:
             self.module = self.registry.module = module
         self.registry.bind(named_parameters)
         self.sync_size()
-        if self._pending_state is not None:
-            state, self._pending_state = self._pending_state, None
-            self.load_state_dict(state)
+        self.saved.apply_pending()
         if self.module is not None and self.diagnosis is None:
             self.diagnosis = Diagnosis(self)
             self.diagnosis.start_run()
@@ -264,7 +264,7 @@ class GradGuardEngine:
         gradient hook, the optimizer-in-backward pattern)."""
         return self._in_backward
 
-    def after_backward(self) -> None:
+    def after_backward(self, diagnose: bool = True) -> None:
         """Count the backward pass and which parameters it gave a gradient (once per micro-batch)."""
         self.windows.backwards += 1
         self.windows.backward_micro_batch = self.windows.micro_batch
@@ -282,9 +282,25 @@ class GradGuardEngine:
         micro_batch = self.windows.micro_batch
         for observer in self.observers:
             observer.after_backward(micro_batch, missed)
-        if self.diagnosis is not None and not self.diagnosis.idle:
+        if diagnose and self.diagnosis is not None and not self.diagnosis.idle:
             self.diagnosis.after_backward(missed)
         self.arrivals.record(micro_batch, missed)
+
+    def backward_unseen(self, optimizer: torch.optim.Optimizer) -> bool:
+        """At ``optimizer``'s step: no backward pass was seen since the gradients were marked, yet one of its
+        parameters holds a new gradient tensor (a pass that never reached the hooked outputs, such as a loss built
+        with ``torch.autograd.grad(..., create_graph=True)``, or a gradient assigned by hand)."""
+        if self._in_backward or not self._marked:
+            return False
+        return self.tracker.new_since_mark(self.registry.params, self.registry.optimizer_params(optimizer)[0])
+
+    def bracket_unseen(self) -> None:
+        """Count what :meth:`backward_unseen` found as a micro-batch's backward pass (no cause is diagnosed in it:
+        its forward pass was not seen; the check words what it missed as gradients set another way)."""
+        self.windows.micro_batch += 1
+        self._marked, self._in_backward = False, True
+        self.after_backward(diagnose=False)
+        self.unseen = True
 
     # ------------------------------------------------------------------ the step check
     def check_step(
@@ -409,18 +425,12 @@ class GradGuardEngine:
     # ------------------------------------------------------------------ resumable state
     def state_dict(self) -> dict[str, Any]:
         """Counts by parameter name, so that a resumed run continues them exactly."""
-        if not len(self.registry) and self._pending_state is not None:  # loaded, not bound yet: still those counts
-            return self._pending_state
-        self.sync_size()
-        self.flush()
-        steps = self.state.values("steps")
-        allowed = self.registry.allowed
-        return self.state.state_dict(self.registry.names, keep=lambda i: bool(steps[i]) and not allowed[i])
+        return self.saved.state_dict()
 
     @property
     def holds_unbound_counts(self) -> bool:
         """Counts were loaded (:meth:`load_state_dict`) but no parameter is bound yet to give them names."""
-        return self._pending_state is not None and not len(self.registry)
+        return self.saved.unbound
 
     def load_state_dict(self, state: Any) -> None:
         """Continue from a :meth:`state_dict` (applied at :meth:`bind` when no parameter is bound yet).
@@ -429,18 +439,7 @@ class GradGuardEngine:
             ValueError: ``state`` is not a GradGuard state; nothing changed.
 
         """
-        if not len(self.registry):
-            from lightning_gradguard.core.state import parse_state
-
-            parsed = parse_state(state)  # fail now, not at bind
-            # a state of no run (the Tuner restores the checkpoint it took before lr_find) leaves nothing to name
-            held = parsed["steps"] or parsed["backwards"] or parsed["skipped_steps"] or parsed["params"]
-            self._pending_state = state if held else None
-            return
-        # the checkpoint's counts replace whatever this engine counted before (a guard reused for a resumed fit)
-        self.state.load_state_dict(state, {name: i for i, name in enumerate(self.registry.names)})
-        self.measurement.reset()
-        self.windows.restart_counts()  # restored backward passes belong to no window here
+        self.saved.load(state)
 
 
 def _default_warn(message: str) -> None:
