@@ -9,6 +9,7 @@ left out of the loss (LSTM). ``no_grad``: a ``torch.no_grad()`` block (LSTM, CNN
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.utils.checkpoint as checkpoint
 from diagnosis_helpers import (
@@ -565,3 +566,37 @@ def test_a_reentrant_checkpoint_whose_input_requires_grad_is_not_blamed(tmp_path
     assert "reentrant" not in detail and "use_reentrant" not in detail
     assert "never reached the loss" in detail
     assert report.params["body.weight"].none_steps == 0
+
+
+class ActorCriticRollout(Regression):
+    """An RL step: a rollout under ``torch.no_grad()`` (old values for the advantage), then the training forward,
+    whose value loss is planted detached (or left out): the rollout's no_grad is not the cause."""
+
+    def __init__(self, bug: str) -> None:
+        super().__init__()
+        self.bug = bug
+        self.actor = nn.Linear(IN_DIM, 1)
+        self.critic = nn.Linear(IN_DIM, 1)
+
+    def forward(self, x):
+        return self.actor(x), self.critic(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        with torch.no_grad():
+            _, old_values = self(x)
+        action, values = self(x)
+        policy_loss = torch.nn.functional.mse_loss(action, y - old_values)
+        if self.bug == "unused":  # planted: the value loss is left out
+            return policy_loss
+        value_loss = torch.nn.functional.mse_loss(values.detach(), y)  # planted: the critic's loss is cut
+        return policy_loss + value_loss
+
+
+@pytest.mark.parametrize("bug", ["detached", "unused"])
+def test_a_rollout_under_no_grad_is_not_blamed_for_a_later_cut(tmp_path, bug):
+    report = fit(ActorCriticRollout(bug), regression_data(), tmp_path)
+    critic = names("critic", "weight", "bias")
+    where = planted_at(ActorCriticRollout.training_step, "values.detach()") if bug == "detached" else None
+    assert_flagged(report, critic, bug, where)
+    assert "no_grad" not in report.params["critic.weight"].detail

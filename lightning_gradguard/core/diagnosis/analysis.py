@@ -71,7 +71,7 @@ class Analysis:
         if not targets:
             return
         recording = self.recording
-        labels = _first_cuts(recording.events.values(), model_map.param_index)
+        labels = _first_cuts(recording.events.values(), model_map.param_index, recording.used)
         reached: dict[int, Any] = {}
         if root is not None and model_map.trace_cuts:
             used = [i for i in targets if i not in labels and id(params[i]) in recording.used]
@@ -117,16 +117,22 @@ class Analysis:
             self.reasons.pop(index, None)
 
 
-def _first_cuts(events: Iterable[Event], param_index: dict[int, int]) -> dict[int, Event]:
-    """``registry index -> the first recorded cut the parameter sits behind``; releases each cut's graph."""
+def _first_cuts(events: Iterable[Event], param_index: dict[int, int], used: set[int]) -> dict[int, Event]:
+    """``registry index -> the first recorded cut the parameter sits behind``; releases each cut's graph.
+
+    ``used``: ids of the parameters also used with autograd on. A parameter of those used directly under no_grad
+    (a rollout, old values for PPO's ratio) got no gradient from that use by design: the cut that explains it is
+    elsewhere.
+    """
     labels: dict[int, Event] = {}
     seen: set[Any] = set()
     for event in events:  # program order: the first cut a parameter sits behind wins
         for i in reachable(event.roots, seen, param_index):
             labels.setdefault(i, event)
+        side_use = event.kind == NO_GRAD
         for leaf in event.leaves:
             i = param_index.get(leaf)
-            if i is not None:
+            if i is not None and not (side_use and leaf in used):
                 labels.setdefault(i, event)
         event.roots, event.leaves = [], set()  # never keep the graph alive past the analysis
     return labels
