@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -352,3 +353,42 @@ def test_check_gradients_with_optimizers_makes_no_never_stepped_note():
     x, y = batches(1)[0]
     report = check_gradients(model, x, optimizer=optimizers)
     assert report.ok and report.findings == []
+
+
+# ---------------------------------------------------------------------------------------------- EMA copies
+class _WithEma(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("under_no_grad", [True, False])
+def test_an_ema_copy_is_a_note_and_one_updated_under_autograd_is_named(under_no_grad):
+    # without torch.no_grad() the in-place EMA update makes the copy part of every step's graph (the graphs chain);
+    # the old note ("that is right: requires_grad_(False) silences it") was untrue, and its fix raises
+    torch.manual_seed(0)
+    model = _WithEma()
+    optimizer = torch.optim.SGD(model.net.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        guard = watch(model, optimizer, summary=False)
+        for _ in range(3):
+            model(torch.randn(4, 4)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad() if under_no_grad else contextlib.nullcontext():
+                for e, p in zip(model.ema.parameters(), model.net.parameters()):
+                    e.mul_(0.9).add_(p, alpha=0.1)
+        report = guard.close()
+    assert report.missing == []
+    if under_no_grad:  # a frozen EMA copy: nothing to say
+        assert report.findings == [] and report.ok
+    else:
+        (finding,) = report.findings
+        assert finding.kind == "not_in_optimizer" and finding.name == "ema" and finding.severity == "warning"
+        assert "carry autograd history" in finding.detail and "torch.no_grad()" in finding.detail
+        assert not report.ok

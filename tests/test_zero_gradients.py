@@ -273,3 +273,32 @@ def test_sparse_embeddings_and_occasionally_chosen_experts_stay_silent(make_trai
     }
     assert report.params["embed.weight"].zero_steps == 0
     assert report.zero == [] and report.ok and messages == []
+
+
+def test_a_wgan_critic_output_bias_is_zero_and_the_explanation_names_the_cancellation():
+    # D(fake).mean() - D(real).mean() does not depend on the critic's output bias: its gradient is exactly zero
+    torch.manual_seed(0)
+    critic = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.LeakyReLU(0.2), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(critic.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        guard = watch(critic, optimizer, summary=False)
+        for _ in range(3):
+            (critic(torch.randn(8, 2)).mean() - critic(torch.randn(8, 2) + 1).mean()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        report = guard.close()
+    assert [name for name, p in report.params.items() if p.cause == "zero"] == ["2.bias"]
+    assert "cancels out" in report.params["2.bias"].detail
+    assert watch_allows(critic)
+
+
+def watch_allows(critic) -> bool:
+    """``allow_none`` silences it, as the explanation says."""
+    optimizer = torch.optim.SGD(critic.parameters(), lr=1e-3)
+    guard = watch(critic, optimizer, summary=False, allow_none="2.bias")
+    for _ in range(3):
+        (critic(torch.randn(8, 2)).mean() - critic(torch.randn(8, 2) + 1).mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return guard.close().ok

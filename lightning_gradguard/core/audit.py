@@ -31,6 +31,7 @@ Frozen tensors (``requires_grad=False``) and buffers are never findings.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Callable, Optional
@@ -329,13 +330,17 @@ def find_not_in_optimizer(
     outside = [(i, name) for i, name in trainable if id(params[i]) not in in_optimizer]
     if not outside:
         return []
+    findings = []
+    carried = [(i, name) for i, name in outside if params[i].grad_fn is not None]
+    if carried:  # updated with autograd on (an EMA update outside torch.no_grad()): no longer leaf tensors
+        findings.append(_history_finding([name for _, name in carried], params[carried[0][0]]))
+        outside = [(i, name) for i, name in outside if params[i].grad_fn is None]
     status = {name: i in reached for i, name in outside}  # name -> a gradient reached it
     under: dict[str, list[str]] = {}  # module prefix -> trainable parameter names below it
     for _, name in trainable:
         parts = name.split(".")
         for k in range(1, len(parts)):
             under.setdefault(".".join(parts[:k]), []).append(name)
-    findings = []
     grouped: set[str] = set()
     for _, name in outside:
         if name in grouped:
@@ -367,7 +372,8 @@ def _module_finding(group: str, members: list[str], reached: bool) -> Finding:
     if reached:
         return Finding(NOT_IN_OPTIMIZER, group, (
             f"{lead}: they receive gradients, but nothing applies them. Fix: pass them to the optimizer (e.g. "
-            "self.parameters() in configure_optimizers), or freeze them with requires_grad_(False)."
+            "model.parameters(); in a LightningModule, self.parameters() in configure_optimizers), or freeze them "
+            "with requires_grad_(False)."
         ))
     return Finding(NOT_IN_OPTIMIZER, group, (
         f"{lead}, and no gradient has reached them: they require grad, but nothing trains them. For a target "
@@ -377,12 +383,23 @@ def _module_finding(group: str, members: list[str], reached: bool) -> Finding:
     ), severity=NOTE)
 
 
+def _history_finding(names: list[str], first: torch.Tensor) -> Finding:
+    shown = ", ".join(f"`{n}`" for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    group = os.path.commonprefix([n + "." for n in names]).rpartition(".")[0] or names[0]
+    return Finding(NOT_IN_OPTIMIZER, group, (
+        f"{_count(len(names), 'parameter tensor')} in no optimizer's param groups ({shown}) carry autograd history "
+        f"(grad_fn {type(first.grad_fn).__name__}): they were updated with autograd on, as an EMA or target-network "
+        "update outside torch.no_grad() is, so each update keeps the graph of the step that made it alive, and the "
+        "graphs chain from step to step. Fix: run the update under torch.no_grad() (or on .detach()ed values)."
+    ))
+
+
 def _param_finding(name: str, reached: bool) -> Finding:
     if reached:
         return Finding(NOT_IN_OPTIMIZER, name, (
             f"`{name}` requires grad but is in no optimizer's param groups: it receives gradients, but nothing "
-            "applies them. Fix: pass it to the optimizer (e.g. self.parameters() in configure_optimizers), or "
-            "freeze it with requires_grad_(False)."
+            "applies them. Fix: pass it to the optimizer (e.g. model.parameters(); in a LightningModule, "
+            "self.parameters() in configure_optimizers), or freeze it with requires_grad_(False)."
         ))
     return Finding(NOT_IN_OPTIMIZER, name, (
         f"`{name}` requires grad but is in no optimizer's param groups, and no gradient has reached it: nothing "

@@ -27,7 +27,8 @@ HINTS: dict[str, str] = {
     NO_BACKWARD: "run a backward pass on a loss computed from the model before the optimizer steps (Lightning: "
     "return the loss from training_step, or call manual_backward)",
     ZERO: "find what zeroes its output's gradient: a mask or a zero factor downstream, or units that never activate "
-    "(dead ReLUs: lower the learning rate, or use LeakyReLU/GELU)",
+    "(dead ReLUs: lower the learning rate, or use LeakyReLU/GELU); if the loss cannot depend on it (a bias that "
+    "cancels out), allow_none",
 }
 
 DESCRIPTIONS: dict[str, str] = {

@@ -103,8 +103,10 @@ def zero_detail(steps: int) -> str:
     return (
         f"its gradient was there but exactly zero everywhere at all {steps} measured steps, so the optimizer never "
         "moves it (beyond weight decay): something downstream multiplies its contribution by zero (a mask, or a gate "
-        "or scale that sits at zero and is not trained), or the units it feeds never activate (a ReLU layer whose "
-        "inputs are always negative passes no gradient back)"
+        "or scale that sits at zero and is not trained), the units it feeds never activate (a ReLU layer whose "
+        "inputs are always negative passes no gradient back), or the loss does not depend on it (a bias whose shift "
+        "cancels out, such as a WGAN critic's output bias in D(fake).mean() - D(real).mean(): harmless there, and "
+        "allow_none silences it)"
     )
 
 
