@@ -368,6 +368,39 @@ def test_a_retry_after_train_raised_gets_a_working_guard_and_no_hook_is_left(tmp
     assert _hooks(model) == 0 and _get_current_function_mode_stack() == []
 
 
+class _TwoHeads(nn.Module):
+    """A classifier whose second head is computed and left out of the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+        self.new_head = nn.Linear(16, 3)
+
+    def forward(self, features=None, labels=None):
+        hidden = torch.tanh(self.body(features))
+        logits = self.head(hidden)
+        self.new_head(hidden)  # planted: computed, left out
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_torch_compile_in_the_training_arguments_adds_no_graph_break_and_guesses_no_cause(tmp_path):
+    # the Trainer calls torch.compile(model): the guard watches that module, so its hooks stay outside the compiled
+    # code, and what happens inside it is not guessed (as for watch() on a compiled model)
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    data = [{"features": torch.randn(8), "labels": torch.tensor(i % 3)} for i in range(16)]
+    guard = GradGuardCallback(summary=False)
+    counters.clear()
+    train(_TwoHeads(), data, tmp_path, guard, torch_compile=True, torch_compile_backend="aot_eager")
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    report = guard.report()
+    assert report.missing == ["new_head.weight", "new_head.bias"]
+    assert report.params["new_head.weight"].cause is None
+    assert "inside compiled code" in report.params["new_head.weight"].detail
+
+
 def test_strict_mode_on_a_healthy_gpt2_trains_normally(tmp_path):
     torch.manual_seed(0)
     model = gpt2()

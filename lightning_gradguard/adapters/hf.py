@@ -54,7 +54,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from lightning_gradguard.adapters.backward import BackwardBracket
-from lightning_gradguard.adapters.hf_logs import TrainerLogs, calling_handler
+from lightning_gradguard.adapters.hf_logs import TrainerLogs, calling_handler, calling_trainer, compiled_wrapper
 from lightning_gradguard.adapters.loop import _optimizer_list
 from lightning_gradguard.adapters.patching import close_at_exit, open_guards
 from lightning_gradguard.adapters.watcher import Watcher
@@ -150,7 +150,8 @@ class GradGuardCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise ValueError("GradGuardCallback needs the Trainer's model and optimizer in on_train_begin; got none")
         _close_abandoned(model, args)
-        self.guard = TrainerGuard(model, optimizer, self.config, args, state, calling_handler(self))
+        compiled = compiled_wrapper(calling_trainer(), model)
+        self.guard = TrainerGuard(model, optimizer, self.config, args, state, calling_handler(self), compiled)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         guard = self.guard
@@ -194,11 +195,13 @@ class TrainerGuard(Watcher):
         args: the ``TrainingArguments``.
         state: the ``TrainerState``.
         handler: the Trainer's ``CallbackHandler``, if found: its reporting callbacks get the metrics.
+        compiled: ``torch.compile(model)``, the module the Trainer calls (``torch_compile=True``): it is watched
+            instead, so that the guard's hooks stay out of the compiled code (causes inside it are not guessed).
 
     """
 
     def __init__(self, model: nn.Module, optimizer: Any, config: GuardConfig, args: Any, state: Any,
-                 handler: Any) -> None:
+                 handler: Any, compiled: Optional[nn.Module] = None) -> None:
         if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None):
             raise ValueError(
                 "GradGuardCallback does not support DeepSpeed: ZeRO keeps gradients outside `.grad`, so every "
@@ -214,8 +217,9 @@ class TrainerGuard(Watcher):
         self.logs = TrainerLogs(handler, args, writes)  # log history, report_to's callbacks, TensorBoard
         self.model = model
         self.output_dir = os.path.abspath(os.fspath(args.output_dir)) if getattr(args, "output_dir", None) else None
+        watched = compiled if compiled is not None else model
         super().__init__(
-            model,
+            watched,
             _optimizer_list([raw]),
             config,
             writes=writes,
@@ -236,7 +240,7 @@ class TrainerGuard(Watcher):
                 "GradGuard could not find the Trainer's callbacks, so its metrics reach trainer.state.log_history "
                 "only (not the integrations of report_to, nor TensorBoard)"
             )
-        self.backward = BackwardBracket(self, model)
+        self.backward = BackwardBracket(self, watched)
         self._handles.extend(self.backward.handles)
         self.zeroed()  # the Trainer ran model.zero_grad() right before on_train_begin
         close_at_exit(self)

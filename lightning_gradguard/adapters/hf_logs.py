@@ -128,6 +128,28 @@ def calling_handler(callback: Any) -> Any:
     return None
 
 
+def calling_trainer() -> Any:
+    """The ``Trainer`` whose ``train()`` is calling a callback's event now (found as the handler's caller), or None."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if hasattr(owner, "callback_handler") and hasattr(owner, "model_wrapped"):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def compiled_wrapper(trainer: Any, model: Any) -> Any:
+    """``trainer.model_wrapped`` when it is ``torch.compile(model)`` (``TrainingArguments(torch_compile=True)``),
+    else None: the guard then watches the compiled module, whose hooks run outside the compiled code."""
+    wrapped = getattr(trainer, "model_wrapped", None)
+    if type(wrapped).__name__ == "OptimizedModule" and getattr(wrapped, "_orig_mod", None) is model:
+        return wrapped
+    return None
+
+
 def _reporting_callbacks(handler: Any) -> list[Any]:
     """The callbacks that send logs somewhere (the integrations of ``report_to``, or added by hand)."""
     try:
