@@ -9,6 +9,8 @@ left out of the loss (LSTM). ``no_grad``: a ``torch.no_grad()`` block (LSTM, CNN
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.utils.checkpoint as checkpoint
@@ -600,3 +602,31 @@ def test_a_rollout_under_no_grad_is_not_blamed_for_a_later_cut(tmp_path, bug):
     where = planted_at(ActorCriticRollout.training_step, "values.detach()") if bug == "detached" else None
     assert_flagged(report, critic, bug, where)
     assert "no_grad" not in report.params["critic.weight"].detail
+
+
+class ReentrantSegmentThenDetach(Regression):
+    """A reentrant checkpoint segment whose input requires grad, its output then cut by ``.detach()``: the segment's
+    parameters sit behind that cut (as without checkpointing), though the graph holds only the segment's node."""
+
+    def __init__(self, call: str) -> None:
+        super().__init__()
+        self.call = call
+        self.stem = nn.Linear(IN_DIM, HIDDEN)
+        self.block = nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.Tanh())
+        self.head = nn.Linear(HIDDEN, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        if self.call == "module":
+            h = checkpoint.checkpoint(self.block, h, use_reentrant=True)
+        else:  # as Hugging Face's layers call it: the unbound forward, the module as first argument
+            h = checkpoint.checkpoint(functools.partial(nn.Sequential.forward, self.block), h, use_reentrant=True)
+        h = h.detach()  # planted
+        return self.head(h)
+
+
+@pytest.mark.parametrize("call", ["module", "partial"])
+def test_a_reentrant_segment_behind_a_later_cut_is_named_with_that_cut(tmp_path, call):
+    report = fit(ReentrantSegmentThenDetach(call), regression_data(), tmp_path)
+    where = planted_at(ReentrantSegmentThenDetach.forward, "h.detach()")
+    assert_flagged(report, names("stem", "weight", "bias") | names("block.0", "weight", "bias"), "detached", where)

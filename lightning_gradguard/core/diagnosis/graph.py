@@ -50,11 +50,30 @@ def reachable(roots: Iterable[Any], seen: set[Any], param_index: dict[int, int])
             if index is not None:
                 found.append(index)
             continue
+        if type(node).__name__ == _REENTRANT_CHECKPOINT:  # the segment's parameters are not in the graph
+            found.extend(i for i in map(param_index.get, map(id, segment_parameters(node))) if i is not None)
         for parent, _ in node.next_functions:
             if parent is not None and parent not in seen:
                 seen.add(parent)
                 stack.append(parent)
     return found
+
+
+_REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"
+
+
+def segment_parameters(node: Any) -> list[Tensor]:
+    """The parameters of the module a reentrant ``torch.utils.checkpoint`` segment runs (its backward node keeps
+    the segment's function: a module, a bound method of one, or a ``functools.partial`` of either or of a method with
+    the module as its first argument); [] when the function is not a module's."""
+    function = getattr(node, "run_function", None)
+    for _ in range(3):
+        bound = getattr(function, "args", ())  # functools.partial(Layer.forward, layer, ...): Hugging Face's layers
+        for owner in (function, getattr(function, "__self__", None), bound[0] if bound else None):
+            if isinstance(owner, torch.nn.Module):
+                return list(owner.parameters())
+        function = getattr(function, "func", None)  # functools.partial
+    return []
 
 
 def consumers(root: Any, wanted: set[int], limit: int = 1 << 20) -> dict[int, Any]:
