@@ -630,3 +630,31 @@ def test_a_reentrant_segment_behind_a_later_cut_is_named_with_that_cut(tmp_path,
     report = fit(ReentrantSegmentThenDetach(call), regression_data(), tmp_path)
     where = planted_at(ReentrantSegmentThenDetach.forward, "h.detach()")
     assert_flagged(report, names("stem", "weight", "bias") | names("block.0", "weight", "bias"), "detached", where)
+
+
+class HeadUnderNoGrad(Regression):
+    """The encoder runs with autograd on; the pooler ran once with autograd on (its result discarded, as a library's
+    model does) and then, planted, under ``torch.no_grad()`` feeding the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(IN_DIM, HIDDEN)
+        self.pooler = nn.Linear(HIDDEN, HIDDEN)
+        self.head = nn.Linear(HIDDEN, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.encoder(x))
+        self.pooler(h)  # computed by the "library" and discarded
+        with torch.no_grad():
+            pooled = self.pooler(h)
+        return self.head(pooled)
+
+
+def test_a_no_grad_block_names_what_ran_in_it_and_what_only_fed_it(tmp_path):
+    report = fit(HeadUnderNoGrad(), regression_data(), tmp_path)
+    where = planted_at(HeadUnderNoGrad.forward, "with torch.no_grad()")
+    assert_flagged(report, names("encoder", "weight", "bias") | names("pooler", "weight", "bias"), "no_grad", where)
+    assert report.params["pooler.weight"].detail.startswith("it was used with autograd off")
+    assert report.params["encoder.weight"].detail.startswith(
+        "it was used with autograd on, but its result was then used with autograd off"
+    )

@@ -28,6 +28,7 @@ EVENT = 0  # behind a recorded cut (payload: the Event)
 USED = 1  # used with autograd on, its result never reached the loss (payload: only while in eval mode)
 MODULE = 2  # judged from its modules' runs (payload: the runs of that backward pass)
 NONE_BACK = 3  # the backward pass reached it, but its gradient came back None (payload: see _consumer)
+ENTERED = 4  # used with autograd on, its result then used with autograd off (payload: that no-grad Event)
 
 Reason = tuple[int, Any]
 
@@ -71,7 +72,7 @@ class Analysis:
         if not targets:
             return
         recording = self.recording
-        labels = _first_cuts(recording.events.values(), model_map.param_index, recording.used)
+        labels, entered = _first_cuts(recording.events.values(), model_map.param_index, recording.last_use)
         reached: dict[int, Any] = {}
         if root is not None and model_map.trace_cuts:
             used = [i for i in targets if i not in labels and id(params[i]) in recording.used]
@@ -85,7 +86,7 @@ class Analysis:
                 if grad_disabling_statement(event.frames) is None:
                     event = None
             if event is not None:
-                self._mb_reasons[i] = (EVENT, event)
+                self._mb_reasons[i] = (ENTERED if i in entered else EVENT, event)
             elif id(params[i]) in reached:
                 self._mb_reasons[i] = (NONE_BACK, _consumer(reached[id(params[i])]))
             elif model_map.trace_cuts and id(params[i]) in recording.used:
@@ -117,25 +118,33 @@ class Analysis:
             self.reasons.pop(index, None)
 
 
-def _first_cuts(events: Iterable[Event], param_index: dict[int, int], used: set[int]) -> dict[int, Event]:
-    """``registry index -> the first recorded cut the parameter sits behind``; releases each cut's graph.
+def _first_cuts(
+    events: Iterable[Event], param_index: dict[int, int], last_use: dict[int, int]
+) -> tuple[dict[int, Event], set[int]]:
+    """``(registry index -> the first recorded cut the parameter sits behind, the indices whose cut is a no-grad
+    block their result entered)``; releases each cut's graph.
 
-    ``used``: ids of the parameters also used with autograd on. A parameter of those used directly under no_grad
-    (a rollout, old values for PPO's ratio) got no gradient from that use by design: the cut that explains it is
-    elsewhere.
+    ``last_use``: ``id(parameter) -> when it was last used with autograd on``. A parameter used directly under
+    no_grad and with autograd on after that (a rollout, old values for PPO's ratio, then the training forward) got
+    no gradient from the no-grad use by design: the cut that explains it is elsewhere.
     """
     labels: dict[int, Event] = {}
+    entered: set[int] = set()
     seen: set[Any] = set()
     for event in events:  # program order: the first cut a parameter sits behind wins
+        no_grad = event.kind == NO_GRAD
         for i in reachable(event.roots, seen, param_index):
-            labels.setdefault(i, event)
-        side_use = event.kind == NO_GRAD
+            if i not in labels:
+                labels[i] = event
+                if no_grad and event.checkpoint is None:
+                    entered.add(i)
         for leaf in event.leaves:
             i = param_index.get(leaf)
-            if i is not None and not (side_use and leaf in used):
-                labels.setdefault(i, event)
+            if i is not None and not (no_grad and last_use.get(leaf, -1) > event.last):
+                if labels.setdefault(i, event) is event:
+                    entered.discard(i)
         event.roots, event.leaves = [], set()  # never keep the graph alive past the analysis
-    return labels
+    return labels, entered
 
 
 _COMPILED_MODULES = ("torch._functorch", "torch._dynamo", "torch._inductor")

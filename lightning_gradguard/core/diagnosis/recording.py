@@ -37,7 +37,7 @@ _MAX_ROOTS = 4096  # graph roots kept per event (a detach inside a loop)
 class Event:
     """One place in the user's code where a graph was cut, with the graph nodes that led into it."""
 
-    __slots__ = ("kind", "op", "frames", "checkpoint", "inference", "roots", "leaves")
+    __slots__ = ("kind", "op", "frames", "checkpoint", "inference", "roots", "leaves", "last")
 
     def __init__(self, kind: str, op: str, frames: list[Frame], checkpoint: Optional[int], inference: bool) -> None:
         self.kind = kind
@@ -47,6 +47,7 @@ class Event:
         self.inference = inference
         self.roots: list[Any] = []  # grad_fn nodes of the inputs that carried a graph
         self.leaves: set[int] = set()  # ids of leaf inputs that required grad (parameters used directly)
+        self.last = 0  # the recording's clock at its latest occurrence
 
 
 def _add_inputs(event: Event, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
@@ -98,6 +99,8 @@ class Recording:
         self.runs: dict[int, list[Any]] = {}
         self.used: set[int] = set()
         self.used_training: set[int] = set()
+        self.last_use: dict[int, int] = {}  # id(parameter) -> the clock at its latest use with autograd on
+        self.clock = 0  # counts uses and cuts, to order them
         self.paused = False
 
     def new_segment(self) -> None:
@@ -105,6 +108,7 @@ class Recording:
         self.runs = {}
         self.used = set()
         self.used_training = set()
+        self.last_use = {}
 
     def count_run(self, module: torch.nn.Module, caller: FrameType) -> None:
         """``module`` ran (``caller``: the frame that called its forward hook)."""
@@ -134,6 +138,9 @@ class Recording:
         found.extend(id(a) for a in kwargs.values() if id(a) in index)
         if found:
             self.used.update(found)
+            self.clock += 1
+            for key in found:
+                self.last_use[key] = self.clock
             root = self.model_map.root
             if root is None or root.training:
                 self.used_training.update(found)
@@ -164,6 +171,8 @@ class Recording:
             if len(self.events) >= _MAX_EVENTS:
                 return
             event = self.events[key] = Event(kind, op, frames, checkpoint, torch.is_inference_mode_enabled())
+        self.clock += 1
+        event.last = self.clock
         if extra is not None:  # detach_(): the node read before the call
             node, source = extra
             if node is None:

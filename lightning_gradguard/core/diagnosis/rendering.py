@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from lightning_gradguard.core.causes import DETACHED, NO_GRAD, UNUSED
-from lightning_gradguard.core.diagnosis.analysis import EVENT, NONE_BACK, USED, Reason
+from lightning_gradguard.core.diagnosis.analysis import ENTERED, EVENT, NONE_BACK, USED, Reason
 from lightning_gradguard.core.diagnosis.locations import Frame, definition_site, grad_disabling_statement, location
 from lightning_gradguard.core.diagnosis.model_map import ModelMap
 from lightning_gradguard.core.diagnosis.recording import DATA, DETACH, INTEGER, NUMBER, Event
@@ -54,6 +54,9 @@ def render(
     tag, payload = reason
     if tag == EVENT:
         return _render_event(payload, checkpoint_fix)
+    if tag == ENTERED:  # used with autograd on, its result then went into a no-grad block
+        what = "it was used with autograd on, but its result was then used with autograd off"
+        return NO_GRAD, _no_grad_text(what, payload.frames, payload.checkpoint, payload.inference, checkpoint_fix)
     if tag == NONE_BACK:
         node, function, compiled = payload
         if compiled:
