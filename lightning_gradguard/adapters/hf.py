@@ -47,9 +47,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Optional
 
-import accelerate
-import torch
-import transformers
 from torch import nn
 from transformers import TrainerCallback
 
@@ -57,6 +54,7 @@ from lightning_gradguard.adapters.backward import BackwardBracket
 from lightning_gradguard.adapters.hf_logs import TrainerLogs, calling_handler, calling_trainer, compiled_wrapper
 from lightning_gradguard.adapters.loop import _optimizer_list
 from lightning_gradguard.adapters.patching import close_at_exit, open_guards
+from lightning_gradguard.adapters.user_frames import package_dirs, user_stacklevel
 from lightning_gradguard.adapters.watcher import Watcher
 from lightning_gradguard.config import OPTIONS, AllowNone, GuardConfig, LogGranularity, NonfiniteCheck, NormType
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
@@ -64,11 +62,6 @@ from lightning_gradguard.isolation import feature
 from lightning_gradguard.report import GradReport
 from lightning_gradguard.training.precision import LossScaleTracker
 from lightning_gradguard.training.strategies import DDP, SINGLE, StrategyInfo, describe_module
-
-_NOT_USER_CODE = tuple(
-    os.path.dirname(os.path.abspath(module.__file__)) + os.sep
-    for module in (sys.modules["lightning_gradguard"], torch, transformers, accelerate)
-)
 
 
 class GradGuardCallback(TrainerCallback):
@@ -252,11 +245,8 @@ class TrainerGuard(Watcher):
         """Warnings point at the user's ``trainer.train()`` line, past the Trainer's and accelerate's frames."""
         if not self.writes:
             return
-        level, frame = 2, sys._getframe(1)
-        while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_NOT_USER_CODE):
-            frame = frame.f_back
-            level += 1
-        warnings.warn(message, GradGuardWarning, stacklevel=level)
+        skip = package_dirs("lightning_gradguard", "torch", "transformers", "accelerate")
+        warnings.warn(message, GradGuardWarning, stacklevel=user_stacklevel(2, sys._getframe(1), skip) or 2)
 
     def zeroed(self) -> None:
         """The Trainer has just set every gradient to None (``model.zero_grad()``): nothing needs to be read."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 import weakref
 from typing import Any, Optional
 
@@ -19,6 +20,7 @@ from lightning_gradguard.adapters.lightning_loop import (
     zero_grad_sets_none,
 )
 from lightning_gradguard.adapters.lightning_output import trainer_reporter
+from lightning_gradguard.adapters.user_frames import package_dirs, user_stacklevel
 from lightning_gradguard.config import OPTIONS, AllowNone, GuardConfig, LogGranularity, NonfiniteCheck, NormType
 from lightning_gradguard.core.engine import GradGuardEngine
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
@@ -448,4 +450,6 @@ def _own_attributes() -> frozenset[str]:
 
 
 def _warn(message: str) -> None:
-    rank_zero_warn(message, category=GradGuardWarning)
+    # at the user's trainer.fit(...) line; stacklevel 4 is rank_zero_warn's caller, this function
+    skip = package_dirs("lightning_gradguard", "lightning", "pytorch_lightning", "lightning_fabric", "torch")
+    rank_zero_warn(message, category=GradGuardWarning, stacklevel=user_stacklevel(5, sys._getframe(1), skip) or 4)
