@@ -21,7 +21,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
-from models import IN_DIM, gradguard_warnings, regression_loader, token_loader
+from models import IN_DIM, HealthyMLP, gradguard_warnings, regression_loader, token_loader
 from torch import Tensor, nn
 
 from lightning_gradguard import GradGuard, GradGuardError, GradGuardWarning, GradReport, watch
@@ -581,3 +581,30 @@ def test_close_after_strict_mode_stopped_the_run_raises_nothing_more():
         optimizer.step()
     report = guard.close()  # the verdict is in the report; the run already raised
     assert sorted(never_moved(report)) == sorted(CONV)
+
+
+class HeadHeldForTwoSteps(HealthyMLP):
+    """A warm-up that holds the last layer still for the first two steps (its gradients dropped in the module's own
+    ``on_before_optimizer_step``, which runs after the callbacks'), the very steps GradGuard observes first."""
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.trainer.global_step < 2:
+            for p in self.l3.parameters():
+                p.grad = None
+
+
+def test_a_weight_held_still_at_the_observed_steps_only_is_not_reported(make_trainer):
+    # versions are compared at a sample of steps (the first two, then every 50th): a weight whose version counter
+    # moved during the run did move, whatever the sample saw
+    torch.manual_seed(0)
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard], max_steps=12)
+    model = HeadHeldForTwoSteps()
+    before = model.l3.weight.detach().clone()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(model, regression_loader(12))
+    assert not torch.equal(model.l3.weight, before)
+    report = guard.report()
+    assert never_moved(report) == {} and moved_warnings(record) == [] and report.ok
+    assert report.params["l3.weight"].untouched_steps == 2  # what the sample saw stays counted

@@ -101,6 +101,7 @@ class UpdateWatch:
         self._watched: dict[int, _Watched] = {}
         self._members: dict[tuple[int, int, int], tuple[list[int], list[int]]] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._start_versions: list[int] = []  # every parameter's version counter when this run began
 
     # ------------------------------------------------------------------ lifecycle
     def start_run(self) -> None:
@@ -110,6 +111,7 @@ class UpdateWatch:
         self._watched.clear()
         self.stopped = False
         self.engine.found.replace(UPDATE_KINDS, [], warn=False)
+        self._start_versions = list(map(_VERSION, self.engine.registry.params))
 
     def close(self) -> None:
         """Remove every post-hook and drop what a step left pending (the optimizers stay known for :meth:`finish`)."""
@@ -288,6 +290,12 @@ class UpdateWatch:
         always_zero = (v["measured_steps"] > 0) & (v["zero_steps"] == v["measured_steps"])
         skipped = had_grad & ~frozen & ~always_zero & (v["version_steps"] > 0)
         skipped &= v["untouched_steps"] == v["version_steps"]
+        # the observed steps are a sample: a parameter whose version counter moved during the run was written at
+        # some step (a warm-up that held it still at the observed ones), so it moved
+        params, start = registry.params, self._start_versions
+        for i in skipped.nonzero().flatten().tolist():
+            if i < len(start) and params[i]._version != start[i]:
+                skipped[i] = False
         flagged = (frozen | skipped).nonzero().flatten().tolist()
         if not flagged:
             return []
