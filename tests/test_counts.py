@@ -440,6 +440,25 @@ def test_batches_skipped_by_on_train_batch_start_are_not_micro_batches(make_trai
     assert counts(report, "l1.weight") == (8, 0, 8, 0)
 
 
+def test_an_epoch_ended_by_minus_one_inside_a_window_leaves_no_micro_batch_to_the_next(make_trainer):
+    """-1 at batch 3 with ``accumulate_grad_batches=2``: batch 2 opened a window no step closed, and Lightning's
+    zero_grad at the next epoch's first batch drops its gradient: it is in no step's window."""
+
+    class StopsMidWindow(IntermittentBranchMLP):
+        def on_train_batch_start(self, batch, batch_idx):
+            return -1 if batch_idx == 3 else None
+
+    guard = GradGuard(summary=False)
+    trainer = make_trainer(callbacks=[guard], max_epochs=2, accumulate_grad_batches=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer.fit(StopsMidWindow(branch_batches={1}), regression_loader(8))
+    report = guard.report()
+    assert trainer.global_step == 2
+    assert counts(report, "trunk.weight") == (2, 0, 4, 0)
+    assert counts(report, "branch.weight") == (2, 0, 4, 2)  # used at batch 1 of each epoch's window (0, 1)
+
+
 def test_progressive_unfreezing_with_base_finetuning_is_healthy(make_trainer):
     """BaseFinetuning freezes the backbone, then adds it to the optimizer at epoch 1: checked from then on only."""
     from lightning.pytorch.callbacks import BaseFinetuning

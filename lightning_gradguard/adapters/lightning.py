@@ -331,6 +331,8 @@ class GradGuard(Callback):
         # `optimizer`'s to None, the snapshot before backward does not need to read them (10k tensors: 0.5-2 ms)
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the user's
         self._cleared = optimizer if zero_grad_sets_none(pl_module, optimizer) else None
+        if self.engine.windows.backwards_since_step(optimizer):  # a window the loop left open (an epoch ended early
+            self.engine.restart_window(optimizer, in_progress=True)  # by -1): the zero_grad drops what it holds
 
     @feature("check")
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:

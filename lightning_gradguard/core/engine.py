@@ -189,14 +189,14 @@ class GradGuardEngine:
         Returns whether it did."""
         return self.windows.drop_empty()
 
-    def restart_window(self, optimizer: torch.optim.Optimizer) -> None:
+    def restart_window(self, optimizer: torch.optim.Optimizer, in_progress: bool = False) -> None:
         """Start ``optimizer``'s accumulation window at the next micro-batch (call before that micro-batch starts).
 
         Plain loops: when every gradient of an optimizer is None at the start of a backward pass, ``zero_grad``
         cleared them, so the micro-batches since its last step (another optimizer's backward in a GAN loop, a
         step the AMP scaler skipped) contribute nothing to its next step and must not count against it.
         """
-        if self.windows.restart(optimizer):
+        if self.windows.restart(optimizer, in_progress):  # in_progress: at the micro-batch whose backward is next
             indices, _ = self.registry.optimizer_params(optimizer)
             self.sync_size()
             self.arrivals.restart(indices, covers_all=self.windows.optimizers <= 1)

@@ -131,12 +131,13 @@ class Windows:
             self._last[optimizer] = self._latest
             self.optimizers += 1
 
-    def restart(self, optimizer: Any) -> bool:
-        """``optimizer``'s window begins at the next micro-batch (its gradients were cleared without a step).
+    def restart(self, optimizer: Any, in_progress: bool = False) -> bool:
+        """``optimizer``'s window begins at the next micro-batch (its gradients were cleared without a step), or at
+        the one in progress (``in_progress``: its forward pass ran, its backward pass has not).
 
         Returns False when nothing happened since its last step (the window is fresh already).
         """
-        now = (self.micro_batch, self.backwards)
+        now = (self.micro_batch - in_progress, self.backwards)
         if self._last.get(optimizer) == now:
             return False
         if optimizer not in self._last:
