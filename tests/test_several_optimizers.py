@@ -305,3 +305,14 @@ def test_a_generator_whose_loss_is_detached_is_still_missing_at_every_step(adapt
     assert sorted(report.missing) == generator and report.intermittent == []
     assert {report.params[name].none_steps for name in generator} == {4}
     assert {report.params[name].cause for name in generator} == {"detached"}
+
+
+def test_two_named_guards_say_whose_summary_each_is(tmp_path, capsys):
+    fabric, generator, discriminator, opt_g, opt_d = fabric_gan(tmp_path)
+    guard_g = watch_fabric(fabric, generator, opt_g, name="generator", log_every_n_steps=2)
+    guard_d = watch_fabric(fabric, discriminator, opt_d, name="discriminator", log_every_n_steps=2)
+    gan_steps(generator, discriminator, opt_g, opt_d, fabric.backward)
+    guard_g.close()
+    guard_d.close()
+    said = capsys.readouterr().out
+    assert "GradGuard [generator]:" in said and "GradGuard [discriminator]:" in said

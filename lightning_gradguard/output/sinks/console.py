@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
-from lightning_gradguard.output.sinks.base import Sink
+from lightning_gradguard.output.sinks.base import RunInfo, Sink
 from lightning_gradguard.report import GradReport
 
 CONSOLE_MAX_ROWS = 8  # entries per list: about 25 lines for a typical big model, 45 at most with every list cut
@@ -61,7 +61,13 @@ class ConsoleSink(Sink):
 
     def __init__(self, report_path: Optional[Callable[[], Optional[str]]] = None) -> None:
         self._report_path = report_path
+        self._name = ""  # a named guard's name: several guards' summaries in one console say whose each is
+
+    def start(self, run: RunInfo) -> None:
+        self._name = run.prefix.partition("/")[2]
 
     def write_report(self, report: GradReport, step: int, title: Optional[str]) -> None:
         if title is None:
-            print_summary(report, report_path=self._report_path() if self._report_path is not None else None)
+            name = self._name
+            write = (lambda text: print(text.replace("GradGuard", f"GradGuard [{name}]", 1))) if name else None
+            print_summary(report, write, self._report_path() if self._report_path is not None else None)
