@@ -401,6 +401,32 @@ def test_torch_compile_in_the_training_arguments_adds_no_graph_break_and_guesses
     assert "inside compiled code" in report.params["new_head.weight"].detail
 
 
+class _LossThroughTheHeadAlone(Trainer):
+    """A compute_loss that calls a submodule directly, past the model's forward (and cuts the body off, planted)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        hidden = torch.tanh(model.body(inputs["features"])).detach()
+        return nn.functional.cross_entropy(model.head(hidden), inputs["labels"])
+
+
+def test_a_loss_that_reaches_only_a_submodule_called_directly_counts_its_backward_pass(tmp_path):
+    # the backward pass never reaches the model's output: it is found at the step from the gradients it left
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    data = [{"features": torch.randn(8), "labels": torch.tensor(i % 3)} for i in range(16)]
+    guard = GradGuardCallback(summary=False)
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, report_to=[], use_cpu=True,
+                    save_strategy="no", disable_tqdm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _LossThroughTheHeadAlone(model=model, args=TrainingArguments(**settings), train_dataset=data,
+                                 callbacks=[guard]).train()
+    report = guard.report()
+    assert sorted(report.missing) == ["body.bias", "body.weight", "new_head.bias", "new_head.weight"]
+    assert (report.params["head.weight"].none_steps, report.params["head.weight"].micro_batches) == (0, 3)
+    assert "set another way" in report.params["body.weight"].detail
+
+
 def test_strict_mode_on_a_healthy_gpt2_trains_normally(tmp_path):
     torch.manual_seed(0)
     model = gpt2()
