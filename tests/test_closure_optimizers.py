@@ -8,6 +8,7 @@ if no backward pass had given it a gradient.
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
 
 import lightning as L
 import pytest
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
-from lightning_gradguard import GradGuard, GradGuardError, watch, watch_fabric
+from lightning_gradguard import GradGuard, GradGuardError, GradGuardWarning, watch, watch_fabric
 
 
 class WithUnused(nn.Module):
@@ -255,3 +256,121 @@ def test_an_optimizer_wrapper_is_watched_through_the_optimizer_it_keeps():
     report = guard.report()
     assert report.steps == 4 and report.missing == ["unused.weight", "unused.bias"]
     assert report.params["body.0.weight"].none_steps == 0
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimization as the widely copied davda54/sam implements it: a wrapper that shares its base
+    optimizer's param groups and steps it from ``second_step()``."""
+
+    def __init__(self, params, base_optimizer, rho=0.05, **kwargs):
+        super().__init__(params, dict(rho=rho, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        norm = torch.norm(torch.stack([p.grad.norm() for g in self.param_groups for p in g["params"]
+                                       if p.grad is not None]))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["old_p"] = p.data.clone()
+                    p.add_(p.grad * group["rho"] / (norm + 1e-12))
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data = self.state[p]["old_p"]
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        closure = torch.enable_grad()(closure)
+        self.first_step(zero_grad=True)
+        closure()
+        self.second_step()
+
+
+@pytest.mark.parametrize("usage", ["step(closure)", "first_step/second_step"])
+def test_sam_is_one_checked_step_per_update_and_healthy(usage):
+    # its base optimizer's step inside SAM's (or from second_step) is the same update, checked once
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradGuardWarning)
+        guard = watch(model, optimizer, summary=False, strict=True)
+        for _ in range(4):
+            x, y = torch.randn(16, 4), torch.randn(16, 1)
+            F.mse_loss(model(x), y).backward()
+            if usage == "step(closure)":
+                def closure(x=x, y=y):
+                    loss = F.mse_loss(model(x), y)
+                    loss.backward()
+                    return loss
+
+                optimizer.step(closure)
+                optimizer.zero_grad()
+            else:
+                optimizer.first_step(zero_grad=True)
+                F.mse_loss(model(x), y).backward()
+                optimizer.second_step(zero_grad=True)
+        report = guard.close()
+    assert report.ok and report.steps == 4 and report.missing == [] and report.intermittent == []
+    assert {(p.steps, p.none_steps, p.none_micro_batches) for p in report.params.values()} == {(4, 0, 0)}
+
+
+class UninitializedLookahead(torch.optim.Optimizer):
+    """Lookahead as many repositories copy it: an Optimizer subclass that never calls ``Optimizer.__init__``."""
+
+    def __init__(self, optimizer, k=2, alpha=0.5):
+        self.optimizer, self.k, self.alpha = optimizer, k, alpha
+        self.param_groups = optimizer.param_groups
+        self.state = defaultdict(dict)
+        self.steps = 0
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none)
+
+    def step(self, closure=None):
+        loss = self.optimizer.step(closure)
+        self.steps += 1
+        if self.steps % self.k == 0:
+            for group in self.param_groups:
+                for fast in group["params"]:
+                    slow = self.state[fast].setdefault("slow", fast.detach().clone())
+                    slow += (fast.detach() - slow) * self.alpha
+                    fast.data.copy_(slow)
+        return loss
+
+
+def test_a_lookahead_that_never_initialized_its_optimizer_base_is_watched_through_the_inner_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1), nn.Linear(1, 1))
+    optimizer = UninitializedLookahead(torch.optim.Adam(model[:4].parameters(), lr=1e-2))
+    guard = watch(model[:4], optimizer, summary=False)
+    for _ in range(4):
+        optimizer.zero_grad()
+        F.mse_loss(model[:4](torch.randn(8, 4)), torch.randn(8, 1)).backward()
+        optimizer.step()
+    report = guard.close()
+    assert report.steps == 4 and report.ok and report.missing == []
+
+
+def test_a_watch_whose_set_up_fails_leaves_no_hook_and_frees_its_directory(tmp_path, monkeypatch):
+    from lightning_gradguard.adapters import loop
+
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monkeypatch.setattr(loop.LoopGuard, "_install", lambda self: (_ for _ in ()).throw(RuntimeError("planted")))
+    with pytest.raises(RuntimeError, match="planted"):
+        watch(model, optimizer, log_dir=str(tmp_path))
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    monkeypatch.undo()
+    watch(model, optimizer, log_dir=str(tmp_path), summary=False).close()  # not refused as a second guard

@@ -122,14 +122,18 @@ class LoopGuard(Watcher):
             no_backward_hint="loss.backward() was not called before optimizer.step(), or the loss does not depend on "
             "the model's output: it was computed from detached tensors",
         )
-        self.backward = BackwardBracket(self, model)
-        self._handles.extend(self.backward.handles)
         self._param_hooks: list[Any] = []  # the per-parameter detector, while it is needed
         self._param_mode = True
         self._seen_params = 0  # registry entries looked at for the per-parameter detector
         self._unhooked: list[Tensor] = []  # parameters frozen when seen: hooked once they require grad
-        self._handles.append(_RemoveAll(self._param_hooks))
-        self._install()
+        try:
+            self.backward = BackwardBracket(self, model)
+            self._handles.extend(self.backward.handles)
+            self._handles.append(_RemoveAll(self._param_hooks))
+            self._install()
+        except BaseException:
+            self.undo()
+            raise
         close_at_exit(self)
 
     # ------------------------------------------------------------------ hooks
@@ -308,14 +312,18 @@ def _optimizer_list(optimizers: Any) -> list[torch.optim.Optimizer]:
 
 
 def _unwrap_optimizer(obj: Any) -> Optional[torch.optim.Optimizer]:
-    """``obj`` if it is a torch optimizer, else the one a wrapper keeps in ``.optimizer`` or ``._optimizer``
-    (Lookahead-style wrappers, Lightning's and Fabric's optimizers): its step hooks fire when the wrapper steps."""
+    """``obj`` if it is a torch optimizer, else the one a wrapper keeps in ``.optimizer``, ``._optimizer`` or
+    ``._base_optimizer`` (Lookahead-style wrappers, Lightning's and Fabric's optimizers): its step hooks fire when the
+    wrapper steps. A wrapper that subclasses ``Optimizer`` without calling its ``__init__`` has no step hooks of its
+    own: the optimizer inside it is watched."""
     for _ in range(4):
-        if isinstance(obj, torch.optim.Optimizer):
+        if isinstance(obj, torch.optim.Optimizer) and hasattr(obj, "_optimizer_step_pre_hooks"):
             return obj
-        obj = getattr(obj, "optimizer", None) or getattr(obj, "_optimizer", None)
-        if obj is None:
-            return None
+        inner = next((getattr(obj, name) for name in ("optimizer", "_optimizer", "_base_optimizer")
+                      if getattr(obj, name, None) is not None), None)
+        if inner is None:
+            return obj if isinstance(obj, torch.optim.Optimizer) else None
+        obj = inner
     return None
 
 

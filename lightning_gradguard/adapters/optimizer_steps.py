@@ -31,6 +31,7 @@ class OptimizerSteps:
     def __init__(self, watcher: Watcher) -> None:
         self.watcher = watcher
         self._stepping: set[int] = set()  # optimizers inside step(), between their step pre- and post-hooks
+        self._nested: set[int] = set()  # optimizers stepped inside another's step(): part of that step
 
     def follow_new_optimizers(self, pre_hook: StepHook, post_hook: StepHook) -> list[Any]:
         """Check optimizers created after the guard (a second training stage, a new one each epoch) too: torch's
@@ -38,7 +39,7 @@ class OptimizerSteps:
         and ``post_hook`` (the adapter's own per-optimizer hooks) take its steps from then on. Optimizers of other
         models are left alone, and none is kept alive. Returns the two hooks' handles."""
         given = {id(optimizer) for optimizer in self.watcher.optimizers}  # alive: self.watcher.optimizers holds them
-        adopted: weakref.WeakSet = weakref.WeakSet()
+        adopted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # -> the watched one its steps count as
         unrelated: weakref.WeakSet = weakref.WeakSet()
 
         def any_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> Any:
@@ -49,13 +50,17 @@ class OptimizerSteps:
                 if not any(registry.find(p) is not None for group in optimizer.param_groups for p in group["params"]):
                     unrelated.add(optimizer)
                     return None
-                adopted.add(optimizer)
-                self.watcher.engine.optimizer_joined(optimizer)
-            return pre_hook(optimizer, args, kwargs)
+                # a wrapper's inner optimizer that shares the watched one's param groups (SAM's base optimizer,
+                # stepped by its second_step()): its steps are the watched optimizer's
+                alias = next((o for o in self.watcher.optimizers if o.param_groups is optimizer.param_groups), None)
+                adopted[optimizer] = alias  # (never the optimizer itself: the value would keep the key alive)
+                if alias is None:
+                    self.watcher.engine.optimizer_joined(optimizer)
+            return pre_hook(adopted[optimizer] or optimizer, args, kwargs)
 
         def any_post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: dict[str, Any]) -> None:
             if not self.watcher.closed and optimizer in adopted:
-                post_hook(optimizer, args, kwargs)
+                post_hook(adopted[optimizer] or optimizer, args, kwargs)
 
         return [register_optimizer_step_pre_hook(any_pre_hook), register_optimizer_step_post_hook(any_post_hook)]
 
@@ -67,6 +72,9 @@ class OptimizerSteps:
         has wrapped both classes) runs the hooks again: only the outer call is checked. Call :meth:`post_hook`
         from the post-hook."""
         if id(optimizer) in self._stepping:
+            return None
+        if self._stepping:  # inside another optimizer's step() (SAM's step calls its base optimizer's): that step's
+            self._nested.add(id(optimizer))
             return None
         self._stepping.add(id(optimizer))
         return check_step_call(args, kwargs, lambda: self._check(optimizer, grad_scale), position=1)
@@ -81,6 +89,9 @@ class OptimizerSteps:
     def post_hook(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()`` returned (after a step that raised for another reason than the guard's error, such as
         a pre-hook of the user's, the next one alone goes unchecked)."""
+        if id(optimizer) in self._nested:
+            self._nested.discard(id(optimizer))
+            return
         self._stepping.discard(id(optimizer))
         self.watcher.after_step()
 

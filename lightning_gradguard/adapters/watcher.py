@@ -29,7 +29,7 @@ from lightning_gradguard.config import GuardConfig
 from lightning_gradguard.core.engine import NO_BACKWARD_HINT, GradGuardEngine
 from lightning_gradguard.errors import GradGuardError, GradGuardWarning
 from lightning_gradguard.isolation import feature
-from lightning_gradguard.output.reporter import Reporter, claim
+from lightning_gradguard.output.reporter import Reporter, claim, release
 from lightning_gradguard.output.sinks.console import ConsoleSink
 from lightning_gradguard.output.sinks.json_file import JsonSink
 from lightning_gradguard.output.sinks.loggers import LoggerSink
@@ -332,6 +332,17 @@ class Watcher:
 
         """
         return self._close(collective=True, summary=summary, finished=True)
+
+    def undo(self) -> None:
+        """A set-up that failed leaves nothing behind: hooks and instruments come off, the destinations are free."""
+        self._closed = True
+        self.engine.end_diagnosis()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.context is not None:
+            self.context.release()
+        release(self.reporter)
 
     def abandon(self, summary: bool = True) -> GradReport:
         """Close without the collective: the loop raised, or the interpreter exits (another rank may be gone)."""
