@@ -602,3 +602,24 @@ def test_a_loop_that_clears_through_the_model_counts_a_parameter_used_only_in_th
     report = guard.close()
     assert report.ok and report.missing == [] and report.intermittent == []
     assert report.params["temperature"].micro_batches == 4
+
+
+def test_a_layer_no_backward_pass_reaches_is_missing_even_when_gradient_noise_fills_its_grad():
+    # annealed gradient noise that fills a None .grad with zeros: the dead layer still trains on nothing but noise
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Linear(4, 8), "b": nn.Linear(8, 1), "dead": nn.Linear(8, 1)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        guard = watch(model, optimizer, summary=False)
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.mse_loss(model["b"](torch.tanh(model["a"](torch.randn(8, 4)))), torch.randn(8, 1)).backward()
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.add_(torch.randn_like(p) * 0.01)
+            optimizer.step()
+        report = guard.close()
+    assert report.missing == ["dead.weight", "dead.bias"] and report.intermittent == []
+    assert report.params["dead.weight"].none_steps == 3

@@ -57,6 +57,11 @@ _LEFTOVER_DETAIL = (
     "no backward pass gave it a gradient, but .grad is not None: it holds the zeros zero_grad(set_to_none=False) "
     "left, so the optimizer still applies it (momentum, weight decay)"
 )
+_ASSIGNED_DETAIL = (
+    "no backward pass of its window gave it a gradient, but its .grad was assigned after the backward pass, not by "
+    "autograd (a filler such as zeros or noise for parameters without a gradient, or a gradient computed by hand), "
+    "and the optimizer applies that"
+)
 _STALE_DETAIL = (
     "no backward pass gave it a gradient, but .grad is not None: it still holds the gradient of an earlier step "
     "(no zero_grad() ran since), which the optimizer applies again"
@@ -83,6 +88,7 @@ class StepChecker:
     def __init__(self, engine: GradGuardEngine) -> None:
         self.engine = engine
         self._lists = _DerivedLists()
+        self._assigned: list[int] = []  # this step's parameters whose .grad no backward pass of the window wrote
 
     def check(
         self,
@@ -144,6 +150,7 @@ class StepChecker:
         seen: int,
     ) -> StepCheck:
         engine = self.engine
+        self._assigned = []
         indices, params, grads = view.indices, view.params, view.grads
         # inside a backward pass, its arrivals are not recorded yet: a gradient present now is what it gave
         tracking = engine.tracking and not inside
@@ -203,6 +210,9 @@ class StepChecker:
                         if old:
                             stale.append(index)
                         engine.state.explain(index, None, _STALE_DETAIL if old else _LEFTOVER_DETAIL)
+                elif window and short.get(index) == window:  # no pass of the window reached it; set by hand since
+                    missing.append(index)
+                    self._assigned.append(index)  # explained after diagnosis, which may know why nothing reached it
         view.excluded = excluded
         checked = self._subset(indices, excluded) if excluded else indices
         missing_set = set(missing)
@@ -236,6 +246,9 @@ class StepChecker:
         if (check.missing or check.intermittent) and engine.diagnosis is not None:
             for index, (cause, detail) in engine.diagnosis.explain(check).items():
                 engine.state.explain(index, cause, detail)
+        assigned, self._assigned = self._assigned, []
+        for index in assigned:
+            engine.state.explain(index, None, _ASSIGNED_DETAIL)
         if engine.diagnosis is not None and not engine.diagnosis.idle:
             engine.diagnosis.after_check(check)
 
