@@ -608,3 +608,22 @@ def test_a_weight_held_still_at_the_observed_steps_only_is_not_reported(make_tra
     report = guard.report()
     assert never_moved(report) == {} and moved_warnings(record) == [] and report.ok
     assert report.params["l3.weight"].untouched_steps == 2  # what the sample saw stays counted
+
+
+def test_weight_clipping_outside_the_step_does_not_hide_a_group_the_optimizer_skips():
+    # WGAN clamps every weight after each step: that write is not the optimizer's, and the skipped group stays named
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = SkipLastGroupSGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        guard = watch(model, optimizer, summary=False)
+        for _ in range(4):
+            optimizer.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            optimizer.step()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.clamp_(-0.5, 0.5)
+        report = guard.close()
+    assert set(never_moved(report)) == {"2.weight", "2.bias"}

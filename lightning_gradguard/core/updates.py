@@ -64,7 +64,7 @@ class _Watched:
     """One optimizer of this run: its post-hook, the observation cadence, and what the check saw of the step in
     progress until the post-hook counts it (``step`` is None when no checked step is pending)."""
 
-    __slots__ = ("ref", "handle", "position", "step", "checked", "indices", "params", "versions")
+    __slots__ = ("ref", "handle", "position", "step", "checked", "indices", "params", "versions", "suspects")
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.ref = weakref.ref(optimizer)
@@ -79,6 +79,7 @@ class _Watched:
         self.indices: Optional[list[int]] = None  # the parameters whose versions were read (when they were)
         self.params: Optional[list[Tensor]] = None
         self.versions: Optional[list[int]] = None
+        self.suspects: list[tuple[int, Tensor, int]] = []  # (index, parameter, version) of those still suspected
 
 
 class UpdateWatch:
@@ -101,7 +102,10 @@ class UpdateWatch:
         self._watched: dict[int, _Watched] = {}
         self._members: dict[tuple[int, int, int], tuple[list[int], list[int]]] = {}
         self._warned: set[tuple[str, str]] = set()
-        self._start_versions: list[int] = []  # every parameter's version counter when this run began
+        # untouched at an observed step (a sample): read around every step until one moves them (a warm-up that
+        # held them still at the observed steps); a write outside step() (weight clipping) does not clear them
+        self._suspects: set[int] = set()
+        self._moved: set[int] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def start_run(self) -> None:
@@ -111,7 +115,7 @@ class UpdateWatch:
         self._watched.clear()
         self.stopped = False
         self.engine.found.replace(UPDATE_KINDS, [], warn=False)
-        self._start_versions = list(map(_VERSION, self.engine.registry.params))
+        self._suspects, self._moved = set(), set()
 
     def close(self) -> None:
         """Remove every post-hook and drop what a step left pending (the optimizers stay known for :meth:`finish`)."""
@@ -149,6 +153,9 @@ class UpdateWatch:
         if watched.position < FIRST_OBSERVED or watched.position % OBSERVE_GAP == 0:
             watched.indices, watched.params = self._candidates(optimizer, check, indices, params)
             watched.versions = list(map(_VERSION, watched.params))
+        if self._suspects:
+            registry = self.engine.registry.params
+            watched.suspects = [(i, registry[i], registry[i]._version) for i in self._suspects - self._moved]
 
     def _watch(self, optimizer: Any) -> Optional[_Watched]:
         register = getattr(optimizer, "register_step_post_hook", None)
@@ -210,6 +217,9 @@ class UpdateWatch:
                 members = self._group_members(checked, groups[g]["params"])
                 if members:
                     state.add_uniform(members, zero_lr_steps=1)
+        for index, param, version in watched.suspects:
+            if param._version != version:
+                self._moved.add(index)
         if watched.versions is not None:
             self._compare(watched)
 
@@ -226,6 +236,7 @@ class UpdateWatch:
         if any(map(eq, before, after)):  # type: ignore[arg-type]  # in C: the usual step moved every one
             untouched = [i for i, same in zip(indices, map(eq, before, after)) if same]  # type: ignore[arg-type]
             state.add("untouched_steps", untouched, 1)
+            self._suspects.update(untouched)
 
     def _group_members(self, checked: list[int], group_params: list[Tensor]) -> list[int]:
         """The checked parameters of one param group, as the same list step after step (pending counts)."""
@@ -290,11 +301,8 @@ class UpdateWatch:
         always_zero = (v["measured_steps"] > 0) & (v["zero_steps"] == v["measured_steps"])
         skipped = had_grad & ~frozen & ~always_zero & (v["version_steps"] > 0)
         skipped &= v["untouched_steps"] == v["version_steps"]
-        # the observed steps are a sample: a parameter whose version counter moved during the run was written at
-        # some step (a warm-up that held it still at the observed ones), so it moved
-        params, start = registry.params, self._start_versions
-        for i in skipped.nonzero().flatten().tolist():
-            if i < len(start) and params[i]._version != start[i]:
+        for i in self._moved:  # a step between the observed ones wrote it (see _suspects)
+            if i < len(skipped):
                 skipped[i] = False
         flagged = (frozen | skipped).nonzero().flatten().tolist()
         if not flagged:
