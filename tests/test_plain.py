@@ -227,20 +227,20 @@ def test_a_lazy_r1_step_whose_loss_reaches_the_model_only_through_autograd_grad_
     alone, which never goes through the model's output. Its gradients are the step's: nothing is missing but the
     output bias, which the penalty does not depend on; and strict mode (that bias allowed) lets the run go on."""
 
-    def run(**options):
+    def run(set_to_none=True, **options):
         torch.manual_seed(0)
         critic = nn.Sequential(nn.Linear(2, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
         optimizer = torch.optim.Adam(critic.parameters(), lr=1e-3)
         guard = watch(critic, optimizer, summary=False, **options)
         for i in range(4):
             real = torch.randn(16, 2)
-            optimizer.zero_grad()
+            optimizer.zero_grad(set_to_none=set_to_none)
             F.softplus(-critic(real)).mean().backward()
             optimizer.step()
             if i % 2 == 0:
                 real.requires_grad_(True)
                 (gradient,) = torch.autograd.grad(critic(real).sum(), real, create_graph=True)
-                optimizer.zero_grad()
+                optimizer.zero_grad(set_to_none=set_to_none)
                 gradient.pow(2).sum(1).mean().backward()
                 optimizer.step()
         return guard.close()
@@ -254,6 +254,8 @@ def test_a_lazy_r1_step_whose_loss_reaches_the_model_only_through_autograd_grad_
     bias = report.params["2.bias"]
     assert bias.cause == "no_backward" and "does not depend on it" in bias.detail
     assert run(strict=True, allow_none="2.bias").ok
+    # zero_grad(set_to_none=False): the penalty's pass writes into the zeros, in place
+    assert run(set_to_none=False, strict=True, allow_none="2.bias").ok
 
 
 def test_a_discriminator_called_apart_from_the_watched_model_is_counted_at_its_step(quiet):

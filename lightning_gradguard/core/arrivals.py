@@ -76,14 +76,19 @@ class ArrivalTracker:
             self._versions = []
 
     def new_since_mark(self, params: Sequence[Tensor], indices: Sequence[int]) -> bool:
-        """Whether a parameter of ``params[indices]`` holds a gradient tensor that is not the one
-        :meth:`before_backward` recorded (a backward pass the adapter did not see installed it, or it was assigned
-        by hand). Identities only: clipping and unscaling change gradients in place, a backward pass into an
-        existing gradient too, and only the first two happen without one."""
-        before = self._before
+        """Whether a parameter of ``params[indices]`` holds a gradient that :meth:`before_backward` did not record: a
+        new tensor (a backward pass the adapter did not see installed it, or it was assigned by hand), or the
+        recorded one written in place and no longer all zeros (a backward pass into the zeros of
+        ``zero_grad(set_to_none=False)``; clipping or unscaling zeros leaves zeros). Reads values only in that last
+        case, which a loop whose backward passes are all seen never reaches."""
+        before, versions = self._before, self._versions
         for i in indices:
             grad = params[i].grad
-            if grad is not None and (before is None or i >= len(before) or before[i] is not grad):
+            if grad is None:
+                continue
+            if before is None or i >= len(before) or before[i] is not grad:
+                return True
+            if versions and grad._version != versions[i] and bool(grad.any()):
                 return True
         return False
 
