@@ -159,6 +159,7 @@ class StepChecker:
             engine.state.add_uniform(indices, steps=1, micro_batches=window)
             return StepCheck(step, window, backwards, accumulate, indices, [], [])
         skip_empty = any(o.skip_empty_shards for o in engine.observers)
+        rewritten = any(o.rewrites_grads for o in engine.observers)
         # frozen parameters (and, under FSDP1, parameters with no shard here) have no .grad by design
         frozen = [j for j in view.none if not params[j].requires_grad or (skip_empty and not params[j].numel())]
         if frozen:
@@ -210,7 +211,7 @@ class StepChecker:
                         if old:
                             stale.append(index)
                         engine.state.explain(index, None, _STALE_DETAIL if old else _LEFTOVER_DETAIL)
-                elif window and short.get(index) == window:  # no pass of the window reached it; set by hand since
+                elif window and short.get(index) == window and not rewritten:  # no pass reached it; set by hand
                     missing.append(index)
                     self._assigned.append(index)  # explained after diagnosis, which may know why nothing reached it
         view.excluded = excluded

@@ -61,10 +61,13 @@ class EngineObserver:
     Attributes:
         skip_empty_shards: a parameter with no elements on this rank (a sharded parameter whose shard is elsewhere)
             is not checked on this rank.
+        rewrites_grads: the strategy writes ``.grad`` after the backward pass (DDP's averaged gradients): a gradient
+            no backward pass of this rank wrote is not one set by hand.
 
     """
 
     skip_empty_shards = False
+    rewrites_grads = False  # DDP: the reducer writes gradients after the backward pass, not by autograd
 
     def after_backward(self, micro_batch: int, missed: Sequence[int]) -> None:
         """A backward pass of ``micro_batch`` gave no gradient to ``missed`` (registry indices)."""

@@ -90,6 +90,7 @@ class RankLedger(EngineObserver):
         self.stalled = False
         self._may_stall = info.name == DDP and not info.find_unused_parameters
         self.skip_empty_shards = info.none_is_local  # FSDP1: a parameter with no shard here is checked elsewhere
+        self.rewrites_grads = info.local_micro_batches  # DDP's reducer writes the averaged gradients back
         # DDP's join() (uneven inputs): a rank out of data answers only DDP's own collectives, so ours would be
         # matched against them (gloo aborts). From the first sight of it each rank keeps its own counts.
         self._joinable = joinable
