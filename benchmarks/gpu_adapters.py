@@ -105,6 +105,18 @@ def read_scalars(log_dir: str, prefix: str = "gradguard/") -> dict[str, dict[int
     }
 
 
+def _verdict(report: Any) -> dict[str, Any]:
+    """What a user reads first in a report: the missing, intermittent, non-finite and zero lists, the findings."""
+    return {
+        "missing": report.missing,
+        "intermittent": report.intermittent,
+        "nonfinite": report.nonfinite,
+        "zero": report.zero,
+        "findings": [f"{f.kind}: {f.name}" for f in report.findings],
+        "steps": report.steps,
+    }
+
+
 def compare_norms(scalars: dict[str, dict[int, float]], expected: dict[int, dict[str, float]]) -> dict[str, Any]:
     """The logged ``gradguard/norm/<name>`` series against ``expected`` ({step: {name: norm}}): the same series, the
     same steps, and values within a relative error (a non-finite expected norm must be logged non-finite)."""
@@ -307,12 +319,7 @@ def check_fabric_gan(device: str, zero_grad_after_step: bool = False) -> dict[st
     counts = {n: (p.steps, p.none_steps, p.micro_batches, p.none_micro_batches) for n, p in report.params.items()}
     result = {
         "ok": report.ok,
-        "missing": report.missing,
-        "intermittent": report.intermittent,
-        "nonfinite": report.nonfinite,
-        "zero": report.zero,
-        "findings": [f"{f.kind}: {f.name}" for f in report.findings],
-        "steps": report.steps,
+        **_verdict(report),
         "params": sorted(report.params),
         "counts (steps, none_steps, micro_batches, none_micro_batches)": sorted(set(counts.values())),
         "disabled": sorted(guard.disabled),
@@ -641,12 +648,7 @@ def check_lightning_accumulation(device: str) -> dict[str, Any]:
     steps = n_batches // accumulate
     result = {
         "precision": trainer.precision,
-        "missing": report.missing,
-        "intermittent": report.intermittent,
-        "nonfinite": report.nonfinite,
-        "zero": report.zero,
-        "findings": [f"{f.kind}: {f.name}" for f in report.findings],
-        "steps": report.steps,
+        **_verdict(report),
         "micro_batches": report.micro_batches,
         "counts (steps, none_steps, micro_batches, none_micro_batches)": counts,
         "amp_skipped_steps": report.amp_skipped_steps,

@@ -209,7 +209,7 @@ class TrainerGuard(Watcher):
         writes = bool(getattr(state, "is_world_process_zero", True))
         self.logs = TrainerLogs(handler, args, writes)  # log history, report_to's callbacks, TensorBoard
         self.model = model
-        self.output_dir = os.path.abspath(os.fspath(args.output_dir)) if getattr(args, "output_dir", None) else None
+        self.output_dir = _output_dir(args)
         watched = compiled if compiled is not None else model
         super().__init__(
             watched,
@@ -290,12 +290,16 @@ def _close_abandoned(model: nn.Module, args: Any) -> None:
     """A ``train()`` begins: the guard of an earlier one that raised (out of memory, a notebook retry with a new
     Trainer and callback) on the same model or output directory is still open, its hooks on the model and its report
     directory claimed. The Trainer calls no callback when ``train()`` raises; it is closed here."""
-    output_dir = os.path.abspath(os.fspath(args.output_dir)) if getattr(args, "output_dir", None) else None
+    output_dir = _output_dir(args)
     for guard in open_guards():
         if not isinstance(guard, TrainerGuard):
             continue
         if guard.model is model or (output_dir is not None and guard.output_dir == output_dir):
             guard.at_exit()
+
+
+def _output_dir(args: Any) -> Optional[str]:
+    return os.path.abspath(os.fspath(args.output_dir)) if getattr(args, "output_dir", None) else None
 
 
 def _strategy(model: nn.Module, args: Any) -> StrategyInfo:
